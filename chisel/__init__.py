@@ -1,0 +1,1 @@
+"""chisel: see what reward chiseled into an RL agent."""

@@ -1,0 +1,1 @@
+"""probes: sites, activations and features of any PyTorch model."""
