@@ -1,1 +1,45 @@
-"""chisel: see what reward chiseled into an RL agent."""
+"""chisel: see what reward chiseled into an RL agent.
+
+Record every optimizer update of a training run (`record`), read it back (`load`), and
+attribute the weight changes to named features (see docs/).
+"""
+
+from chisel.capture.config import RecordConfig
+from chisel.errors import (
+    ChiselError,
+    CorruptStepError,
+    NotARunError,
+    RecordConfigError,
+    ResumeMismatchError,
+    RunExistsError,
+    SkippedStepError,
+    StepOutOfRangeError,
+    TagError,
+    UnknownModuleError,
+    WriterError,
+)
+from chisel.recorder import Recorder, record
+from chisel.store.reader import Run, Step, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChiselError",
+    "CorruptStepError",
+    "NotARunError",
+    "RecordConfig",
+    "RecordConfigError",
+    "Recorder",
+    "ResumeMismatchError",
+    "Run",
+    "RunExistsError",
+    "SkippedStepError",
+    "Step",
+    "StepOutOfRangeError",
+    "TagError",
+    "UnknownModuleError",
+    "WriterError",
+    "__version__",
+    "load",
+    "record",
+]

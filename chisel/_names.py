@@ -1,0 +1,30 @@
+"""Names of files, tensor-key prefixes and step-record fields, in one place."""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+
+# files and folders of a run directory
+MANIFEST = "manifest.json"
+STEPS_DIR = "steps"
+KEYFRAMES_DIR = "keyframes"
+FACTORS_DIR = "factors"
+STEP_DIGITS = 9
+TMP_PREFIX = ".tmp-"
+
+# tensor-key prefixes inside the safetensors files
+AFTER = "after/"  # θ after the step, exact (param dtype)
+DELTA = "delta/"  # θ_{t+1} − θ̂_t in the storage dtype (lossy modes, error fed back)
+GRAD = "grad/"  # the gradient the optimizer consumed
+TAG = "tag/"  # per-sample tag arrays
+STATE = "state/"  # optimizer state: state/<key>/<param>
+PARAM = "param/"  # θ in a keyframe
+FACTOR_X = "X/"  # per-sample layer inputs: X/<module>/<call>
+FACTOR_G = "G/"  # per-sample output gradients: G/<module>/<call>
+
+# the safetensors metadata key holding a step's JSON record
+RECORD_KEY = "record"
+
+# parameter encodings in a step file
+EXACT = "after"
+LOSSY = "delta"

@@ -1,0 +1,1 @@
+"""Capture: hooks that watch a training loop and produce step packets."""

@@ -1,0 +1,269 @@
+"""The hooks that watch a training loop: optimizer step pre/post, factors, batches, AMP skips."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from chisel.capture.buffers import BufferPool, Buffers, copy_into
+from chisel.capture.config import RecordConfig
+from chisel.capture.factors import FactorCapture
+from chisel.capture.optim import (
+    group_hyperparams,
+    hook_target,
+    named_optimizer_params,
+    state_tensors,
+)
+from chisel.capture.packet import Keyframe, StepPacket
+from chisel.capture.tags import TagBuffer
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+class StepCapture:
+    """Turns each `optimizer.step()` into a `StepPacket` handed to `sink`.
+
+    `check` is called wherever the training thread may block or start a step, so a failure
+    of the consumer (the writer) surfaces in the training thread.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Any,
+        config: RecordConfig,
+        *,
+        sink: Callable[[StepPacket | Keyframe], None],
+        check: Callable[[], None],
+        first_step: int,
+        scaler: Any = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = hook_target(optimizer)
+        self.config = config
+        self.names, self.params = named_optimizer_params(model, self.optimizer)
+        self.factors = FactorCapture(model, config.factors) if config.factors else None
+        self.tags = TagBuffer()
+        self.step = first_step
+        self.scaler = scaler
+        self._sink, self._check = sink, check
+        self._pool = BufferPool(self.params, config.queue_size + 1, grads=config.grads)
+        self._last = [p.detach().clone() for p in self.params]  # θ after the previous step
+        self._depth = 0
+        self._pending: dict[str, Any] | None = None
+        self._stepped_since_update = False
+        self._handles: list[Any] = []
+        self._scaler_update: Any = None
+        self._keyframed_at = -1
+
+    # -- attach / detach -------------------------------------------------------------------
+    def keyframe(self, reason: str) -> Keyframe:
+        """An exact copy of θ and the optimizer state now (before step `self.step`)."""
+        self._keyframed_at = self.step
+        return Keyframe(
+            step=self.step,
+            params={n: p.detach().to("cpu", copy=True) for n, p in zip(self.names, self.params)},
+            state=state_tensors(self.optimizer, self.names, self.params),
+            reason=reason,
+        )
+
+    def attach(self) -> None:
+        try:
+            opt = self.optimizer
+            self._handles.append(opt.register_step_pre_hook(self._pre_step))
+            self._handles.append(opt.register_step_post_hook(self._post_step))
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._saw_forward, with_kwargs=True)
+            )
+            if self.factors is not None:
+                self.factors.attach()
+            if self.scaler is not None:
+                self._wrap_scaler()
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self.factors is not None:
+            self.factors.detach()
+        if self._scaler_update is not None:
+            del self.scaler.update  # drops our instance attribute; the class method shows again
+            self._scaler_update = None
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _saw_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not torch.is_grad_enabled():
+            return
+        x = _first_tensor(args, kwargs)
+        if x is None or x.ndim == 0:
+            return
+        sequence = x.ndim >= 3 or (x.ndim == 2 and not x.is_floating_point())
+        self.tags.saw_batch(x.shape[0], x.shape[0] * x.shape[1] if sequence else None)
+
+    def _pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        self._depth += 1
+        if self._depth > 1:
+            return  # a step that re-enters itself (subclass calling super().step()) counts once
+        try:
+            self._check()
+            self.tags.check()
+            self._pending = self._begin_step()
+        except BaseException:
+            self._depth = 0
+            self.tags.take()
+            raise
+
+    def _begin_step(self) -> dict[str, Any]:
+        t, cfg = self.step, self.config
+        pending: dict[str, Any] = {"time": time.time()}
+        changed = not all(torch.equal(p, last) for p, last in zip(self.params, self._last))
+        if changed:
+            pending["keyframe"] = self.keyframe("external change")
+            copy_into(self._last, [p.detach() for p in self.params])
+        elif cfg.keyframe_every and t % cfg.keyframe_every == 0 and t != self._keyframed_at:
+            pending["keyframe"] = self.keyframe("periodic")
+        if cfg.optim_state == "every_step":
+            pending["state"] = state_tensors(self.optimizer, self.names, self.params)
+        buffers = self._pool.acquire(self._check)
+        pending["buffers"] = buffers
+        grads = [p.grad for p in self.params]
+        present = [g is not None for g in grads]
+        if buffers.grads is not None:
+            for buf, g in zip(buffers.grads, grads):
+                if g is None:
+                    buf.zero_()
+            copy_into(
+                [b for b, ok in zip(buffers.grads, present) if ok], [g for g in grads if g is not None]
+            )
+        live = [g for g in grads if g is not None]
+        pending["grad_norm"] = (
+            float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(live)).double()))
+            if live
+            else 0.0
+        )
+        pending["grad_missing"] = [n for n, ok in zip(self.names, present) if not ok]
+        if self.factors is not None:
+            pending["grad_coef"], pending["grad_coef_residual"] = self.factors.grad_coef()
+        return pending
+
+    def _post_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and float(found_inf) > 0:
+            self._pool.release(pending.pop("buffers"))
+            self._emit_skip(
+                "GradScaler found inf/NaN gradients; the fused optimizer left θ unchanged",
+                pending,
+            )
+            return
+        self._emit_step(pending)
+
+    def _emit_step(self, pending: dict[str, Any]) -> None:
+        buffers: Buffers = pending.pop("buffers")
+        live = [p.detach() for p in self.params]
+        norms = torch._foreach_norm(torch._foreach_sub(live, self._last))
+        copy_into(self._last, live)
+        copy_into(buffers.after, live)
+        update_norms = torch.stack(norms).double()
+        record = self._record(pending)
+        record.update(
+            skipped=False,
+            update_norm=float(torch.linalg.vector_norm(update_norms)),
+            update_norms=dict(zip(self.names, update_norms.tolist())),
+        )
+        if self.factors is not None and pending.get("grad_coef") is not None:
+            scale = self._loss_scale()
+            record["clip_coef"] = pending["grad_coef"] * scale if scale else None
+        packet = StepPacket(
+            step=self.step,
+            record=record,
+            after=dict(zip(self.names, buffers.after)),
+            grads=dict(zip(self.names, buffers.grads)) if buffers.grads is not None else None,
+            state=pending.get("state"),
+            keyframe=pending.get("keyframe"),
+            factors=self.factors.take() if self.factors is not None else {},
+            tags=self.tags.take(),
+            release=lambda: self._pool.release(buffers),
+        )
+        self._send(packet)
+
+    def _record(self, pending: dict[str, Any]) -> dict[str, Any]:
+        groups = group_hyperparams(self.optimizer)
+        record = {
+            "step": self.step,
+            "time": pending["time"],
+            "lr": groups[0].get("lr"),
+            "groups": groups,
+            "grad_norm": pending.get("grad_norm"),
+            "grad_missing": pending.get("grad_missing", []),
+            "batch_sizes": list(self.tags.batch_sizes),
+        }
+        for key in ("grad_coef", "grad_coef_residual"):
+            if key in pending:
+                record[key] = pending[key]
+        grad_scale = getattr(self.optimizer, "grad_scale", None)
+        if grad_scale is not None:  # fused optimizer under GradScaler: stored grads are scaled
+            record["grads_scaled_by"] = float(grad_scale)
+        return record
+
+    def _emit_skip(self, reason: str, pending: dict[str, Any]) -> None:
+        record = self._record(pending)
+        record.update(skipped=True, skip_reason=reason, update_norm=None)
+        if self.scaler is not None:
+            record["loss_scale"] = float(self.scaler.get_scale())
+        if self.factors is not None:
+            self.factors.clear()
+        packet = StepPacket(
+            step=self.step,
+            record=record,
+            keyframe=pending.get("keyframe"),
+            tags=self.tags.take(),
+        )
+        self._send(packet)
+
+    def _send(self, packet: StepPacket) -> None:
+        self.step += 1
+        self._stepped_since_update = True
+        self._sink(packet)
+
+    # -- AMP -------------------------------------------------------------------------------------
+    def _loss_scale(self) -> float:
+        """The factor between stored factors and unscaled gradients (1.0 without a GradScaler)."""
+        if self.scaler is None or getattr(self.optimizer, "grad_scale", None) is not None:
+            return 1.0  # fused: grads and factors are both still scaled
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+
+    def _wrap_scaler(self) -> None:
+        scaler, original = self.scaler, self.scaler.update
+        opt_id = id(self.optimizer)
+
+        def update(new_scale: Any = None) -> None:
+            state = scaler._per_optimizer_states.get(opt_id)
+            found = state and sum(float(v) for v in state["found_inf_per_device"].values())
+            if found and not self._stepped_since_update:
+                self._check()
+                self._emit_skip(
+                    "GradScaler found inf/NaN gradients; optimizer.step() was not called",
+                    {"time": time.time(), "grad_norm": None},
+                )
+            self._stepped_since_update = False
+            return original(new_scale)
+
+        self._scaler_update = update
+        scaler.update = update

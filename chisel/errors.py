@@ -1,0 +1,50 @@
+"""Exceptions raised by chisel. Each message says what is wrong, the likely cause and the fix."""
+
+from __future__ import annotations
+
+
+class ChiselError(Exception):
+    """Base class of every error chisel raises on purpose."""
+
+
+class RecordConfigError(ChiselError, ValueError):
+    """An option of `chisel.record` is invalid."""
+
+
+class RunExistsError(ChiselError, FileExistsError):
+    """The run directory already holds a run and neither `overwrite` nor `resume` was given."""
+
+
+class NotARunError(ChiselError, FileNotFoundError):
+    """A directory given as a run has no chisel manifest."""
+
+
+class ResumeMismatchError(ChiselError, ValueError):
+    """`resume=True` on a run whose parameters differ from the model's."""
+
+
+class CorruptStepError(ChiselError, OSError):
+    """A file of one step cannot be read; the other steps stay readable."""
+
+
+class StepOutOfRangeError(ChiselError, IndexError):
+    """A step index outside the recorded steps."""
+
+
+class SkippedStepError(ChiselError, LookupError):
+    """The optimizer step was skipped (e.g. AMP found inf gradients): it has no update."""
+
+
+class TagError(ChiselError, ValueError):
+    """A value given to `Recorder.tag` cannot be attached to the step."""
+
+
+class UnknownModuleError(ChiselError, KeyError):
+    """A module name that the model does not have, or one chisel cannot take factors of."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class WriterError(ChiselError, RuntimeError):
+    """The background writer failed (disk full, permissions); earlier steps are on disk."""

@@ -1,0 +1,1 @@
+"""The run store: an append-only run directory, its writer and its reader."""

@@ -1,0 +1,302 @@
+"""`chisel.load`: read a run directory, during the run, after it, or after a crash.
+
+Nothing here unpickles: manifests are JSON, tensors are safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from chisel import _names as N
+from chisel.capture.config import torch_dtype
+from chisel.errors import ChiselError, CorruptStepError, SkippedStepError, StepOutOfRangeError
+from chisel.store.layout import RunLayout, read_manifest, read_meta, read_tensors
+
+Tensors = dict[str, torch.Tensor]
+
+
+def complete_steps(layout: RunLayout) -> int:
+    """Number of visible steps 0, 1, 2, … without a gap (a step file is renamed in last)."""
+    n = 0
+    for number in layout.numbers(N.STEPS_DIR):
+        if number != n:
+            break
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class Step:
+    """One recorded optimizer step of a `Run`; tensors are read on demand."""
+
+    run: Run
+    index: int
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return self.run.record(self.index)
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.record.get("skipped"))
+
+    def update(self) -> Tensors:
+        return self.run.update(self.index)
+
+    def params(self) -> Tensors:
+        return self.run.params(self.index)
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return self.run.factors(self.index)
+
+    def tags(self) -> dict[str, Any]:
+        return self.run.tags(self.index)
+
+
+class Run:
+    """A recorded training run. `run.params(t)` is θ before step t; `run.update(t)` is Δθ_t."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.layout = RunLayout(self.path)
+        self.manifest = read_manifest(self.path)
+        self.param_names = [p["name"] for p in self.manifest["params"]]
+        self._dtypes = {p["name"]: torch_dtype(p["dtype"]) for p in self.manifest["params"]}
+        self._encodings = {p["name"]: p["encoding"] for p in self.manifest["params"]}
+        self._record = lru_cache(maxsize=4096)(self._read_record)
+        self._lossy_cache: tuple[int, Tensors] | None = None
+
+    # -- index ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return complete_steps(self.layout)
+
+    def __iter__(self) -> Iterator[Step]:
+        for t in range(len(self)):
+            yield Step(self, t)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, steps={len(self)}, params={len(self.param_names)})"
+
+    def _check_step(self, t: int, *, allow_end: bool = False) -> int:
+        n = len(self)
+        hi = n if allow_end else n - 1
+        if not isinstance(t, int) or not 0 <= t <= hi:
+            what = "θ index" if allow_end else "step"
+            raise StepOutOfRangeError(
+                f"{what} {t} is outside this run: it has {n} complete steps "
+                f"(valid: 0..{hi}). A run still being written grows; reload `len(run)`."
+            )
+        return t
+
+    @property
+    def keyframes(self) -> list[int]:
+        return self.layout.numbers(N.KEYFRAMES_DIR)
+
+    # -- records --------------------------------------------------------------------------------
+    def _read_record(self, t: int) -> dict[str, Any]:
+        return read_meta(self.layout.step_file(t), t, "step")
+
+    def record(self, t: int) -> dict[str, Any]:
+        """The JSON metadata of step t (lr, norms, optimizer hyper-parameters, tags, …)."""
+        return self._record(self._check_step(t))
+
+    @property
+    def steps(self) -> pd.DataFrame:
+        """One row per step: step, time, skipped, lr, grad_norm, update_norm, clip_coef, …"""
+        rows = []
+        for t in range(len(self)):
+            try:
+                rows.append(_row(self.record(t)))
+            except CorruptStepError as err:
+                warnings.warn(str(err), stacklevel=2)
+                rows.append({"step": t, "error": str(err)})
+        return pd.DataFrame(rows)
+
+    # -- tensors --------------------------------------------------------------------------------
+    def _step_tensors(self, t: int, prefix: str) -> Tensors:
+        return read_tensors(self.layout.step_file(t), t, "step", prefix)
+
+    def _keyframe(self, t: int, prefix: str = N.PARAM) -> Tensors:
+        return read_tensors(self.layout.keyframe_file(t), t, "keyframe", prefix)
+
+    def params(self, t: int) -> Tensors:
+        """θ before step t, in each parameter's own dtype; `params(len(run))` is the final θ."""
+        t = self._check_step(t, allow_end=True)
+        keyframes = set(self.keyframes)
+        exact = [n for n in self.param_names if self._encodings[n] == N.EXACT]
+        lossy = [n for n in self.param_names if self._encodings[n] == N.LOSSY]
+        out: Tensors = {}
+        if exact:
+            out.update(self._exact_params(t, keyframes, exact))
+        if lossy:
+            out.update({n: v.to(self._dtypes[n]) for n, v in self._lossy_params(t, keyframes).items()})
+        return {n: out[n] for n in self.param_names}
+
+    def _exact_params(self, t: int, keyframes: set[int], names: list[str]) -> Tensors:
+        s = t
+        while True:
+            if s in keyframes:
+                kf = self._keyframe(s)
+                return {n: kf[n] for n in names}
+            s -= 1
+            if s < 0:
+                raise ChiselError(f"{self.path}: no keyframe at or before step {t}; the run is damaged.")
+            if not self.record(s).get("skipped"):
+                after = self._step_tensors(s, N.AFTER)
+                return {n: after[n] for n in names}
+
+    def _lossy_params(self, t: int, keyframes: set[int]) -> Tensors:
+        """θ̂_t in float64: the last keyframe plus the stored deltas, summed in step order."""
+        start = max((k for k in keyframes if k <= t), default=None)
+        if start is None:
+            raise ChiselError(f"{self.path}: no keyframe at or before step {t}; the run is damaged.")
+        cached = self._lossy_cache
+        if cached is not None and start <= cached[0] <= t:
+            s, recon = cached[0], {n: v.clone() for n, v in cached[1].items()}
+        else:
+            kf = self._keyframe(start)
+            s, recon = start, {n: kf[n].double() for n in self._encodings if self._encodings[n] == N.LOSSY}
+        while s < t:
+            if not self.record(s).get("skipped"):
+                delta = self._step_tensors(s, N.DELTA)
+                for n in recon:
+                    recon[n] += delta[n].double()
+            s += 1
+        self._lossy_cache = (t, {n: v.clone() for n, v in recon.items()})
+        return recon
+
+    def update(self, t: int) -> Tensors:
+        """Δθ_t = θ_{t+1} − θ_t per parameter, in float64 (exact for losslessly stored params)."""
+        t = self._check_step(t)
+        record = self.record(t)
+        if record.get("skipped"):
+            raise SkippedStepError(
+                f"step {t} was skipped ({record.get('skip_reason')}); it has no update. "
+                "Filter with `run.steps[~run.steps.skipped]`."
+            )
+        out: Tensors = {}
+        exact = [n for n in self.param_names if self._encodings[n] == N.EXACT]
+        if exact:
+            before = self.params(t)
+            after = self._step_tensors(t, N.AFTER)
+            out.update({n: after[n].double() - before[n].double() for n in exact})
+        if len(exact) < len(self.param_names):
+            delta = self._step_tensors(t, N.DELTA)
+            out.update({n: v.double() for n, v in delta.items()})
+        return {n: out[n] for n in self.param_names}
+
+    def grads(self, t: int) -> Tensors:
+        """The gradient the optimizer consumed at step t (after clipping and unscaling)."""
+        t = self._check_step(t)
+        if not self.manifest["config"].get("grads"):
+            raise ChiselError("This run was recorded with grads=False; no gradients are stored.")
+        grads = self._step_tensors(t, N.GRAD)
+        scale = self.record(t).get("grads_scaled_by")
+        return {n: g / scale for n, g in grads.items()} if scale else grads
+
+    def optimizer_state(self, t: int) -> dict[str, Tensors]:
+        """The optimizer state before step t: {param: {key: tensor}}, from a keyframe at t or,
+        with optim_state="every_step", from the step file."""
+        t = self._check_step(t, allow_end=True)
+        if t in set(self.keyframes):
+            flat = self._keyframe(t, N.STATE)
+        elif self.manifest["config"].get("optim_state") == "every_step" and t < len(self):
+            flat = self._step_tensors(t, N.STATE)
+        else:
+            raise ChiselError(
+                f"No optimizer state is stored before step {t}; keyframes are at {self.keyframes[:20]}"
+                " (record with optim_state='every_step' to have it at every step)."
+            )
+        out: dict[str, Tensors] = {}
+        for key, value in flat.items():
+            state_key, name = key.split("/", 1)
+            out.setdefault(name, {})[state_key] = value
+        return out
+
+    def tags(self, t: int) -> dict[str, Any]:
+        """Tags attached to step t: scalars as Python values, per-sample tags as 1-D tensors."""
+        t = self._check_step(t)
+        stored = self.record(t).get("tags", {})
+        arrays = self._step_tensors(t, N.TAG) if any(isinstance(v, dict) for v in stored.values()) else {}
+        return {k: arrays[k] if isinstance(v, dict) else v for k, v in stored.items()}
+
+    def factors(self, t: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-sample factors of step t: module → (X [n, ..., in], G [n, ..., out]).
+
+        Several calls of one module are concatenated (flattened to rows of tokens if their
+        shapes differ). Conv2d inputs are unfolded: X [n, positions, C·kh·kw], G [n, positions, out].
+        """
+        t = self._check_step(t)
+        calls = self.record(t).get("factor_calls")
+        if not calls:
+            return {}
+        xs = read_tensors(self.layout.factors_file(t), t, "factors", N.FACTOR_X)
+        gs = read_tensors(self.layout.factors_file(t), t, "factors", N.FACTOR_G)
+        meta = self.manifest.get("factor_modules", {})
+        out = {}
+        for module, n_calls in calls.items():
+            pairs = [(xs[f"{module}/{k}"], gs[f"{module}/{k}"]) for k in range(n_calls)]
+            if meta.get(module, {}).get("kind") == "conv2d":
+                pairs = [_unfold(x, g, meta[module]) for x, g in pairs]
+            out[module] = _concat(pairs)
+        return out
+
+    # -- size -------------------------------------------------------------------------------------
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    row = {
+        k: record.get(k)
+        for k in ("step", "time", "skipped", "skip_reason", "lr", "grad_norm", "update_norm",
+                  "clip_coef", "grad_coef")
+    }
+    row["n_samples"] = sum(record.get("batch_sizes") or []) or None
+    tags = record.get("tags", {})
+    row["tags"] = ",".join(sorted(tags))
+    for name, value in tags.items():
+        if not isinstance(value, (dict, list)):
+            row[f"tag/{name}"] = value
+    for name, norm in (record.get("update_norms") or {}).items():
+        row[f"update_norm/{name}"] = norm
+    return row
+
+
+def _concat(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(pairs) == 1:
+        return pairs[0]
+    if len({(x.shape[1:], g.shape[1:]) for x, g in pairs}) == 1:
+        return torch.cat([x for x, _ in pairs]), torch.cat([g for _, g in pairs])
+    return (
+        torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in pairs]),
+        torch.cat([g.reshape(-1, g.shape[-1]) for _, g in pairs]),
+    )
+
+
+def _unfold(x: torch.Tensor, g: torch.Tensor, meta: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv2d factors as rows per output position: X [n, L, C·kh·kw], G [n, L, out]."""
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    cols = F.unfold(
+        work,
+        kernel_size=meta["kernel_size"],
+        dilation=meta["dilation"],
+        padding=meta["padding"],
+        stride=meta["stride"],
+    ).to(x.dtype)  # [n, C·kh·kw, L]
+    return cols.transpose(1, 2), g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
+
+
+def load(run_dir: str | os.PathLike) -> Run:
+    """Open a run directory written by `chisel.record` (also while it is written, or after a crash)."""
+    return Run(run_dir)

@@ -1,0 +1,149 @@
+"""The background writer: turns StepPackets into files, off the training thread."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+import torch
+
+from chisel import _names as N
+from chisel.capture.config import RecordConfig, torch_dtype
+from chisel.capture.packet import Keyframe, StepPacket
+from chisel.errors import WriterError
+from chisel.store.layout import RunLayout, write_tensors
+
+_EXACT_IN: dict[torch.dtype, set[torch.dtype]] = {
+    torch.float64: {torch.float64, torch.float32, torch.bfloat16, torch.float16},
+    torch.float32: {torch.float32, torch.bfloat16, torch.float16},
+    torch.bfloat16: {torch.bfloat16},
+    torch.float16: {torch.float16},
+}
+
+
+def encoding_for(param_dtype: torch.dtype, storage: torch.dtype) -> str:
+    """EXACT when the storage dtype holds every value of the parameter's dtype, else LOSSY."""
+    exact = param_dtype in _EXACT_IN.get(storage, set()) or not param_dtype.is_floating_point
+    return N.EXACT if exact else N.LOSSY
+
+
+class RunWriter:
+    """Consumes packets from a bounded queue in a daemon thread; failures are re-raised by
+    `check()` in the training thread (at the next step, or at `close()`)."""
+
+    def __init__(self, layout: RunLayout, param_dtypes: dict[str, torch.dtype], config: RecordConfig):
+        self.layout = layout
+        self.config = config
+        self._storage = torch_dtype(config.dtype)
+        self._factor_dtype = torch_dtype(config.factor_dtype) if config.factor_dtype else None
+        self.encodings = {n: encoding_for(d, self._storage) for n, d in param_dtypes.items()}
+        self._recon: dict[str, torch.Tensor] = {}  # θ̂ in float64 for LOSSY params
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
+        self._error: BaseException | None = None
+        self._error_step: int | None = None
+        self.steps_written = 0
+        self._thread = threading.Thread(target=self._loop, name="chisel-writer", daemon=True)
+        self._thread.start()
+
+    # -- training-thread side ------------------------------------------------------------------
+    def check(self) -> None:
+        if self._error is not None:
+            where = f" while writing step {self._error_step}" if self._error_step is not None else ""
+            raise WriterError(
+                f"chisel's writer failed{where}: {self._error!r}. Steps before it are on disk in "
+                f"{self.layout.root}; free space or fix permissions, then resume with "
+                "chisel.record(..., resume=True)."
+            ) from self._error
+
+    def submit(self, item: StepPacket | Keyframe) -> None:
+        while True:  # back-pressure: block while the queue is full, unless the writer died
+            self.check()
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Write everything queued, stop the thread, raise a writer failure if there was one."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self.check()
+
+    # -- writer-thread side --------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                if self._error is None:
+                    self._write(item)
+            except BaseException as err:  # surfaced by check(); later packets are only released
+                self._error = err
+                self._error_step = item.step
+            finally:
+                if isinstance(item, StepPacket):
+                    item.release()
+
+    def _write(self, item: StepPacket | Keyframe) -> None:
+        if isinstance(item, Keyframe):
+            self._write_keyframe(item)
+            return
+        if item.keyframe is not None:
+            self._write_keyframe(item.keyframe)
+        record = dict(item.record)
+        tensors: dict[str, torch.Tensor] = {}
+        if item.factors:
+            record["factor_calls"] = self._write_factors(item)
+        if item.after is not None:
+            tensors.update(self._encode(item.after))
+        if item.grads is not None:
+            tensors.update({N.GRAD + n: g.to(self._storage) for n, g in item.grads.items()})
+        if item.state is not None:
+            tensors.update({N.STATE + k: v for k, v in item.state.items()})
+        record["tags"] = {}
+        for name, value in item.tags.items():
+            if isinstance(value, torch.Tensor):
+                tensors[N.TAG + name] = value
+                record["tags"][name] = {"len": len(value)}
+            else:
+                record["tags"][name] = value
+        write_tensors(self.layout.step_file(item.step), tensors, record, fsync=self.config.fsync)
+        self.steps_written += 1
+
+    def _encode(self, after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, value in after.items():
+            if self.encodings[name] == N.EXACT:
+                out[N.AFTER + name] = value
+                continue
+            # store θ_{t+1} − θ̂_t and advance θ̂ by exactly what the reader will add back, so the
+            # rounding error of one step is fed into the next instead of accumulating
+            delta = (value.double() - self._recon[name]).to(self._storage)
+            self._recon[name] += delta.double()
+            out[N.DELTA + name] = delta
+        return out
+
+    def _write_keyframe(self, kf: Keyframe) -> None:
+        tensors = {N.PARAM + n: p for n, p in kf.params.items()}
+        tensors.update({N.STATE + k: v for k, v in kf.state.items()})
+        meta = {"step": kf.step, "reason": kf.reason}
+        write_tensors(self.layout.keyframe_file(kf.step), tensors, meta, fsync=self.config.fsync)
+        for name, value in kf.params.items():
+            if self.encodings.get(name) == N.LOSSY:
+                self._recon[name] = value.double().clone()
+
+    def _write_factors(self, item: StepPacket) -> dict[str, int]:
+        tensors, calls = {}, {}
+        for module, pairs in item.factors.items():
+            calls[module] = len(pairs)
+            for k, (x, g) in enumerate(pairs):
+                dtype = self._factor_dtype
+                tensors[f"{N.FACTOR_X}{module}/{k}"] = x.to("cpu", dtype or x.dtype)
+                tensors[f"{N.FACTOR_G}{module}/{k}"] = g.to("cpu", dtype or g.dtype)
+        meta = {"step": item.step, "calls": calls}
+        write_tensors(self.layout.factors_file(item.step), tensors, meta, fsync=self.config.fsync)
+        return calls
