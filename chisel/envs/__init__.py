@@ -1,0 +1,34 @@
+"""TrashWorld: the essay's environment (an agent rewarded for putting trash in a can)."""
+
+from chisel.envs.config import (
+    ACTION_NAMES,
+    CONCEPTS,
+    Layout,
+    LayoutError,
+    TrashWorldConfig,
+    TrashWorldConfigError,
+)
+from chisel.envs.labels import concept_labels, next_reward_source, return_to_go, reward_within
+from chisel.envs.oracle import EvalResult, evaluate, oracle_actions, oracle_policy, oracle_return
+from chisel.envs.trashworld import TrashWorld, TrashWorldState, VecTrashWorld
+
+__all__ = [
+    "ACTION_NAMES",
+    "CONCEPTS",
+    "EvalResult",
+    "Layout",
+    "LayoutError",
+    "TrashWorld",
+    "TrashWorldConfig",
+    "TrashWorldConfigError",
+    "TrashWorldState",
+    "VecTrashWorld",
+    "concept_labels",
+    "evaluate",
+    "next_reward_source",
+    "oracle_actions",
+    "oracle_policy",
+    "oracle_return",
+    "return_to_go",
+    "reward_within",
+]
