@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import shutil
@@ -188,10 +189,9 @@ class Recorder:
         if exc_type is None:
             self.close()
             return
-        try:  # keep the original exception; still remove hooks and flush what was recorded
+        # keep the original exception; still remove hooks and flush what was recorded
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         cap = self._capture

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from chisel import _names as N
 from chisel.errors import CorruptStepError, NotARunError
 
-_STEP_FILE = re.compile(r"^(\d{%d})\.safetensors$" % N.STEP_DIGITS)
+_STEP_FILE = re.compile(rf"^(\d{{{N.STEP_DIGITS}}})\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def read_tensors(
     try:
         with safe_open(str(path), framework="pt") as f:
             return {
-                k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)
+                k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)  # noqa: SIM118
             }
     except (SafetensorError, OSError, ValueError) as err:
         raise _corrupt(path, step, what, err) from err

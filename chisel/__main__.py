@@ -1,0 +1,5 @@
+import sys
+
+from chisel.cli import main
+
+sys.exit(main())

@@ -1,0 +1,53 @@
+"""The `chisel` command line: `chisel demo`, `chisel info RUN_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from chisel.errors import ChiselError
+
+
+def _info(args: argparse.Namespace) -> int:
+    from chisel.store.reader import load
+    from chisel.store.summary import summarize
+
+    print(summarize(load(args.run_dir)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from chisel._example import train_bandit
+    from chisel.store.reader import load
+    from chisel.store.summary import summarize
+
+    run_dir = train_bandit(args.out, steps=args.steps, seed=args.seed)
+    print(summarize(load(run_dir)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chisel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="summarize a recorded run")
+    info.add_argument("run_dir", help="a directory written by chisel.record")
+    info.set_defaults(func=_info)
+    demo = sub.add_parser("demo", help="record an example training run and summarize it")
+    demo.add_argument("--out", default="runs/demo", help="run directory to write (replaced)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.add_argument("--steps", type=int, default=200, help="optimizer steps to record")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ChiselError as err:
+        print(f"chisel: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
