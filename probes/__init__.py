@@ -1,1 +1,37 @@
-"""probes: sites, activations and features of any PyTorch model."""
+"""probes: sites, activations and features of any PyTorch model.
+
+The lower layer of the project: it imports nothing from ``chisel``.
+"""
+
+from probes.capture import capture
+from probes.errors import (
+    FeatureDimensionError,
+    FeatureFileError,
+    ProbeFitError,
+    ProbesError,
+    SiteCaptureError,
+    UnknownSiteError,
+)
+from probes.features import Feature, FeatureSet
+from probes.fit import fit_probe
+from probes.sites import Site, resolve_site, sites
+from probes.sources import custom, neurons, pca
+
+__all__ = [
+    "Feature",
+    "FeatureDimensionError",
+    "FeatureFileError",
+    "FeatureSet",
+    "ProbeFitError",
+    "ProbesError",
+    "Site",
+    "SiteCaptureError",
+    "UnknownSiteError",
+    "capture",
+    "custom",
+    "fit_probe",
+    "neurons",
+    "pca",
+    "resolve_site",
+    "sites",
+]
