@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BoomAfter, hook_state, make_policy, n_hooks
 from torch import nn
 
 import probes
 from probes import SiteCaptureError
+from tests.probes.helpers import BoomAfter, hook_state, make_policy, n_hooks
 
 
 def test_sequential_matches_reference_forward(seq):
