@@ -14,10 +14,12 @@ from probes.errors import (
 )
 from probes.features import Feature, FeatureSet
 from probes.fit import fit_probe
+from probes.sae import SAE, load_sae
 from probes.sites import Site, resolve_site, sites
 from probes.sources import custom, neurons, pca
 
 __all__ = [
+    "SAE",
     "Feature",
     "FeatureDimensionError",
     "FeatureFileError",
@@ -30,6 +32,7 @@ __all__ = [
     "capture",
     "custom",
     "fit_probe",
+    "load_sae",
     "neurons",
     "pca",
     "resolve_site",
