@@ -14,6 +14,7 @@ from probes.errors import (
 )
 from probes.features import Feature, FeatureSet
 from probes.fit import fit_probe
+from probes.over_training import probe_over_training
 from probes.sae import SAE, load_sae
 from probes.sites import Site, resolve_site, sites
 from probes.sources import custom, neurons, pca
@@ -35,6 +36,7 @@ __all__ = [
     "load_sae",
     "neurons",
     "pca",
+    "probe_over_training",
     "resolve_site",
     "sites",
 ]
