@@ -112,13 +112,15 @@ class Recorder:
         from chisel.capture.optim import named_optimizer_params
 
         names, params = named_optimizer_params(model, hook_target(optimizer))
-        have = {n: (list(p.shape), dtype_name(p.dtype)) for n, p in zip(names, params)}
-        want = {p["name"]: (p["shape"], p["dtype"]) for p in manifest["params"]}
+        have = {n: (tuple(p.shape), dtype_name(p.dtype)) for n, p in zip(names, params)}
+        want = {p["name"]: (tuple(p["shape"]), p["dtype"]) for p in manifest["params"]}
         if have != want:
-            diff = sorted(set(have.items()) ^ set(want.items()), key=str)[:6]
+            only_model = sorted(set(have.items()) - set(want.items()))[:4]
+            only_run = sorted(set(want.items()) - set(have.items()))[:4]
             raise ResumeMismatchError(
                 f"resume=True, but the model's parameters differ from the run in {self.run_dir}: "
-                f"{diff}. Resume with the same architecture and optimizer, or start a new run."
+                f"the model has {only_model}, the run has {only_run}. Resume with the same "
+                "architecture and optimizer, or start a new run."
             )
 
     def _new_manifest(self, model: nn.Module, metadata: dict[str, Any] | None) -> dict[str, Any]:

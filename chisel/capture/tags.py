@@ -18,7 +18,9 @@ def _as_array(name: str, value: TagValue) -> torch.Tensor | list[str] | float | 
     """A scalar (python number/bool), a 1-D CPU tensor, or a list of strings."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
-        return value.item() if value.ndim == 0 else value.reshape(len(value), -1).squeeze(1)
+        if value.ndim == 0:
+            return value.item()
+        value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, numbers.Number) and not isinstance(value, complex):
