@@ -87,7 +87,8 @@ def _validate(acts: Any, labels: Any) -> tuple[Tensor, Tensor]:
         )
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise ProbeFitError(f"labels must be [n] = [{x.shape[0]}], got shape {tuple(y.shape)}")
-    if not torch.isfinite(x).all() or (y.is_floating_point() and not torch.isfinite(y).all()):
+    # a sum is NaN/inf iff some entry is (or it overflows, ~1e38): one pass, no [n, d] mask
+    if not torch.isfinite(x.sum()) or (y.is_floating_point() and not torch.isfinite(y.sum())):
         raise ProbeFitError("acts or labels contain NaN or inf; drop those rows first")
     if x.dtype != torch.float64:
         x = x.float()
