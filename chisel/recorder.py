@@ -64,13 +64,15 @@ class Recorder:
         dtypes = {n: p.dtype for n, p in zip(self._capture.names, self._capture.params)}
         self._writer = RunWriter(self.layout, dtypes, config)
         try:
+            # θ_0 is on disk before the manifest makes the run visible: a visible run always
+            # has the parameters its first step starts from
+            self._writer.write_keyframe_now(self._capture.keyframe("resume" if resume else "start"))
             if manifest is None:
                 manifest = self._new_manifest(model, metadata)
             manifest.setdefault("starts", []).append(
                 {"step": first_step, "time": _dt.datetime.now().isoformat(), "resumed": resume}
             )
             write_json(self.layout.manifest, manifest)
-            self._writer.submit(self._capture.keyframe("resume" if first_step else "start"))
             self._capture.attach()
         except BaseException:
             self._writer.close()

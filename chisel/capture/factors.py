@@ -48,6 +48,7 @@ class _Call:
     """One forward call: its input, and its output-gradient once backward reaches it."""
 
     x: torch.Tensor
+    user_owned: bool  # the input is a tensor of the user's (no grad_fn), which may be reused
     g: torch.Tensor | None = None
 
     def set_grad(self, grad: torch.Tensor) -> None:
@@ -112,7 +113,8 @@ class FactorCapture:
                 return None
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return None
-            call = _Call(inputs[0].detach())
+            x = inputs[0]
+            call = _Call(x.detach(), user_owned=x.grad_fn is None)
             calls.append(call)
             output.register_hook(call.set_grad)
             return None
@@ -127,7 +129,9 @@ class FactorCapture:
         """This step's back-propagated calls per module; forward-only calls are dropped."""
         out = {}
         for name, calls in self._calls.items():
-            pairs = [(c.x, c.g) for c in calls if c.g is not None]
+            # a user's input buffer may be overwritten in place before the writer gets to it;
+            # activations made by autograd are fresh tensors nobody writes to again
+            pairs = [(c.x.clone() if c.user_owned else c.x, c.g) for c in calls if c.g is not None]
             if pairs:
                 out[name] = pairs
         self.clear()

@@ -42,7 +42,7 @@ def _as_array(name: str, value: TagValue) -> torch.Tensor | list[str] | float | 
         raise TagError(
             f"tag {name!r} has shape {arr.shape}; give one value per sample (a 1-D array)."
         )
-    return torch.from_numpy(np.ascontiguousarray(arr.reshape(-1)))
+    return torch.from_numpy(arr.reshape(-1).copy())  # a copy: the caller may reuse its buffer
 
 
 @dataclass

@@ -240,12 +240,20 @@ class Run:
         calls = self.record(t).get("factor_calls")
         if not calls:
             return {}
-        xs = read_tensors(self.layout.factors_file(t), t, "factors", N.FACTOR_X)
-        gs = read_tensors(self.layout.factors_file(t), t, "factors", N.FACTOR_G)
+        path = self.layout.factors_file(t)
+        stored = read_tensors(path, t, "factors")
+        aliases = read_meta(path, t, "factors").get("aliases", {})
+
+        def get(key: str) -> torch.Tensor:
+            return stored[aliases.get(key, key)]
+
         meta = self.manifest.get("factor_modules", {})
         out = {}
         for module, n_calls in calls.items():
-            pairs = [(xs[f"{module}/{k}"], gs[f"{module}/{k}"]) for k in range(n_calls)]
+            pairs = [
+                (get(f"{N.FACTOR_X}{module}/{k}"), get(f"{N.FACTOR_G}{module}/{k}"))
+                for k in range(n_calls)
+            ]
             if meta.get(module, {}).get("kind") == "conv2d":
                 pairs = [_unfold(x, g, meta[module]) for x, g in pairs]
             out[module] = _concat(pairs)

@@ -52,7 +52,7 @@ class RunWriter:
             where = f" while writing step {self._error_step}" if self._error_step is not None else ""
             raise WriterError(
                 f"chisel's writer failed{where}: {self._error!r}. Steps before it are on disk in "
-                f"{self.layout.root}; free space or fix permissions, then resume with "
+                f"{self.layout.root}; fix the cause (disk space, permissions), then continue with "
                 "chisel.record(..., resume=True)."
             ) from self._error
 
@@ -64,6 +64,11 @@ class RunWriter:
                 return
             except queue.Full:
                 continue
+
+    def write_keyframe_now(self, keyframe: Keyframe) -> None:
+        """Write a keyframe in the calling thread (before any step is queued)."""
+        assert self._queue.empty()
+        self._write_keyframe(keyframe)
 
     def close(self) -> None:
         """Write everything queued, stop the thread, raise a writer failure if there was one."""
@@ -137,13 +142,26 @@ class RunWriter:
                 self._recon[name] = value.double().clone()
 
     def _write_factors(self, item: StepPacket) -> dict[str, int]:
-        tensors, calls = {}, {}
+        tensors: dict[str, torch.Tensor] = {}
+        calls: dict[str, int] = {}
+        aliases: dict[str, str] = {}  # key -> key of the identical tensor stored once
+        seen: dict[tuple, str] = {}
+        storages: set[int] = set()
         for module, pairs in item.factors.items():
             calls[module] = len(pairs)
             for k, (x, g) in enumerate(pairs):
-                dtype = self._factor_dtype
-                tensors[f"{N.FACTOR_X}{module}/{k}"] = x.to("cpu", dtype or x.dtype)
-                tensors[f"{N.FACTOR_G}{module}/{k}"] = g.to("cpu", dtype or g.dtype)
-        meta = {"step": item.step, "calls": calls}
+                for key, value in ((f"{N.FACTOR_X}{module}/{k}", x), (f"{N.FACTOR_G}{module}/{k}", g)):
+                    view = (value.untyped_storage().data_ptr(), value.storage_offset(),
+                            tuple(value.shape), tuple(value.stride()), value.dtype)
+                    if view in seen:  # e.g. one observation batch read by actor and critic
+                        aliases[key] = seen[view]
+                        continue
+                    seen[view] = key
+                    stored = value.to("cpu", self._factor_dtype or value.dtype)
+                    if stored.untyped_storage().data_ptr() in storages:
+                        stored = stored.clone()  # overlapping views must not share memory on disk
+                    storages.add(stored.untyped_storage().data_ptr())
+                    tensors[key] = stored
+        meta = {"step": item.step, "calls": calls, "aliases": aliases}
         write_tensors(self.layout.factors_file(item.step), tensors, meta, fsync=self.config.fsync)
         return calls

@@ -158,3 +158,31 @@ def test_compact_factor_dtype(tmp_path):
     assert xs.dtype == torch.bfloat16
     rebuilt = _linear_grad(xs.double(), gs.double())
     assert (rebuilt - grad.double()).norm() <= 2e-2 * grad.norm()  # ~3 significant digits
+
+
+def test_shared_inputs_and_reused_buffers(tmp_path):
+    """Actor and critic read one observation tensor (stored once); the user overwrites that
+    buffer in place right after step(), before the writer may have written it."""
+    torch.manual_seed(7)
+    model = nn.ModuleDict({"actor": nn.Linear(3, 2), "critic": nn.Linear(3, 1)}).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    obs = torch.zeros(5, 3, dtype=torch.float64)
+    expected = []
+    with chisel.record(model, optimizer, tmp_path / "run", factors=True, dtype="float64"):
+        for _ in range(4):
+            obs.copy_(torch.randn(5, 3, dtype=torch.float64))  # a rollout buffer, reused
+            expected.append(obs.clone())
+            (model["actor"](obs).sum() + model["critic"](obs).pow(2).sum()).backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            optimizer.step()
+            optimizer.zero_grad()
+            obs.fill_(float("nan"))
+    run = chisel.load(tmp_path / "run")
+    for t in range(4):
+        factors = run.factors(t)
+        for module in ("actor", "critic"):
+            xs, _ = factors[module]
+            assert torch.equal(xs, expected[t])
+    xs, gs = run.factors(3)["critic"]
+    torch.testing.assert_close(_linear_grad(xs, gs), grads["critic.weight"], rtol=0, atol=TOL)
+    assert run.record(0)["factor_calls"] == {"actor": 1, "critic": 1}
