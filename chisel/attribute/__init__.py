@@ -1,0 +1,1 @@
+"""Attribution: geometry, integrated and credit families, and the ledger they write."""

@@ -1,0 +1,189 @@
+"""Evaluate a metric at points of an update path, without touching the user's model.
+
+`UpdatePath(space, θ, Δθ)` evaluates m(θ + αΔθ) and ∇m for a batch of α at once with
+`torch.func.vmap` (one call for all quadrature points), falling back to a loop over α for
+models or metrics that vmap cannot trace.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from chisel.attribute.metrics import Metric, describe
+from chisel.errors import ChiselError
+
+Params = dict[str, Tensor]
+
+
+class MetricError(ChiselError, ValueError):
+    """A metric returned something that is not a finite scalar."""
+
+
+class _Call(nn.Module):
+    """Wraps `metric(model)` as a module so `functional_call` can swap the parameters."""
+
+    def __init__(self, model: nn.Module, metric: Metric) -> None:
+        super().__init__()
+        self.model = model
+        self._metric = metric
+
+    def forward(self) -> Tensor:
+        return self._metric(self.model)
+
+
+class ParamSpace:
+    """`m(θ)` and `∇m(θ)` for the recorded parameters; everything else is the model's own.
+
+    The model is deep-copied and cast to `dtype` once, so evaluating never changes the
+    caller's model, and frozen parameters and buffers share θ's dtype.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        metric: Metric,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+        *,
+        batch_bytes: int = 256 * 2**20,
+    ) -> None:
+        copied = copy.deepcopy(model).to(device=device, dtype=dtype)
+        for p in copied.parameters():
+            p.requires_grad_(False)
+        self._call = _Call(copied, metric)
+        self.model = copied
+        self.metric = metric
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.batch_bytes = batch_bytes
+        self.evaluations = 0  # metric evaluations (a vmapped batch of K counts K)
+        self.use_vmap = True
+
+    def check(self, value: Tensor) -> Tensor:
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise MetricError(
+                f"the metric {describe(self.metric)} returned {shape}; a metric must return a "
+                "scalar tensor (reduce with .mean() or .sum())."
+            )
+        if not math.isfinite(float(value.detach())):
+            raise MetricError(
+                f"the metric {describe(self.metric)} returned {float(value.detach())}; it must be "
+                "finite at every point of the update path (check for log(0) or a division by zero)."
+            )
+        return value.reshape(())
+
+    def call(self, params: Params) -> Tensor:
+        return functional_call(self._call, {f"model.{n}": v for n, v in params.items()}, ())
+
+    def value(self, params: Params) -> float:
+        with torch.no_grad():
+            self.evaluations += 1
+            return float(self.check(self.call(params)))
+
+    def value_and_grad(self, params: Params) -> tuple[float, Params]:
+        leaves = {n: v.detach().requires_grad_(True) for n, v in params.items()}
+        with torch.enable_grad():
+            self.evaluations += 1
+            out = self.check(self.call(leaves))
+            grads = torch.autograd.grad(out, list(leaves.values()), allow_unused=True)
+        return float(out.detach()), {
+            n: torch.zeros_like(v) if g is None else g for (n, v), g in zip(leaves.items(), grads)
+        }
+
+
+class UpdatePath:
+    """θ(α) = θ + α·Δθ and the metric along it, evaluated for batches of α."""
+
+    def __init__(self, space: ParamSpace, theta: Params, delta: Params) -> None:
+        self.space, self.theta, self.delta = space, theta, delta
+        n_values = sum(v.numel() for v in theta.values())
+        itemsize = torch.finfo(space.dtype).bits // 8
+        # a vmapped batch materialises K copies of θ (and of ∇m): keep K copies under the budget
+        self.chunk = max(1, int(space.batch_bytes // max(1, 3 * n_values * itemsize)))
+
+    def at(self, alpha: float) -> Params:
+        return {n: self.theta[n] + alpha * self.delta[n] for n in self.theta}
+
+    def _stacked(self, alphas: Tensor) -> Params:
+        shape = lambda v: (len(alphas),) + (1,) * v.ndim  # noqa: E731
+        return {
+            n: self.theta[n].unsqueeze(0) + alphas.reshape(shape(v)) * self.delta[n].unsqueeze(0)
+            for n, v in self.theta.items()
+        }
+
+    def _chunks(self, alphas: Tensor):
+        for start in range(0, len(alphas), self.chunk):
+            yield start, alphas[start : start + self.chunk]
+
+    def _run(self, batched: Callable, looped: Callable, alphas: Tensor):
+        """Try the vmapped evaluation once; on failure fall back to the loop for good."""
+        if self.space.use_vmap:
+            try:
+                return batched(alphas)
+            except MetricError:
+                raise
+            except Exception as err:  # an op vmap cannot trace: data-dependent control flow…
+                warnings.warn(
+                    f"chisel: evaluating the metric with torch.func.vmap failed ({err!r:.200}); "
+                    "falling back to one evaluation per quadrature point (slower, same result).",
+                    stacklevel=3,
+                )
+                self.space.use_vmap = False
+        return looped(alphas)
+
+    def weighted_grad(self, alphas: Tensor, weights: Tensor) -> Params:
+        """Σ_k w_k ∇m(θ(α_k)), float64 weights applied inside the chunks (bounded memory)."""
+        space = self.space
+        total = {n: torch.zeros_like(v) for n, v in self.theta.items()}
+        alphas = alphas.to(space.device, space.dtype)
+        weights = weights.to(space.device, space.dtype)
+
+        def batched(a: Tensor) -> Params:
+            fn = vmap(grad_and_value(lambda p: space.call(p)))
+            for start, chunk in self._chunks(a):
+                grads, values = fn(self._stacked(chunk))
+                for v in values:
+                    space.check(v)
+                space.evaluations += len(chunk)
+                w = weights[start : start + len(chunk)]
+                for n, g in grads.items():
+                    total[n].add_(torch.tensordot(w, g, dims=1))
+            return total
+
+        def looped(a: Tensor) -> Params:
+            for n in total:
+                total[n].zero_()
+            for alpha, w in zip(a.tolist(), weights.tolist()):
+                _, grads = space.value_and_grad(self.at(alpha))
+                for n, g in grads.items():
+                    total[n].add_(g, alpha=w)
+            return total
+
+        return self._run(batched, looped, alphas)
+
+    def outputs(self, alphas: Tensor, fn: Callable[[Params], Tensor]) -> Tensor:
+        """`fn(θ(α))` for every α, no grad: [K, ...]. `fn` may run the model with hooks."""
+        space = self.space
+        alphas = alphas.to(space.device, space.dtype)
+
+        def batched(a: Tensor) -> Tensor:
+            mapped = vmap(fn)
+            with torch.no_grad():
+                parts = [mapped(self._stacked(chunk)) for _, chunk in self._chunks(a)]
+            space.evaluations += len(a)
+            return torch.cat(parts)
+
+        def looped(a: Tensor) -> Tensor:
+            with torch.no_grad():
+                space.evaluations += len(a)
+                return torch.stack([fn(self.at(alpha)) for alpha in a.tolist()])
+
+        return self._run(batched, looped, alphas)

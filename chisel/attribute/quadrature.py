@@ -1,0 +1,141 @@
+"""Gauss-Legendre quadrature along the update path θ(α) = θ_t + α·Δθ_t, α ∈ [0, 1].
+
+Smooth networks: one panel of `points` Gauss-Legendre nodes (error ~1e-15 at 16 points in
+float64). Piecewise-linear activations (ReLU…) put kinks into ∇m(θ(α)), where fixed quadrature
+stalls near 1e-5 and more points do not help; there the path is split at every α where a unit's
+pre-activation crosses a breakpoint (bracketing root search, all roots refined together), and
+each smooth piece gets its own small panel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from chisel.attribute.functional import Params, UpdatePath
+
+# module type -> the pre-activation values where its slope jumps
+_BREAKPOINTS = {
+    nn.ReLU: lambda m: (0.0,),
+    nn.LeakyReLU: lambda m: (0.0,),
+    nn.PReLU: lambda m: (0.0,),
+    nn.ReLU6: lambda m: (0.0, 6.0),
+    nn.Hardtanh: lambda m: (m.min_val, m.max_val),
+}
+
+
+@lru_cache(maxsize=64)
+def gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes in (0, 1) and weights summing to 1, for n points."""
+    x, w = np.polynomial.legendre.leggauss(n)
+    return (x + 1.0) / 2.0, w / 2.0
+
+
+def piecewise_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m) in _BREAKPOINTS]
+
+
+@dataclass
+class PathIntegral:
+    """The path-averaged gradient ḡ = ∫₀¹ ∇m(θ(α)) dα and the metric at both ends."""
+
+    gbar: Params
+    m_start: float
+    m_end: float
+    pieces: int
+    evaluations: int
+
+
+def _offsets_fn(path: UpdatePath, modules: list[nn.Module]):
+    """θ ↦ [units]: every piecewise unit's pre-activation minus each of its breakpoints."""
+
+    def fn(params: Params) -> Tensor:
+        seen: list[Tensor] = []
+
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            z = inputs[0].reshape(-1)
+            seen.extend(z - bp for bp in _BREAKPOINTS[type(module)](module))
+
+        handles = [m.register_forward_hook(hook) for m in modules]
+        try:
+            path.space.call(params)
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.cat(seen)
+
+    return fn
+
+
+def kink_roots(path: UpdatePath, *, grid: int = 32, tol: float = 1e-13, rounds: int = 60) -> list[float]:
+    """Every α where some unit crosses a breakpoint (one root per grid cell and unit)."""
+    modules = piecewise_modules(path.space.model)
+    if not modules:
+        return []
+    fn = _offsets_fn(path, modules)
+    alphas = torch.linspace(0.0, 1.0, grid + 1, dtype=torch.float64)
+    values = path.outputs(alphas, fn)  # [grid+1, units]
+    cells, units = torch.nonzero(torch.sign(values[:-1]) * torch.sign(values[1:]) < 0, as_tuple=True)
+    if len(units) == 0:
+        return []
+    a, b = alphas[cells].clone(), alphas[cells + 1].clone()
+    fa, fb = values[cells, units].clone(), values[cells + 1, units].clone()
+    side = torch.zeros_like(a)
+    for _ in range(rounds):  # Illinois (modified regula falsi) for all roots at once
+        open_ = (b - a) > tol
+        if not open_.any():
+            break
+        c = (a * fb - b * fa) / (fb - fa)
+        c = torch.where((c > a) & (c < b), c, 0.5 * (a + b))
+        idx = torch.nonzero(open_).squeeze(1)
+        fc = torch.zeros_like(c)
+        fc[idx] = path.outputs(c[idx], fn)[torch.arange(len(idx)), units[idx]]
+        right = (torch.sign(fc) == torch.sign(fb)) & open_
+        left = ~right & open_
+        # Illinois: halve the stale end's value when the same side moves twice in a row
+        fa = torch.where(right & (side == -1), fa / 2, fa)
+        fb = torch.where(left & (side == 1), fb / 2, fb)
+        b, fb = torch.where(right, c, b), torch.where(right, fc, fb)
+        a, fa = torch.where(left, c, a), torch.where(left, fc, fa)
+        side = torch.where(right, -1.0, torch.where(left, 1.0, side))
+        exact = (fc == 0) & open_
+        a, b = torch.where(exact, c, a), torch.where(exact, c, b)
+    return sorted((0.5 * (a + b)).tolist())
+
+
+def integrate_path(path: UpdatePath, *, points: int = 16, split: str = "auto") -> PathIntegral:
+    """ḡ by Gauss-Legendre over [0, 1], split at activation kinks when `split` asks for it.
+
+    split: "auto" (split if the model has piecewise-linear activation modules), "kinks", "none".
+    """
+    space = path.space
+    before = space.evaluations
+    m_start, m_end = space.value(path.theta), space.value(path.at(1.0))
+    edges = [0.0, 1.0]
+    if split == "kinks" or (split == "auto" and piecewise_modules(space.model)):
+        edges = _merge([0.0, *kink_roots(path), 1.0])
+    alphas, weights = [], []
+    for a, b in zip(edges[:-1], edges[1:]):
+        width = b - a
+        # one smooth path gets the full rule; the short pieces between kinks need few nodes
+        n = points if len(edges) == 2 else int(min(points, max(3, np.ceil(points * width * 8))))
+        nodes, w = gauss_legendre(n)
+        alphas.append(a + width * nodes)
+        weights.append(width * w)
+    gbar = path.weighted_grad(
+        torch.from_numpy(np.concatenate(alphas)), torch.from_numpy(np.concatenate(weights))
+    )
+    return PathIntegral(gbar, m_start, m_end, len(edges) - 1, space.evaluations - before)
+
+
+def _merge(edges: list[float], eps: float = 1e-12) -> list[float]:
+    out = [edges[0]]
+    for e in sorted(edges[1:]):
+        if e - out[-1] > eps:
+            out.append(e)
+    out[-1] = 1.0
+    return out
