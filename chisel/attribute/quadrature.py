@@ -9,6 +9,7 @@ each smooth piece gets its own small panel.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -119,7 +120,7 @@ def integrate_path(path: UpdatePath, *, points: int = 16, split: str = "auto") -
     if split == "kinks" or (split == "auto" and piecewise_modules(space.model)):
         edges = _merge([0.0, *kink_roots(path), 1.0])
     alphas, weights = [], []
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in itertools.pairwise(edges):
         width = b - a
         # one smooth path gets the full rule; the short pieces between kinks need few nodes
         n = points if len(edges) == 2 else int(min(points, max(3, np.ceil(points * width * 8))))
