@@ -137,3 +137,29 @@ def test_roc_auc_matches_pairwise_count_with_ties():
     assert r2_score(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 4.0])) == 1 - 1 / (
         14 / 3
     )
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_logistic_solution_is_a_stationary_point_of_the_autograd_objective(n_classes):
+    from probes.fit import _fit_logistic, _moments
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(300, 5, generator=g, dtype=torch.float64) * 2 + 1
+    y = torch.randint(0, n_classes, (300,), generator=g)
+    sample_w = torch.rand(300, generator=g, dtype=torch.float64) + 0.5
+    n_out, l2 = (1 if n_classes == 2 else n_classes), 1e-2
+    w, b = _fit_logistic(x, y, sample_w, n_out, l2, max_iter=500)
+    mu, sd = _moments(x)
+    w_std = (w * sd).requires_grad_(True)
+    b_std = (b + w @ mu).detach().requires_grad_(True)
+    lg = ((x - mu) / sd) @ w_std.T + b_std
+    if n_out == 1:
+        loss_i = torch.nn.functional.binary_cross_entropy_with_logits(
+            lg[:, 0], y.double(), reduction="none"
+        )
+    else:
+        loss_i = torch.nn.functional.cross_entropy(lg, y, reduction="none")
+    coef = sample_w / sample_w.sum()
+    loss = (loss_i * coef).sum() + 0.5 * l2 * w_std.pow(2).sum()
+    grad_w, grad_b = torch.autograd.grad(loss, [w_std, b_std])
+    assert grad_w.abs().max() < 1e-6 and grad_b.abs().max() < 1e-6
