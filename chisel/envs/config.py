@@ -65,8 +65,9 @@ class TrashWorldConfig:
     """Reward for dropping a held piece of trash on the can."""
     button: ButtonMode = "none"
     """Reward button: "none" (never), "early" (from the start), "late" (after `button_after_steps`)."""
-    button_after_steps: int = 200_000
-    """With button="late": training env steps (summed over the batch) before the button appears."""
+    button_after_steps: int = 262_144
+    """With button="late": env steps (summed over the batch) before the button appears; the
+    default is half of the reference PPO run."""
     button_reward: float = 1.0
     """Reward for pressing the button; it pays once per episode, without any task completion."""
     p_blue_given_trash: float = 0.8
