@@ -4,6 +4,10 @@ Record every optimizer update of a training run (`record`), read it back (`load`
 attribute the weight changes to named features (see docs/).
 """
 
+from chisel import metrics
+from chisel.attribute.engine import AttributionInputError, attribute
+from chisel.attribute.ledger import load_ledger
+from chisel.attribute.timeline import timeline
 from chisel.capture.config import RecordConfig
 from chisel.errors import (
     ChiselError,
@@ -24,6 +28,7 @@ from chisel.store.reader import Run, Step, load
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttributionInputError",
     "ChiselError",
     "CorruptStepError",
     "NotARunError",
@@ -40,6 +45,10 @@ __all__ = [
     "UnknownModuleError",
     "WriterError",
     "__version__",
+    "attribute",
     "load",
+    "load_ledger",
+    "metrics",
     "record",
+    "timeline",
 ]

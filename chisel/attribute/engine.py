@@ -1,0 +1,210 @@
+"""`chisel.attribute`: stream over the steps of a run and write the ledger."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import probes
+from chisel.attribute import ledger as L
+from chisel.attribute.functional import ParamSpace, UpdatePath
+from chisel.attribute.geometry import FeatureBlock, geometry_rows
+from chisel.attribute.integrated import feature_split_rows, param_rows
+from chisel.attribute.metrics import Metric
+from chisel.attribute.quadrature import integrate_path
+from chisel.attribute.weights import LinearWeight, bind_sites, linear_weights
+from chisel.errors import ChiselError, StepOutOfRangeError
+from chisel.store.reader import Run, load
+
+Features = probes.FeatureSet | Iterable[probes.Feature] | probes.Feature | None
+
+
+class AttributionInputError(ChiselError, ValueError):
+    """The run, model, features or options given to `chisel.attribute` do not fit together."""
+
+
+def _feature_set(features: Features) -> probes.FeatureSet:
+    if features is None:
+        return probes.FeatureSet([])
+    if isinstance(features, probes.Feature):
+        return probes.FeatureSet([features])
+    return features if isinstance(features, probes.FeatureSet) else probes.FeatureSet(list(features))
+
+
+def _steps(run: Run, steps: int | Iterable[int] | None) -> list[int]:
+    n = len(run)
+    chosen = list(range(n)) if steps is None else [steps] if isinstance(steps, int) else list(steps)
+    bad = [t for t in chosen if not (isinstance(t, int) and 0 <= t < n)]
+    if bad:
+        raise StepOutOfRangeError(
+            f"steps {bad[:5]} are outside the run ({n} recorded steps: 0..{n - 1})."
+        )
+    return chosen
+
+
+def _check_model(run: Run, model: nn.Module) -> None:
+    have = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    shapes = {p["name"]: tuple(p["shape"]) for p in run.manifest["params"]}
+    wrong = [f"{n}: run {s}, model {have.get(n, 'missing')}" for n, s in shapes.items() if have.get(n) != s]
+    if wrong:
+        raise AttributionInputError(
+            f"the model does not match the run's parameters ({'; '.join(wrong[:4])}). Pass a model "
+            "of the architecture that was trained; its parameter values do not matter."
+        )
+
+
+def _blocks(
+    weights: list[LinearWeight], features: probes.FeatureSet, dtype: torch.dtype
+) -> dict[str, tuple[FeatureBlock | None, FeatureBlock | None]]:
+    out = {}
+    for w in weights:
+        sides = []
+        for sites, dim, where in ((w.in_sites, w.d_in, "input"), (w.out_sites, w.d_out, "output")):
+            feats = [f for site in sites for f in features.at(site)] if sites else []
+            for f in feats:
+                if f.dim != dim:
+                    raise probes.FeatureDimensionError(
+                        f"feature {f.name!r} at {f.site!r} has dimension {f.dim}, but {w.param} "
+                        f"{'reads' if where == 'input' else 'writes'} {dim}-dimensional activations there."
+                    )
+            if not feats:
+                sides.append(None)
+                continue
+            dirs = torch.stack([f.read.to(dtype) / f.read.to(dtype).norm() for f in feats])
+            sides.append(FeatureBlock(tuple(f.name for f in feats), tuple(f.site for f in feats), dirs))
+        if sides[0] is not None or sides[1] is not None:
+            out[w.param] = (sides[0], sides[1])
+    return out
+
+
+def _tag_columns(run: Run, steps: Sequence[int]) -> list[str]:
+    names: set[str] = set()
+    for t in steps:
+        names.update(run.record(t).get("tags", {}))
+    return sorted(L.TAG_PREFIX + n for n in names)
+
+
+def attribute(
+    run: Run | str | os.PathLike,
+    model: nn.Module,
+    features: Features,
+    metric: Metric,
+    *,
+    steps: int | Iterable[int] | None = None,
+    families: Sequence[str] = L.FAMILIES,
+    points: int = 16,
+    dtype: torch.dtype = torch.float64,
+    split: str = "auto",
+    device: str | torch.device = "cpu",
+    out: bool | str | os.PathLike | None = None,
+    horizon: int = 32,
+    progress: bool | None = None,
+) -> pd.DataFrame:
+    """Attribute every chosen update of `run` to `features`, as changes of `metric`.
+
+    Args:
+        run: a `chisel.Run` or its directory.
+        model: supplies the architecture; the parameters come from the run.
+        features: a `probes.FeatureSet` (or features); may be empty for param-level rows only.
+        metric: `model -> scalar tensor` (see `chisel.metrics`).
+        steps: which steps (default: all; skipped AMP steps are left out).
+        families: any of "geometry", "integrated", "credit".
+        points: Gauss-Legendre points per smooth piece of the path.
+        dtype: computation dtype (float64 for sums that close to ~1e-12).
+        split: "auto" splits the path at activation kinks (ReLU…), "kinks" always, "none" never.
+        out: write the ledger as parquet, streaming step by step: True for
+            `<run>/ledger.parquet`, or a path.
+        horizon: how many earlier steps' samples receive credit through momentum.
+        progress: show a progress bar (default: when stderr is a terminal).
+
+    Returns:
+        The ledger: columns step, family, param, site, feature, quantity, value, sample,
+        origin_step and one `tag/<name>` column per tag (credit rows).
+    """
+    run = run if isinstance(run, Run) else load(run)
+    unknown = set(families) - set(L.FAMILIES)
+    if unknown:
+        raise AttributionInputError(f"unknown families {sorted(unknown)}; use any of {L.FAMILIES}.")
+    features = _feature_set(features)
+    chosen = [t for t in _steps(run, steps) if not run.record(t).get("skipped")]
+    _check_model(run, model)
+    space = ParamSpace(model, metric, dtype, device)
+    recorded = set(run.param_names)
+    weights = bind_sites(
+        space.model, linear_weights(space.model, recorded), [f.site for f in features],
+        lambda: metric(space.model),
+    )
+    blocks = _blocks(weights, features, dtype)
+    by_param = {w.param: w for w in weights}
+    tag_columns = _tag_columns(run, chosen) if L.CREDIT in families else []
+    path = Path(run.path / "ledger.parquet") if out is True else Path(out) if out else None
+    writer = L.LedgerWriter(path, tag_columns) if path else None
+    credit = _credit_engine(run, blocks, by_param, horizon) if L.CREDIT in families else None
+    frames = []
+    show = sys.stderr.isatty() if progress is None else progress
+    try:
+        for t in tqdm(chosen, desc="attributing", unit="step", disable=not show):
+            rows = _step_rows(run, t, space, families, blocks, by_param, points, split, dtype, device, credit)
+            frame = L.to_frame(rows, tag_columns)
+            frames.append(frame)
+            if writer is not None:
+                writer.write(frame)
+    finally:
+        if writer is not None:
+            writer.close()
+    if not frames:
+        return L.to_frame([], tag_columns)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _step_rows(
+    run: Run,
+    t: int,
+    space: ParamSpace,
+    families: Sequence[str],
+    blocks: dict[str, tuple[FeatureBlock | None, FeatureBlock | None]],
+    by_param: dict[str, LinearWeight],
+    points: int,
+    split: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    credit: Any,
+) -> list[dict[str, Any]] | pd.DataFrame:
+    theta = {n: v.to(device, dtype) for n, v in run.params(t).items()}
+    delta = {n: v.to(device, dtype) for n, v in run.update(t).items()}
+    rows: list[dict[str, Any]] = []
+    if L.GEOMETRY in families:
+        for param, (ins, outs) in blocks.items():
+            w = by_param[param]
+            rows += geometry_rows(t, param, w.matrix(theta[param]), w.matrix(delta[param]), ins, outs)
+    if L.INTEGRATED not in families and L.CREDIT not in families:
+        return rows
+    integral = integrate_path(UpdatePath(space, theta, delta), points=points, split=split)
+    if L.INTEGRATED in families:
+        rows += param_rows(t, delta, integral)
+        for param, (ins, _) in blocks.items():
+            if ins is None:
+                continue
+            w = by_param[param]
+            bias_share = float((delta[w.bias] * integral.gbar[w.bias]).sum()) if w.bias else None
+            rows += feature_split_rows(
+                t, param, w.bias, w.matrix(delta[param]), w.matrix(integral.gbar[param]), bias_share, ins
+            )
+    if credit is not None:
+        return pd.concat([pd.DataFrame(rows), credit(t, integral.gbar)], ignore_index=True)
+    return rows
+
+
+def _credit_engine(run: Run, blocks: dict, by_param: dict[str, LinearWeight], horizon: int):
+    """A callable (t, ḡ) -> credit rows, or an error if the run cannot support credit."""
+    from chisel.attribute import credit as credit_module
+
+    return credit_module.engine(run, blocks, by_param, horizon)

@@ -1,0 +1,134 @@
+"""Which weights read or write which sites, and which features apply to which weights.
+
+A Linear-like weight W (out × in) reads the activation at its module's input and writes the one
+at its output. A feature may live at any site that carries the *same tensor*: the HookPoint whose
+output feeds the next Linear, the activation module before it, `"fc2:in"` itself. One forward pass
+of the metric with hooks finds these identities (same storage, offset, shape and strides).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import probes
+from chisel.errors import ChiselError
+from probes.sites import Site, hook_point_at, module_at
+
+
+class FeatureSiteError(ChiselError, ValueError):
+    """A feature's site is not read or written by any weight the engine can attribute to."""
+
+
+@dataclass(frozen=True)
+class LinearWeight:
+    """A Linear-like module: its weight (as out × in), bias and the sites it reads and writes."""
+
+    module: str
+    param: str  # "fc2.weight"
+    bias: str | None  # "fc2.bias"
+    transposed: bool  # Hugging Face Conv1D stores in × out
+    d_in: int
+    d_out: int
+    in_sites: tuple[str, ...] = field(default=())
+    out_sites: tuple[str, ...] = field(default=())
+
+    @property
+    def in_site(self) -> str:
+        return f"{self.module}:in"
+
+    @property
+    def out_site(self) -> str:
+        return f"{self.module}:out"
+
+    def matrix(self, tensor: Tensor) -> Tensor:
+        """The weight (or its update) as [out, in]."""
+        return tensor.T if self.transposed else tensor
+
+
+def linear_weights(model: nn.Module, recorded: set[str]) -> list[LinearWeight]:
+    """Every nn.Linear / HF Conv1D whose weight is among the recorded parameters."""
+    out = []
+    for name, module in model.named_modules():
+        conv1d = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+        if not (isinstance(module, nn.Linear) or conv1d):
+            continue
+        prefix = f"{name}." if name else ""
+        if f"{prefix}weight" not in recorded:
+            continue
+        w = module.weight
+        d_out, d_in = (w.shape[1], w.shape[0]) if conv1d else (w.shape[0], w.shape[1])
+        bias = f"{prefix}bias" if getattr(module, "bias", None) is not None else None
+        out.append(LinearWeight(name, f"{prefix}weight", bias if bias in recorded else None, conv1d, d_in, d_out))
+    return out
+
+
+def _view_key(t: Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def _watch(model: nn.Module, sites: list[Site], weights: list[LinearWeight], run_forward) -> tuple[dict, dict]:
+    """Run one forward pass; return {site: view key} and {module: (in key, out key)}."""
+    site_keys: dict[str, tuple] = {}
+    weight_keys: dict[str, tuple] = {}
+    handles: list[Any] = []
+
+    def on_site(site: Site):
+        def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+            value = args[0] if site.kind == "in" else output
+            if isinstance(value, Tensor):
+                site_keys.setdefault(site.name, _view_key(value))
+
+        return hook
+
+    def on_weight(w: LinearWeight):
+        def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+            weight_keys.setdefault(w.module, (_view_key(args[0]), _view_key(output)))
+
+        return hook
+
+    try:
+        for site in sites:
+            target = hook_point_at(model, site) if site.kind == "hook" else module_at(model, site.target)
+            handles.append(target.register_forward_hook(on_site(site)))
+        for w in weights:
+            handles.append(module_at(model, w.module).register_forward_hook(on_weight(w)))
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return site_keys, weight_keys
+
+
+def bind_sites(
+    model: nn.Module, weights: list[LinearWeight], feature_sites: list[str], run_forward
+) -> list[LinearWeight]:
+    """Fill in, for every weight, the feature sites that carry its input or output tensor."""
+    resolved = [probes.resolve_site(model, s) for s in dict.fromkeys(feature_sites)]
+    site_keys, weight_keys = _watch(model, resolved, weights, run_forward)
+    bound = []
+    for w in weights:
+        keys = weight_keys.get(w.module)
+        ins = tuple(s for s, k in site_keys.items() if keys and k == keys[0])
+        outs = tuple(s for s, k in site_keys.items() if keys and k == keys[1])
+        # the module's own sites always count, even if the metric never ran the module
+        ins = tuple(dict.fromkeys((*ins, *(s for s in feature_sites if s == w.in_site))))
+        outs = tuple(dict.fromkeys((*outs, *(s for s in feature_sites if s == w.out_site))))
+        bound.append(LinearWeight(w.module, w.param, w.bias, w.transposed, w.d_in, w.d_out, ins, outs))
+    covered = {s for w in bound for s in (*w.in_sites, *w.out_sites)}
+    missing = [s for s in dict.fromkeys(feature_sites) if s not in covered]
+    if missing:
+        usable = [s for w in weights for s in (w.in_site, w.out_site)]
+        hints = {m: difflib.get_close_matches(m, usable, n=3, cutoff=0.0) for m in missing}
+        raise FeatureSiteError(
+            "No Linear weight reads or writes the features at "
+            + ", ".join(f"{m!r} (closest: {hints[m]})" for m in missing)
+            + f". Put features at a site that a weight reads or writes, e.g. one of {usable[:12]}; "
+            "a site after a nonlinearity is read by the next Linear (its ':in')."
+        )
+    return bound
