@@ -5,7 +5,6 @@ import pytest
 
 from chisel.envs import (
     Layout,
-    TrashWorld,
     TrashWorldConfig,
     VecTrashWorld,
     evaluate,
@@ -16,14 +15,13 @@ from chisel.envs import (
 
 def _run_oracle(layout: Layout, **changes: object) -> tuple[float, int]:
     """(return, steps) of the oracle's episode from `layout`."""
-    env = TrashWorld(TrashWorldConfig(**changes))
+    env = VecTrashWorld(TrashWorldConfig(**changes), num_envs=1, autoreset=False)
     env.reset(seed=0, options={"layout": layout})
     total, steps = 0.0, 0
     while True:
-        action = int(oracle_actions(env._vec)[0])
-        _, reward, terminated, truncated, _ = env.step(action)
-        total, steps = total + reward, steps + 1
-        if terminated or truncated:
+        _, reward, terminated, truncated, _ = env.step(oracle_actions(env))
+        total, steps = total + float(reward[0]), steps + 1
+        if terminated[0] or truncated[0]:
             return total, steps
 
 
