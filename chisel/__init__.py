@@ -5,9 +5,9 @@ attribute the weight changes to named features (see docs/).
 """
 
 from chisel import metrics
-from chisel.attribute.engine import AttributionInputError, attribute
-from chisel.attribute.ledger import load_ledger
-from chisel.attribute.timeline import timeline
+from chisel.attribution.engine import AttributionInputError, attribute
+from chisel.attribution.ledger import load_ledger
+from chisel.attribution.timeline import timeline
 from chisel.capture.config import RecordConfig
 from chisel.errors import (
     ChiselError,

@@ -3,7 +3,7 @@
     >>> metric = chisel.metrics.logprob(obs, actions)   # doctest: +SKIP
 """
 
-from chisel.attribute.metrics import (
+from chisel.attribution.metrics import (
     Metric,
     action_logit,
     action_prob,

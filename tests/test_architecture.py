@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # chisel stages, upstream first; modules outside these folders (recorder, cli, …) are glue
-STAGES = ["capture", "store", "attribute", "report"]
+STAGES = ["capture", "store", "attribution", "report"]
 
 
 def _imports(path: Path) -> set[str]:

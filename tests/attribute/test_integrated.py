@@ -8,7 +8,7 @@ from torch import nn
 
 import chisel
 import probes
-from chisel.attribute import ledger as L
+from chisel.attribution import ledger as L
 from tests.attribute.helpers import policy, record_policy_gradient
 
 OPTIMIZERS = {

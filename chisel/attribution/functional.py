@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from chisel.attribute.metrics import Metric, describe
+from chisel.attribution.metrics import Metric, describe
 from chisel.errors import ChiselError
 
 Params = dict[str, Tensor]

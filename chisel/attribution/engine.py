@@ -14,13 +14,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import probes
-from chisel.attribute import ledger as L
-from chisel.attribute.functional import ParamSpace, UpdatePath
-from chisel.attribute.geometry import FeatureBlock, geometry_rows
-from chisel.attribute.integrated import feature_split_rows, param_rows
-from chisel.attribute.metrics import Metric
-from chisel.attribute.quadrature import integrate_path
-from chisel.attribute.weights import LinearWeight, bind_sites, linear_weights
+from chisel.attribution import ledger as L
+from chisel.attribution.functional import ParamSpace, UpdatePath
+from chisel.attribution.geometry import FeatureBlock, geometry_rows
+from chisel.attribution.integrated import feature_split_rows, param_rows
+from chisel.attribution.metrics import Metric
+from chisel.attribution.quadrature import integrate_path
+from chisel.attribution.weights import LinearWeight, bind_sites, linear_weights
 from chisel.errors import ChiselError, StepOutOfRangeError
 from chisel.store.reader import Run, load
 
@@ -205,6 +205,6 @@ def _step_rows(
 
 def _credit_engine(run: Run, blocks: dict, by_param: dict[str, LinearWeight], horizon: int):
     """A callable (t, ḡ) -> credit rows, or an error if the run cannot support credit."""
-    from chisel.attribute import credit as credit_module
+    from chisel.attribution import credit as credit_module
 
     return credit_module.engine(run, blocks, by_param, horizon)

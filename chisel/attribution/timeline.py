@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from chisel.attribute import ledger as L
+from chisel.attribution import ledger as L
 
 
 def timeline(

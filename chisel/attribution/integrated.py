@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import Tensor
 
-from chisel.attribute import ledger as L
-from chisel.attribute.geometry import FeatureBlock
-from chisel.attribute.quadrature import PathIntegral
+from chisel.attribution import ledger as L
+from chisel.attribution.geometry import FeatureBlock
+from chisel.attribution.quadrature import PathIntegral
 
 
 def param_rows(step: int, delta: dict[str, Tensor], path: PathIntegral) -> list[dict[str, Any]]:

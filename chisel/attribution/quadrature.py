@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from chisel.attribute.functional import Params, UpdatePath
+from chisel.attribution.functional import Params, UpdatePath
 
 # module type -> the pre-activation values where its slope jumps
 _BREAKPOINTS = {

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chisel.attribute import ledger as L
+from chisel.attribution import ledger as L
 
 
 @dataclass(frozen=True)
