@@ -1,0 +1,360 @@
+"""What recording costs: wall time and memory of a PPO-shaped minibatch loop, with and without chisel.
+
+Two workloads, each run in three modes ALTERNATING in one process (the order rotates every
+repeat, so drift of a shared machine hits every mode alike):
+
+    plain     no recording
+    deltas    chisel.record(..., factors=False)   (exact θ after every step + the consumed grads)
+    factors   chisel.record(..., factors=True)    (the above + per-sample (x_i, g_i) of every Linear)
+
+Workloads (CleanRL-style PPO update: clipped surrogate + value loss + entropy, per-minibatch
+advantage normalisation, Adam(eps=1e-5), clip_grad_norm_(0.5), advantages tagged on the step):
+
+    small   actor and critic MLPs 64 → 128 → 128 → {8 actions, 1 value}  (~51k params), minibatch 256
+    large   shared trunk 512 → 2048 → 2048 → {16 actions, 1 value}       (~5.3M params), minibatch 64
+
+Time: wall time of N optimizer steps per segment (back-pressure of the writer included), and of
+the same plus `close()` (flushing the queue); the printed ratio is median(mode) / median(plain).
+
+Memory: each (workload, mode) runs again in a fresh subprocess; "extra" is its peak RSS
+(VmHWM of /proc/self/status) minus the peak RSS of the plain subprocess. Compared with
+the target bound 2 × param bytes + queue_size × bytes of one step packet (θ, grads, factors,
+tags, measured as the bytes one step takes on disk).
+
+Usage:  python benchmarks/overhead.py [--quick] [--profile] [--no-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributions import Categorical
+
+import chisel
+
+MODES = ("plain", "deltas", "factors")
+QUEUE_SIZE = 4  # chisel.record's default, stated here so the memory bound uses the same number
+TARGETS = {"deltas": 1.05, "factors": 1.15}
+
+
+class ActorCritic(nn.Module):
+    """CleanRL's PPO agent: separate actor and critic MLPs, or a shared trunk with two heads."""
+
+    def __init__(self, obs: int, hidden: int, actions: int, *, shared: bool) -> None:
+        super().__init__()
+
+        def trunk() -> nn.Sequential:
+            return nn.Sequential(
+                nn.Linear(obs, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh()
+            )
+
+        self.shared = shared
+        self.trunk = trunk() if shared else None
+        self.actor = nn.Sequential(*([] if shared else [trunk()]), nn.Linear(hidden, actions))
+        self.critic = nn.Sequential(*([] if shared else [trunk()]), nn.Linear(hidden, 1))
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # obs [batch, obs] -> logits [batch, actions], value [batch]
+        h = self.trunk(obs) if self.trunk is not None else obs
+        return self.actor(h), self.critic(h).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    obs: int
+    hidden: int
+    actions: int
+    shared: bool
+    minibatch: int
+    rollout: int  # samples in the rollout buffer the minibatches are drawn from
+    steps: int  # optimizer steps per timed segment
+    repeats: int
+
+
+WORKLOADS = {
+    "small": Workload("small", 64, 128, 8, False, 256, 2048, 96, 7),
+    "large": Workload("large", 512, 2048, 16, True, 64, 1024, 8, 5),
+}
+
+
+class Trainer:
+    """A policy, its optimizer and a fixed rollout buffer; `run(n, rec)` does n minibatch steps."""
+
+    def __init__(self, w: Workload) -> None:
+        torch.manual_seed(0)
+        self.w = w
+        self.policy = ActorCritic(w.obs, w.hidden, w.actions, shared=w.shared)
+        self.opt = torch.optim.Adam(self.policy.parameters(), lr=2.5e-4, eps=1e-5)
+        gen = torch.Generator().manual_seed(1)
+        n = w.rollout
+        self.obs = torch.randn(n, w.obs, generator=gen)  # [rollout, obs]
+        self.act = torch.randint(0, w.actions, (n,), generator=gen)
+        self.logp_old = torch.full((n,), -float(torch.log(torch.tensor(float(w.actions)))))
+        self.adv = torch.randn(n, generator=gen)
+        self.ret = torch.randn(n, generator=gen)
+        self._order = torch.randperm(n, generator=gen)
+        self._pos = 0
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.policy.parameters())
+
+    def _minibatch(self) -> torch.Tensor:
+        if self._pos + self.w.minibatch > self.w.rollout:
+            self._order = torch.randperm(self.w.rollout)
+            self._pos = 0
+        idx = self._order[self._pos : self._pos + self.w.minibatch]
+        self._pos += self.w.minibatch
+        return idx
+
+    def step(self, rec: chisel.Recorder | None) -> None:
+        idx = self._minibatch()
+        logits, value = self.policy(self.obs[idx])
+        dist = Categorical(logits=logits)
+        logp = dist.log_prob(self.act[idx])
+        ratio = (logp - self.logp_old[idx]).exp()
+        adv = self.adv[idx]
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        pg = -torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
+        v_loss = 0.5 * ((value - self.ret[idx]) ** 2).mean()
+        loss = pg + 0.5 * v_loss - 0.01 * dist.entropy().mean()
+        self.opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.policy.parameters(), 0.5)
+        if rec is not None:
+            rec.tag(advantage=adv)
+        self.opt.step()
+
+    def segment(self, mode: str, run_dir: Path, n: int) -> tuple[float, float]:
+        """n steps in `mode`; returns (seconds of the steps, seconds of the steps + close)."""
+        if mode == "plain":
+            t0 = time.perf_counter()
+            for _ in range(n):
+                self.step(None)
+            t1 = time.perf_counter()
+            return t1 - t0, t1 - t0
+        rec = chisel.record(
+            self.policy, self.opt, run_dir, factors=mode == "factors", queue_size=QUEUE_SIZE
+        )
+        t0 = time.perf_counter()
+        try:
+            for _ in range(n):
+                self.step(rec)
+            t1 = time.perf_counter()
+        finally:
+            rec.close()
+        return t1 - t0, time.perf_counter() - t0
+
+
+def _bytes_per_step(run_dir: Path) -> float:
+    run = chisel.load(run_dir)
+    files = [run.layout.step_file(t) for t in range(len(run))]
+    files += [run.layout.factors_file(t) for t in range(len(run))]
+    return sum(f.stat().st_size for f in files if f.exists()) / max(len(run), 1)
+
+
+def time_workload(w: Workload, root: Path, quick: bool) -> dict:
+    """Alternate the modes over the repeats; median seconds per mode, and bytes per step."""
+    trainer = Trainer(w)
+    repeats = 2 if quick else w.repeats
+    loop: dict[str, list[float]] = {m: [] for m in MODES}
+    total: dict[str, list[float]] = {m: [] for m in MODES}
+    per_step: dict[str, float] = {}
+    for r in range(-1, repeats):  # r = -1 warms up every mode and is not counted
+        order = MODES[r % 3 :] + MODES[: r % 3]
+        for mode in order:
+            run_dir = root / f"{w.name}-{mode}-{r + 1}"
+            seconds = trainer.segment(mode, run_dir, w.steps)
+            if mode != "plain":
+                per_step[mode] = _bytes_per_step(run_dir)
+                shutil.rmtree(run_dir)
+            if r >= 0:
+                loop[mode].append(seconds[0])
+                total[mode].append(seconds[1])
+    return {
+        "params": sum(p.numel() for p in trainer.policy.parameters()),
+        "param_bytes": trainer.param_bytes,
+        "loop": {m: statistics.median(v) for m, v in loop.items()},
+        "total": {m: statistics.median(v) for m, v in total.items()},
+        "spread": {m: (min(v), max(v)) for m, v in loop.items()},
+        "bytes_per_step": per_step,
+        "repeats": repeats,
+    }
+
+
+def memory_child(workload: str, mode: str, quick: bool) -> None:
+    """Run one mode in this (fresh) process and print its peak RSS in bytes as JSON."""
+    w = WORKLOADS[workload]
+    trainer = Trainer(w)
+    n = max(w.steps, 2 * QUEUE_SIZE + 4)  # long enough to fill the pool and the queue
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer.segment("plain", Path(tmp) / "warm", 2)
+        trainer.segment(mode, Path(tmp) / "run", 4 if quick else n)
+    print(json.dumps({"peak_rss": _peak_rss()}))
+
+
+def _peak_rss() -> int:
+    """This process's RSS high-water mark in bytes.
+
+    VmHWM, not `getrusage().ru_maxrss`: Linux keeps ru_maxrss across fork + exec, so a child
+    of a big parent would report the parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: KiB or B
+
+
+def measure_memory(workload: str, quick: bool) -> dict[str, int]:
+    out = {}
+    for mode in MODES:
+        cmd = [sys.executable, __file__, "--memory-child", workload, mode]
+        cmd += ["--threads", str(torch.get_num_threads())]
+        cmd += ["--quick"] if quick else []
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[mode] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss"]
+    return out
+
+
+def _top(profiler: cProfile.Profile, pattern: str, n: int, sort: str) -> list[str]:
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats(sort).print_stats(pattern, n)
+    lines = [ln for ln in text.getvalue().splitlines() if ln.strip()]
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
+    return lines[start:]
+
+
+def profile_workload(w: Workload, root: Path, mode: str, steps: int) -> str:
+    """cProfile of both threads in one recorded segment: the training thread (hooks) and the
+    writer thread (profiled from inside, since cProfile sees one thread only)."""
+    import chisel.store.writer as writer_module
+
+    writer_profile = cProfile.Profile(time.thread_time)  # CPU time: queue waits do not count
+    original = writer_module.RunWriter._loop
+
+    def profiled_loop(self):
+        writer_profile.enable()
+        try:
+            original(self)
+        finally:
+            writer_profile.disable()
+
+    trainer = Trainer(w)
+    trainer.segment(mode, root / f"prof-warm-{w.name}-{mode}", 2)
+    plain = trainer.segment("plain", root / "unused", steps)[0]
+    writer_module.RunWriter._loop = profiled_loop  # type: ignore[method-assign]
+    profiler = cProfile.Profile()
+    try:
+        t0 = time.perf_counter()
+        profiler.enable()
+        trainer.segment(mode, root / f"prof-{w.name}-{mode}", steps)
+        profiler.disable()
+        wall = time.perf_counter() - t0
+    finally:
+        writer_module.RunWriter._loop = original  # type: ignore[method-assign]
+    writer_busy = pstats.Stats(writer_profile).total_tt
+    head = (
+        f"[{w.name}] profile of {mode} mode, {steps} steps: {1e3 * wall / steps:.2f} ms/step "
+        f"(plain {1e3 * plain / steps:.2f} ms/step, unprofiled); writer thread CPU "
+        f"{1e3 * writer_busy / steps:.2f} ms/step"
+    )
+    return "\n".join(
+        [
+            head,
+            "  training thread, chisel functions by cumulative time:",
+            *_top(profiler, r"chisel/(capture|store|recorder)", 14, "cumulative"),
+            "  writer thread (CPU time), by internal time:",
+            *_top(writer_profile, "", 12, "tottime"),
+        ]
+    )
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def report(name: str, t: dict, mem: dict[str, int] | None) -> list[str]:
+    plain = t["loop"]["plain"]
+    lines = [
+        f"[{name}] {t['params']:,} params ({_mb(t['param_bytes'])}), "
+        f"{WORKLOADS[name].steps} steps × {t['repeats']} repeats per mode, alternating",
+        f"  plain    median {1e3 * plain / WORKLOADS[name].steps:8.2f} ms/step",
+    ]
+    for mode in ("deltas", "factors"):
+        ratio = t["loop"][mode] / plain
+        ratio_total = t["total"][mode] / t["total"]["plain"]
+        lo, hi = (s / plain for s in t["spread"][mode])
+        verdict = "ok" if ratio <= TARGETS[mode] else "MISSED"
+        lines.append(
+            f"  {mode:8} median {1e3 * t['loop'][mode] / WORKLOADS[name].steps:8.2f} ms/step  "
+            f"ratio {ratio:5.2f}x (range {lo:.2f}-{hi:.2f}; with close() {ratio_total:.2f}x)  "
+            f"target <= {TARGETS[mode]:.2f}x {verdict}  "
+            f"[{_mb(t['bytes_per_step'][mode])} on disk per step]"
+        )
+    if mem is not None:
+        for mode in ("deltas", "factors"):
+            extra = mem[mode] - mem["plain"]
+            bound = 2 * t["param_bytes"] + QUEUE_SIZE * t["bytes_per_step"][mode]
+            verdict = "ok" if extra <= bound else "MISSED"
+            lines.append(
+                f"  memory {mode:8} peak RSS +{_mb(extra)} over plain "
+                f"({extra / t['param_bytes']:.1f}x param bytes); bound 2×params + "
+                f"{QUEUE_SIZE}×packet = {_mb(bound)} {verdict}"
+            )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 repeats, for a smoke run")
+    parser.add_argument("--profile", action="store_true", help="cProfile the factors mode")
+    parser.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
+    parser.add_argument(
+        "--memory-child", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS
+    )
+    parser.add_argument("--workloads", default="small,large", help="comma-separated: small,large")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: CPUs)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child, args.quick)
+        return
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
+    with tempfile.TemporaryDirectory(prefix="chisel-bench-") as tmp:
+        root = Path(tmp)
+        for name in args.workloads.split(","):
+            w = WORKLOADS[name]
+            timing = time_workload(w, root, args.quick)
+            mem = None if args.no_memory else measure_memory(name, args.quick)
+            print("\n".join(report(name, timing, mem)), flush=True)
+        if args.profile:
+            for name in args.workloads.split(","):
+                w = WORKLOADS[name]
+                for mode in ("deltas", "factors"):
+                    print(profile_workload(w, root, mode, w.steps * 2), flush=True)
+
+
+if __name__ == "__main__":
+    main()
