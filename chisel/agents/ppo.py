@@ -210,10 +210,13 @@ class UpdateStats:
 
 @dataclass
 class TrainResult:
+    """The trained agent and optimizer, the training log, and the rooms it trained in."""
+
     agent: TrashAgent
     optimizer: torch.optim.Optimizer
-    history: list[UpdateStats]
-    seconds: float
+    history: list[UpdateStats]  # one row per rollout
+    seconds: float  # wall time of training
+    envs: VecTrashWorld  # e.g. envs.button_enabled tells whether a late button appeared
 
 
 def train(cfg: PPOConfig, *, agent: TrashAgent | None = None,
@@ -257,7 +260,7 @@ def train(cfg: PPOConfig, *, agent: TrashAgent | None = None,
         history.append(row)
         if on_update is not None:
             on_update(row)
-    return TrainResult(agent, optimizer, history, time.perf_counter() - start)
+    return TrainResult(agent, optimizer, history, time.perf_counter() - start, envs)
 
 
 def _collect(agent: TrashAgent, envs: VecTrashWorld, obs: np.ndarray, info: dict,
