@@ -140,7 +140,7 @@ def attribute(
     recorded = set(run.param_names)
     weights = bind_sites(
         space.model, linear_weights(space.model, recorded), [f.site for f in features],
-        lambda: metric(space.model),
+        space.run_metric,
     )
     blocks = _blocks(weights, features, dtype)
     by_param = {w.param: w for w in weights}

@@ -7,6 +7,7 @@ models or metrics that vmap cannot trace.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -81,7 +82,27 @@ class ParamSpace:
         return value.reshape(())
 
     def call(self, params: Params) -> Tensor:
-        return functional_call(self._call, {f"model.{n}": v for n, v in params.items()}, ())
+        with self.explain_errors():
+            return functional_call(self._call, {f"model.{n}": v for n, v in params.items()}, ())
+
+    def run_metric(self) -> Tensor:
+        """The metric on the copied model's own parameters (used to bind feature sites)."""
+        with self.explain_errors():
+            return self.metric(self.model)
+
+    @contextlib.contextmanager
+    def explain_errors(self):
+        try:
+            yield
+        except RuntimeError as err:
+            text = str(err)
+            if "dtype" in text or "scalar type" in text:
+                raise MetricError(
+                    f"the metric {describe(self.metric)} failed on the model in {self.dtype}: {text}. "
+                    "Attribution runs the model in `dtype` (float64 by default); move the metric's "
+                    "data to the model's dtype with chisel.metrics.as_input(x, model)."
+                ) from err
+            raise
 
     def value(self, params: Params) -> float:
         with torch.no_grad():
