@@ -1,0 +1,395 @@
+"""Replay the optimizer from a keyframe and split each recorded update exactly.
+
+For step t the recorded update splits into parts that sum to it exactly (float64):
+
+    Δθ_t = weight_decay + momentum + gradient + residual
+
+- `gradient`: this step's gradient times the factor κ the optimizer applies to it (SGD:
+  −lr·(1−dampening), Nesterov −lr·(1+μ(1−dampening)), the first momentum step undamped; Adam:
+  −(lr/(1−β1^k))·(1−β1)/D with D = sqrt(v_k)/sqrt(1−β2^k) + eps held fixed at this step).
+- `momentum`: what the buffer carries from earlier steps (SGD μ·buf_{t−1}, Nesterov μ²·buf_{t−1};
+  Adam −(lr/(1−β1^k))·β1·m_{t−1}/D).
+- `weight_decay`: decoupled decay (AdamW) or the L2 term that enters the gradient (SGD, Adam).
+- `residual`: the recorded update minus the modelled parts: float rounding for the modelled
+  optimizers (SGD, Adam, AdamW, with maximize / amsgrad / Nesterov / dampening), the whole update
+  for any other optimizer or for param groups with different hyper-parameters. Never dropped.
+
+The state (momentum buffers, exp_avg, exp_avg_sq, step counts) is replayed in float64 from the
+nearest keyframe with the stored gradients and kept, so consecutive steps cost one replay step
+each. Each replayed step also logs how its gradient enters the buffer, so that the momentum part
+of a later step can be traced back to the gradients of earlier steps (`UpdateSplit.backflow`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from chisel.errors import ChiselError
+from chisel.store.layout import read_meta
+from chisel.store.reader import Run
+
+Params = dict[str, Tensor]
+Coef = Tensor | float  # a per-element factor (param shape) or one number for the whole param
+
+WEIGHT_DECAY = "weight_decay"
+MOMENTUM = "momentum"
+GRADIENT = "gradient"
+RESIDUAL = "residual"
+PARTS = (WEIGHT_DECAY, MOMENTUM, GRADIENT, RESIDUAL)
+
+_KINDS = {"SGD": "sgd", "Adam": "adam", "AdamW": "adam"}
+# hyper-parameters that change the algebra; groups that agree on these share one model
+_ALGEBRA = (
+    "lr",
+    "weight_decay",
+    "maximize",
+    "momentum",
+    "dampening",
+    "nesterov",
+    "betas",
+    "eps",
+    "amsgrad",
+    "decoupled_weight_decay",
+)
+
+
+class ReplayError(ChiselError, ValueError):
+    """The optimizer state cannot be replayed for the requested step."""
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The hyper-parameters of one step that the split needs (one model for all groups)."""
+
+    kind: str  # "sgd" | "adam"
+    lr: float
+    weight_decay: float = 0.0
+    maximize: bool = False
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    amsgrad: bool = False
+    decoupled: bool = False
+
+
+@dataclass
+class _Log:
+    """How step `step`'s gradient entered each param's buffer: buf ← decay·buf + inject·g."""
+
+    step: int
+    decay: dict[str, float] = field(default_factory=dict)
+    inject: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpdateSplit:
+    """The exact split of the update of step `step`.
+
+    parts[part][param] has the param's shape; Σ over parts == update (residual closes it).
+    kappa[param]: the factor on this step's gradient (param shape or a number), for params the
+    optimizer stepped. carry[param]: the factor on the buffer before this step (momentum part =
+    carry ⊙ buf_{t−1}). backflow[param]: (s, ω, decay) newest first, buf_{t−1} = Σ_s ω·G_s + …,
+    where G_s is step s's stored gradient and `decay` the product of the decays since s.
+    """
+
+    step: int
+    optimizer: str
+    update: Params
+    parts: dict[str, Params]
+    kappa: dict[str, Coef]
+    carry: dict[str, Coef]
+    backflow: dict[str, list[tuple[int, float, float]]]
+    note: str = ""  # why the step is not modelled ("" when it is)
+
+    @property
+    def modelled(self) -> bool:
+        return not self.note
+
+
+def step_hyper(run: Run, t: int) -> tuple[Hyper | None, str]:
+    """The step's hyper-parameters, or (None, why) when the split does not model it."""
+    cls = run.manifest.get("optimizer", {}).get("class", "?")
+    kind = _KINDS.get(cls)
+    if kind is None:
+        return None, f"optimizer {cls} is not modelled (SGD, Adam, AdamW are)"
+    groups = run.record(t).get("groups") or []
+    if not groups:
+        return None, "the step record has no param groups"
+    algebra = [{k: g.get(k) for k in _ALGEBRA} for g in groups]
+    if any(a != algebra[0] for a in algebra[1:]):
+        return None, "param groups differ in hyper-parameters and the param→group map is not stored"
+    g = groups[0]
+    if not isinstance(g.get("lr"), (int, float)):
+        return None, f"lr {g.get('lr')!r} is not a number"
+    common = dict(
+        lr=float(g["lr"]),
+        weight_decay=float(g.get("weight_decay") or 0.0),
+        maximize=bool(g.get("maximize")),
+    )
+    if kind == "sgd":
+        return Hyper(
+            "sgd",
+            momentum=float(g.get("momentum") or 0.0),
+            dampening=float(g.get("dampening") or 0.0),
+            nesterov=bool(g.get("nesterov")),
+            **common,
+        ), ""
+    beta1, beta2 = g.get("betas") or (0.9, 0.999)
+    decoupled = cls == "AdamW" or bool(g.get("decoupled_weight_decay"))
+    return Hyper(
+        "adam",
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(g.get("eps") or 0.0),
+        amsgrad=bool(g.get("amsgrad")),
+        decoupled=decoupled,
+        **common,
+    ), ""
+
+
+# -- one param, one step -----------------------------------------------------------------------
+@dataclass
+class _Out:
+    parts: dict[str, Tensor]
+    kappa: Coef
+    carry: Coef
+    decay: float
+    inject: float
+
+
+def _sgd(h: Hyper, theta: Tensor | None, g: Tensor, state: dict[str, Any]) -> _Out:
+    """torch.optim.SGD on one param; updates `state` in place. Shapes: θ, g [*param]."""
+    sign = -1.0 if h.maximize else 1.0
+    l2 = h.weight_decay * theta if h.weight_decay else torch.zeros_like(g)
+    zero = torch.zeros_like(g)
+    mu, buf = h.momentum, state.get("buf")
+    if mu == 0:
+        f, carry, mom = 1.0, 0.0, zero
+    elif buf is None:  # first step: buf = g (no dampening)
+        f, carry, mom = (1.0 + mu) if h.nesterov else 1.0, 0.0, zero
+        state["buf"] = sign * g + l2
+    else:
+        w = 1.0 - h.dampening
+        f = (1.0 + mu * w) if h.nesterov else w
+        carry = -h.lr * (mu * mu if h.nesterov else mu)
+        mom = carry * buf
+        state["buf"] = mu * buf + w * (sign * g + l2)
+    kappa = -h.lr * f * sign
+    parts = {WEIGHT_DECAY: -h.lr * f * l2, MOMENTUM: mom, GRADIENT: kappa * g}
+    fresh = mu != 0 and buf is None
+    inject = sign * (1.0 if fresh else 1.0 - h.dampening) if mu else 0.0
+    return _Out(parts, kappa, carry, decay=0.0 if fresh else mu, inject=inject)
+
+
+def _adam(h: Hyper, theta: Tensor | None, g: Tensor, state: dict[str, Any]) -> _Out:
+    """torch.optim.Adam / AdamW on one param; updates `state` in place. Shapes: θ, g [*param]."""
+    sign = -1.0 if h.maximize else 1.0
+    b1, b2 = h.beta1, h.beta2
+    l2 = h.weight_decay * theta if h.weight_decay and not h.decoupled else torch.zeros_like(g)
+    gp = sign * g + l2
+    m0 = state.get("m", torch.zeros_like(g))
+    v = b2 * state.get("v", torch.zeros_like(g)) + (1 - b2) * gp * gp
+    k = state.get("step", 0) + 1
+    if h.amsgrad:
+        state["vmax"] = torch.maximum(state.get("vmax", torch.zeros_like(g)), v)
+    denom = (state["vmax"] if h.amsgrad else v).sqrt() / (1 - b2**k) ** 0.5 + h.eps
+    a = -(h.lr / (1 - b1**k)) / denom  # [*param]
+    decoupled = -h.lr * h.weight_decay * theta if h.weight_decay and h.decoupled else 0.0
+    parts = {
+        WEIGHT_DECAY: decoupled + a * (1 - b1) * l2,
+        MOMENTUM: a * b1 * m0,
+        GRADIENT: a * (1 - b1) * sign * g,
+    }
+    state.update(m=b1 * m0 + (1 - b1) * gp, v=v, step=k)
+    return _Out(parts, a * (1 - b1) * sign, a * b1, decay=b1, inject=(1 - b1) * sign)
+
+
+_STEP = {"sgd": _sgd, "adam": _adam}
+
+
+def _state_from_keyframe(raw: dict[str, Tensor]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, name in (
+        ("momentum_buffer", "buf"),
+        ("exp_avg", "m"),
+        ("exp_avg_sq", "v"),
+        ("max_exp_avg_sq", "vmax"),
+    ):
+        if key in raw:
+            out[name] = raw[key].double().clone()
+    if "step" in raw:
+        out["step"] = int(float(raw["step"]))
+    return out
+
+
+# -- the replay --------------------------------------------------------------------------------
+class OptimizerReplay:
+    """The optimizer state of a recorded run, replayed in float64 and kept between calls.
+
+    `split(t)` for t, t+1, … costs one replay step each; a jump (or a step backwards) restarts
+    from the latest state point (a keyframe, or any step with optim_state="every_step") at or
+    before `t − history`, so the back-flow log covers `history` earlier steps. Passing a step of
+    a keyframe reloads its stored state (exact in the param dtype); a keyframe that is not
+    periodic (resume, external change) also cuts the back-flow log.
+    """
+
+    def __init__(self, run: Run, *, history: int = 50) -> None:
+        if history < 0:
+            raise ReplayError(f"history={history} must be >= 0 (steps of back-flow log kept).")
+        self.run = run
+        self.history = history
+        self.optimizer = run.manifest.get("optimizer", {}).get("class", "?")
+        self._next: int | None = None  # self._state is the state before this step
+        self._loaded_at: int | None = None
+        self._every_step = run.manifest["config"].get("optim_state") == "every_step"
+        self._state: dict[str, dict[str, Any]] | None = None  # None: unknown until a keyframe
+        self._log: deque[_Log] = deque(maxlen=max(history, 1))
+        self._keyframes = set(run.keyframes)
+        self.replayed = 0  # optimizer steps replayed so far (for tests of the caching)
+
+    def __repr__(self) -> str:
+        return f"OptimizerReplay({self.optimizer}, at step {self._next}, history={self.history})"
+
+    def split(self, t: int) -> UpdateSplit:
+        """The exact split of Δθ_t (raises SkippedStepError for a skipped step)."""
+        update = self.run.update(t)  # validates t, raises for skipped steps
+        self._seek(t)
+        return self._apply(t, update)
+
+    # -- positioning -----------------------------------------------------------------------
+    def _seek(self, t: int) -> None:
+        start = self._start_point(max(t - self.history, 0))
+        if self._next is None or not start <= self._next <= t:  # else advancing is no dearer
+            self._load(start, cut=True)
+        while self._next < t:
+            self._apply(self._next, None)
+
+    def _start_point(self, t: int) -> int:
+        points = [k for k in self._keyframes if k <= t]
+        if self._every_step:
+            points.append(t)
+        if not points:
+            raise ReplayError(
+                f"{self.run.path}: no stored optimizer state at or before step {t} "
+                f"(keyframes: {sorted(self._keyframes)[:20]}); the run is damaged."
+            )
+        return max(points)
+
+    def _load(self, k: int, *, cut: bool) -> None:
+        raw = self.run.optimizer_state(k)
+        self._state = {n: _state_from_keyframe(raw.get(n, {})) for n in self.run.param_names}
+        self._next = self._loaded_at = k
+        if cut:
+            self._log.clear()
+
+    def _reload_at_keyframe(self, s: int) -> None:
+        if s == self._loaded_at:
+            return
+        if s not in self._keyframes:
+            if self._state is None and self._every_step:
+                self._load(s, cut=True)
+            return
+        reason = read_meta(self.run.layout.keyframe_file(s), s, "keyframe").get("reason")
+        self._load(s, cut=reason != "periodic")
+
+    # -- one step --------------------------------------------------------------------------
+    def _apply(self, s: int, update: Params | None) -> UpdateSplit | None:
+        """Advance the state over step s; with `update` given, also return its split."""
+        self._reload_at_keyframe(s)
+        record = self.run.record(s)
+        log = _Log(s)
+        self._log.append(log)
+        self._next = s + 1
+        self.replayed += 1
+        if record.get("skipped"):
+            return None  # the optimizer did not step: state unchanged, nothing decays
+        hyper, note = step_hyper(self.run, s)
+        if hyper is not None and self._state is None:
+            note = (
+                "the optimizer state is unknown after an unmodelled step (until the next keyframe)"
+            )
+        if hyper is not None and not note:
+            note = self._check_count(hyper, record)
+        if note:
+            self._state = None
+            self._log.clear()
+            return None if update is None else self._unmodelled(s, update, note)
+        assert self._state is not None and hyper is not None
+        grads = self.run.grads(s)
+        theta = self.run.params(s) if hyper.weight_decay else {}
+        missing = set(record.get("grad_missing") or [])
+        parts: dict[str, Params] = {p: {} for p in PARTS}
+        kappa: dict[str, Coef] = {}
+        carry: dict[str, Coef] = {}
+        for name in self.run.param_names:
+            if name in missing:  # torch skips a param whose .grad is None
+                for p in (WEIGHT_DECAY, MOMENTUM, GRADIENT):
+                    parts[p][name] = torch.zeros_like(grads[name], dtype=torch.float64)
+                continue
+            th = theta[name].double() if name in theta else None
+            out = _STEP[hyper.kind](hyper, th, grads[name].double(), self._state[name])
+            for p in (WEIGHT_DECAY, MOMENTUM, GRADIENT):
+                parts[p][name] = out.parts[p]
+            kappa[name], carry[name] = out.kappa, out.carry
+            log.decay[name], log.inject[name] = out.decay, out.inject
+        if update is None:
+            return None
+        parts[RESIDUAL] = {n: update[n] - sum(parts[p][n] for p in PARTS[:3]) for n in update}
+        backflow = {n: self._backflow(n, s) for n in kappa}
+        return UpdateSplit(s, self.optimizer, update, parts, kappa, carry, backflow)
+
+    def _check_count(self, hyper: Hyper, record: dict[str, Any]) -> str:
+        """Adam's bias correction needs the step count: the replay must agree with the record."""
+        if hyper.kind != "adam" or self._state is None:
+            return ""
+        first = self.run.param_names[0]
+        if first in set(record.get("grad_missing") or []):
+            return ""
+        recorded = (record.get("groups") or [{}])[0].get("state_step")
+        replayed = self._state[first].get("step", 0) + 1
+        if recorded is not None and int(recorded) != replayed:
+            return f"the replayed Adam step count {replayed} differs from the recorded {recorded}"
+        return ""
+
+    def _backflow(self, name: str, t: int) -> list[tuple[int, float, float]]:
+        """(s, ω, decay since s) newest first: the weight of G_s in the buffer before step t."""
+        out, prod = [], 1.0
+        for entry in reversed(self._log):
+            if entry.step >= t:
+                continue
+            if name in entry.inject:
+                if entry.inject[name]:
+                    out.append((entry.step, entry.inject[name] * prod, prod))
+                prod *= entry.decay[name]
+            if prod == 0.0:
+                break
+        return out
+
+    def _unmodelled(self, s: int, update: Params, note: str) -> UpdateSplit:
+        zero = {n: torch.zeros_like(v) for n, v in update.items()}
+        parts = {
+            WEIGHT_DECAY: zero,
+            MOMENTUM: dict(zero),
+            GRADIENT: dict(zero),
+            RESIDUAL: dict(update),
+        }
+        return UpdateSplit(s, self.optimizer, update, parts, {}, {}, {}, note=note)
+
+
+def split_update(run: Run, t: int, replay: OptimizerReplay | None = None) -> UpdateSplit:
+    """The exact split of Δθ_t into weight decay, momentum, gradient and residual.
+
+    Pass the same `replay` for consecutive steps to keep the replayed state.
+    """
+    replay = replay if replay is not None else OptimizerReplay(run)
+    if replay.run is not run:
+        raise ReplayError("this OptimizerReplay belongs to another run; make one per run.")
+    return replay.split(t)
