@@ -19,12 +19,16 @@ splits exactly into c_ij·gᵀ(coef ⊙ ḡ)d_j per feature plus the off-span g�
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
+from chisel.attribution import ledger as L
 from chisel.attribution.optim_replay import (
     GRADIENT,
     MOMENTUM,
@@ -279,3 +283,229 @@ def split_update(
     if session.run is not run:
         raise CreditError("this CreditSession belongs to another run; make one per run.")
     return session.split(t)
+
+
+# -- rows ----------------------------------------------------------------------------------------
+PART = "part"  # ledger column: which leaf of the split a credit row belongs to
+FEATURE_ROWS = ("sample", "summed", "none")
+
+
+@dataclass(frozen=True)
+class ModuleFeatures:
+    """Read directions at one module's input: names, their sites, directions [F, in]."""
+
+    names: tuple[str, ...]
+    sites: tuple[str, ...]
+    directions: Tensor  # [F, in]
+
+    @classmethod
+    def of(cls, value: Any) -> ModuleFeatures:
+        """From (site, names, D), or anything with .names, .sites, .directions (FeatureBlock)."""
+        if isinstance(value, ModuleFeatures):
+            return value
+        if hasattr(value, "directions") and hasattr(value, "names"):
+            return cls(tuple(value.names), tuple(value.sites), value.directions.to(torch.float64))
+        site, names, directions = value
+        names = tuple(names)
+        if directions.ndim != 2 or directions.shape[0] != len(names):
+            raise CreditError(
+                f"features at {site!r}: {len(names)} names but directions of shape "
+                f"{tuple(directions.shape)}; give D as [F, in] with one row per name."
+            )
+        return cls(names, (site,) * len(names), directions.to(torch.float64))
+
+
+def _tag_columns(tags: dict[str, Any], n: int) -> dict[str, np.ndarray]:
+    """Tags of a step as ledger columns for its n samples: per-sample arrays and numeric scalars."""
+    out = {}
+    for name, value in tags.items():
+        if isinstance(value, Tensor) and value.ndim == 1 and value.shape[0] == n:
+            out[L.TAG_PREFIX + name] = value.double().numpy()
+        elif isinstance(value, (bool, int, float)):
+            out[L.TAG_PREFIX + name] = np.full(n, float(value))
+    return out
+
+
+def _rows(
+    t: int,
+    part: str,
+    param: str,
+    site: str | np.ndarray,
+    feature: str | np.ndarray,
+    value: np.ndarray,
+    sample: np.ndarray | None = None,
+    origin: int | None = None,
+    tags: dict[str, np.ndarray] | None = None,
+) -> pd.DataFrame:
+    n = len(value)
+    ints = (lambda v: pd.array(v, dtype="Int64")) if n else (lambda v: pd.array([], dtype="Int64"))
+    cols: dict[str, Any] = {
+        L.STEP: np.full(n, t, dtype=np.int64),
+        L.FAMILY: L.CREDIT,
+        PART: part,
+        L.PARAM: param,
+        L.SITE: site,
+        L.FEATURE: feature,
+        L.QUANTITY: L.ATTRIBUTION,
+        L.VALUE: value,
+        L.SAMPLE: ints(sample if sample is not None else [None] * n),
+        L.ORIGIN_STEP: ints([origin] * n),
+    }
+    cols.update(tags or {})
+    return pd.DataFrame(cols)
+
+
+def _block_rows(
+    t: int, b: SampleBlock, gbar: Tensor, feats: ModuleFeatures | None, tags: dict, mode: str
+) -> list[pd.DataFrame]:
+    """A block's whole-sample rows and, with features, their exact split over features."""
+    idx = np.arange(b.n)
+    site = feats.sites[0] if feats is not None else ""
+    out = [
+        _rows(
+            t, b.part, b.param, site, L.WHOLE, b.attribution(gbar).numpy(), idx, b.origin_step, tags
+        )
+    ]
+    if feats is None or b.is_bias or mode == "none":
+        return out
+    shares, off = b.feature_shares(gbar, feats.directions)  # [n, F], [n]
+    names = np.array([*feats.names, L.RESIDUAL], dtype=object)
+    sites = np.array([*feats.sites, site], dtype=object)
+    values = torch.cat([shares, off[:, None]], 1)  # [n, F+1]
+    if mode == "summed":
+        out.append(
+            _rows(t, b.part, b.param, sites, names, values.sum(0).numpy(), None, b.origin_step)
+        )
+        return out
+    k = values.shape[1]
+    per_row = {c: np.repeat(v, k) for c, v in tags.items()}
+    out.append(
+        _rows(
+            t,
+            b.part,
+            b.param,
+            np.tile(sites, b.n),
+            np.tile(names, b.n),
+            values.reshape(-1).numpy(),
+            np.repeat(idx, k),
+            b.origin_step,
+            per_row,
+        )
+    )
+    return out
+
+
+def credit_rows(
+    run: Run,
+    t: int,
+    gbar: Params,
+    *,
+    features_by_module: dict[str, Any] | None = None,
+    session: CreditSession | None = None,
+    horizon: int | None = None,
+    feature_rows: str = "sample",
+) -> pd.DataFrame:
+    """The credit rows of step t: ⟨leaf, ḡ⟩ for every leaf of the split, per param and sample.
+
+    Args:
+        gbar: {param: float64 tensor}, the path-averaged gradient of the metric at step t.
+        features_by_module: {module: (site, names, D [F, in])} (or a FeatureBlock / ModuleFeatures)
+            read directions at the module's input; each sample's share is split over them.
+        session: a `CreditSession` kept across consecutive steps (made here if None).
+        horizon: earlier steps given momentum credit (see `CreditSession`).
+        feature_rows: "sample" (one row per sample and feature), "summed" (feature rows summed
+            over each block's samples, `sample` null) or "none".
+
+    Returns:
+        columns step, family="credit", part, param, site, feature, quantity="attribution", value,
+        sample, origin_step, tag/<name>…. The rows with feature "" sum to ⟨Δθ_t, ḡ⟩; the
+        feature rows (names and "<residual>") of a sample (or block) sum to its "" row.
+    """
+    if feature_rows not in FEATURE_ROWS:
+        raise CreditError(f"feature_rows={feature_rows!r}; use one of {FEATURE_ROWS}.")
+    session = session if session is not None else CreditSession(run, horizon=horizon)
+    split = split_update(run, t, session)
+    missing = [n for n in split.base.update if n not in gbar]
+    if missing:
+        raise CreditError(
+            f"gbar lacks {missing[:5]}; give ḡ for every recorded param ({len(split.base.update)})."
+        )
+    gbar = {n: v.to(torch.float64) for n, v in gbar.items()}
+    feats = {m: ModuleFeatures.of(v) for m, v in (features_by_module or {}).items()}
+    owner = {b.param: b.module for b in split.blocks}
+    frames = []
+    for leaf in (WEIGHT_DECAY, GRADIENT_UNRESOLVED, MOMENTUM_UNRESOLVED, RESIDUAL):
+        parts = split.unresolved[leaf] if leaf in split.unresolved else split.base.parts[leaf]
+        for param, value in parts.items():
+            f = feats.get(owner.get(param, ""))
+            site = f.sites[0] if f is not None else ""
+            frames.append(
+                _rows(t, leaf, param, site, L.WHOLE, np.array([float((value * gbar[param]).sum())]))
+            )
+    for b in split.blocks:
+        step_factors = session.factors(b.origin_step)
+        tags = _tag_columns(step_factors.tags if step_factors else {}, b.n)
+        frames += _block_rows(t, b, gbar[b.param], feats.get(b.module), tags, feature_rows)
+    return pd.concat(frames, ignore_index=True)
+
+
+# -- aggregation and the engine's hook ---------------------------------------------------------
+def sign_of(tag: str) -> Callable[[pd.DataFrame], pd.Series]:
+    """A `by` for `credit_by`: the sign (−1, 0, +1) of a tag, e.g. `by=sign_of("advantage")`."""
+    column = tag if tag.startswith(L.TAG_PREFIX) else L.TAG_PREFIX + tag
+
+    def key(frame: pd.DataFrame) -> pd.Series:
+        return np.sign(frame[column]).rename(f"sign({tag})")
+
+    return key
+
+
+def credit_by(
+    ledger: pd.DataFrame,
+    by: str | Callable[[pd.DataFrame], pd.Series] = "reward",
+    *,
+    also: Sequence[str] = (),
+) -> pd.DataFrame:
+    """Sum the per-sample credit attributions by a tag (or a computed key), e.g. by reward.
+
+    by: a tag name ("reward" or "tag/reward"), or `frame -> Series` such as `sign_of("advantage")`.
+    also: more ledger columns to keep apart, e.g. ("feature",) or ("param", "part").
+    Only sample rows count; without "feature" in `also`, only whole-sample rows (feature "").
+    """
+    rows = ledger[(ledger[L.FAMILY] == L.CREDIT) & (ledger[L.QUANTITY] == L.ATTRIBUTION)]
+    rows = rows[rows[L.SAMPLE].notna()]
+    if L.FEATURE not in also:
+        rows = rows[rows[L.FEATURE] == L.WHOLE]
+    if callable(by):
+        key = by(rows)
+    else:
+        column = by if by.startswith(L.TAG_PREFIX) or by in rows else L.TAG_PREFIX + by
+        if column not in rows:
+            tags = sorted(c for c in ledger.columns if c.startswith(L.TAG_PREFIX))
+            raise CreditError(f"no tag {by!r} in the ledger; its tag columns are {tags}.")
+        key = rows[column]
+    name = key.name or "key"
+    grouped = rows.assign(**{name: key}).groupby([name, *also], dropna=False)[L.VALUE].sum()
+    return grouped.reset_index()
+
+
+def engine(
+    run: Run, blocks: dict[str, tuple[Any, Any]], by_param: dict[str, Any], horizon: int | None
+) -> Callable[[int, Params], pd.DataFrame]:
+    """For `chisel.attribute`: a callable (t, ḡ) -> credit rows, features from the input blocks.
+
+    blocks: {param: (input FeatureBlock | None, output FeatureBlock | None)}; by_param:
+    {param: LinearWeight} (its `.module` names the factor module).
+    """
+    if not run.manifest.get("config", {}).get("grads"):
+        raise CreditError(
+            "credit needs the gradients the optimizer consumed; this run was recorded with "
+            "grads=False. Record with grads=True (the default) or leave 'credit' out of families."
+        )
+    features = {by_param[p].module: ins for p, (ins, _) in blocks.items() if ins is not None}
+    session = CreditSession(run, horizon=horizon)
+
+    def rows(t: int, gbar: Params) -> pd.DataFrame:
+        return credit_rows(run, t, gbar, features_by_module=features, session=session)
+
+    return rows

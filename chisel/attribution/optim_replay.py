@@ -251,7 +251,7 @@ class OptimizerReplay:
         self._loaded_at: int | None = None
         self._every_step = run.manifest["config"].get("optim_state") == "every_step"
         self._state: dict[str, dict[str, Any]] | None = None  # None: unknown until a keyframe
-        self._log: deque[_Log] = deque(maxlen=max(history, 1))
+        self._log: deque[_Log] = deque(maxlen=history + 1)  # steps before t, and t
         self._keyframes = set(run.keyframes)
         self.replayed = 0  # optimizer steps replayed so far (for tests of the caching)
 
