@@ -219,6 +219,7 @@ def record(
     factors: bool | list[str] | tuple[str, ...] = False,
     dtype: StorageDtype = "float32",
     factor_dtype: StorageDtype | None = None,
+    factors_every: int = 1,
     grads: bool = True,
     optim_state: str = "keyframes",
     keyframe_every: int = 100,
@@ -237,7 +238,7 @@ def record(
         run_dir: a new or empty directory (see `overwrite` / `resume`).
         factors: per-sample factors (x_i, g_i) of every Linear / Conv1D / Conv2d (True) or of
             the named modules.
-        dtype, factor_dtype, grads, optim_state, keyframe_every, queue_size, fsync: see
+        dtype, factor_dtype, factors_every, grads, optim_state, keyframe_every, queue_size, fsync: see
             `RecordConfig`.
         scaler: the AMP `GradScaler`, so that skipped steps are recorded as skipped.
         overwrite: replace an existing run in `run_dir`.
@@ -253,6 +254,7 @@ def record(
         factors=factors_opt,
         dtype=dtype,
         factor_dtype=factor_dtype,
+        factors_every=factors_every,
         grads=grads,
         optim_state=optim_state,  # type: ignore[arg-type]
         keyframe_every=keyframe_every,

@@ -39,6 +39,9 @@ class RecordConfig:
     """Storage dtype of updates and gradients. A parameter whose dtype this holds exactly is stored
     losslessly (θ after each step); otherwise as a delta in this dtype with the rounding error fed
     back and exact keyframes, so the error never accumulates (see docs/run-format.md)."""
+    factors_every: int = 1
+    """Capture factors on every this-many steps only (steps t with t % factors_every == 0), to
+    bound the size of long runs; the other steps have updates but no factors."""
     factor_dtype: StorageDtype | None = None
     """Storage dtype of factors; None keeps the activations' own dtype (exact)."""
     grads: bool = True
@@ -67,6 +70,8 @@ class RecordConfig:
             )
         if self.keyframe_every < 0:
             raise RecordConfigError(f"keyframe_every={self.keyframe_every} must be >= 0.")
+        if self.factors_every < 1:
+            raise RecordConfigError(f"factors_every={self.factors_every} must be >= 1.")
         if self.queue_size < 1:
             raise RecordConfigError(f"queue_size={self.queue_size} must be >= 1.")
         if not isinstance(self.factors, bool):

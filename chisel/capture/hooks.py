@@ -52,6 +52,8 @@ class StepCapture:
         self.config = config
         self.names, self.params = named_optimizer_params(model, self.optimizer)
         self.factors = FactorCapture(model, config.factors) if config.factors else None
+        if self.factors is not None:
+            self.factors.enabled = first_step % config.factors_every == 0
         self.tags = TagBuffer()
         self.step = first_step
         self.scaler = scaler
@@ -239,6 +241,8 @@ class StepCapture:
 
     def _send(self, packet: StepPacket) -> None:
         self.step += 1
+        if self.factors is not None:
+            self.factors.enabled = self.step % self.config.factors_every == 0
         self._stepped_since_update = True
         self._sink(packet)
 

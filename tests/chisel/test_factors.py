@@ -186,3 +186,21 @@ def test_shared_inputs_and_reused_buffers(tmp_path):
     xs, gs = run.factors(3)["critic"]
     torch.testing.assert_close(_linear_grad(xs, gs), grads["critic.weight"], rtol=0, atol=TOL)
     assert run.record(0)["factor_calls"] == {"actor": 1, "critic": 1}
+
+
+def test_factors_every_k_steps(tmp_path):
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with chisel.record(model, optimizer, tmp_path / "run", factors=True, factors_every=3, dtype="float64"):
+        grads = []
+        for _ in range(7):
+            model(torch.randn(5, 3, dtype=torch.float64)).pow(2).sum().backward()
+            grads.append(model[2].weight.grad.clone())
+            optimizer.step()
+            optimizer.zero_grad()
+    run = chisel.load(tmp_path / "run")
+    assert [bool(run.factors(t)) for t in range(7)] == [True, False, False, True, False, False, True]
+    xs, gs = run.factors(6)["2"]
+    torch.testing.assert_close(_linear_grad(xs, gs), grads[6], rtol=0, atol=TOL)
+    assert len(run) == 7 and all(len(run.update(t)) == 4 for t in range(7))
