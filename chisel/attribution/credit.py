@@ -286,7 +286,7 @@ def split_update(
 
 
 # -- rows ----------------------------------------------------------------------------------------
-PART = "part"  # ledger column: which leaf of the split a credit row belongs to
+PART = L.PART  # ledger column: which leaf of the split a credit row belongs to
 FEATURE_ROWS = ("sample", "summed", "none")
 
 
@@ -490,7 +490,11 @@ def credit_by(
 
 
 def engine(
-    run: Run, blocks: dict[str, tuple[Any, Any]], by_param: dict[str, Any], horizon: int | None
+    run: Run,
+    blocks: dict[str, tuple[Any, Any]],
+    by_param: dict[str, Any],
+    horizon: int | None,
+    by: Sequence[str] | None = None,
 ) -> Callable[[int, Params], pd.DataFrame]:
     """For `chisel.attribute`: a callable (t, ḡ) -> credit rows, features from the input blocks.
 
@@ -506,6 +510,20 @@ def engine(
     session = CreditSession(run, horizon=horizon)
 
     def rows(t: int, gbar: Params) -> pd.DataFrame:
-        return credit_rows(run, t, gbar, features_by_module=features, session=session)
+        frame = credit_rows(run, t, gbar, features_by_module=features, session=session, feature_rows="summed")
+        return frame if by is None else _aggregate_samples(frame, by)
 
     return rows
+
+
+def _aggregate_samples(frame: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """Per-sample rows summed within groups of the tags `by` (sample becomes null)."""
+    tag_cols = [f"tag/{b}" for b in by]
+    missing = [c for c in tag_cols if c not in frame.columns]
+    if missing:
+        raise CreditError(f"credit_by: no per-sample tag {missing}; tags of this step: "
+                          f"{[c for c in frame.columns if c.startswith('tag/')]}.")
+    per_sample = frame[frame[L.SAMPLE].notna()]
+    keys = [L.STEP, L.FAMILY, L.PART, L.PARAM, L.SITE, L.FEATURE, L.QUANTITY, L.ORIGIN_STEP, *tag_cols]
+    summed = per_sample.groupby(keys, dropna=False, sort=False)[L.VALUE].sum().reset_index()
+    return pd.concat([frame[frame[L.SAMPLE].isna()], summed], ignore_index=True)

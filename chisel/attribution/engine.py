@@ -105,7 +105,8 @@ def attribute(
     split: str = "auto",
     device: str | torch.device = "cpu",
     out: bool | str | os.PathLike | None = None,
-    horizon: int = 32,
+    horizon: int | None = None,
+    credit_by: Sequence[str] | None = None,
     progress: bool | None = None,
 ) -> pd.DataFrame:
     """Attribute every chosen update of `run` to `features`, as changes of `metric`.
@@ -122,7 +123,10 @@ def attribute(
         split: "auto" splits the path at activation kinks (ReLU…), "kinks" always, "none" never.
         out: write the ledger as parquet, streaming step by step: True for
             `<run>/ledger.parquet`, or a path.
-        horizon: how many earlier steps' samples receive credit through momentum.
+        horizon: how many earlier steps' samples receive credit through momentum (default:
+            while the momentum decay since that step is >= 1e-3, at most 50 steps).
+        credit_by: per-sample tag names; when given, credit rows of samples are summed within
+            the groups of these tags (with `sample` null) instead of one row per sample.
         progress: show a progress bar (default: when stderr is a terminal).
 
     Returns:
@@ -147,7 +151,7 @@ def attribute(
     tag_columns = _tag_columns(run, chosen) if L.CREDIT in families else []
     path = Path(run.path / "ledger.parquet") if out is True else Path(out) if out else None
     writer = L.LedgerWriter(path, tag_columns) if path else None
-    credit = _credit_engine(run, blocks, by_param, horizon) if L.CREDIT in families else None
+    credit = _credit_engine(run, blocks, by_param, horizon, credit_by) if L.CREDIT in families else None
     frames = []
     show = sys.stderr.isatty() if progress is None else progress
     try:
@@ -203,8 +207,9 @@ def _step_rows(
     return rows
 
 
-def _credit_engine(run: Run, blocks: dict, by_param: dict[str, LinearWeight], horizon: int):
+def _credit_engine(run: Run, blocks: dict, by_param: dict[str, LinearWeight], horizon: int | None,
+                   by: Sequence[str] | None):
     """A callable (t, ḡ) -> credit rows, or an error if the run cannot support credit."""
     from chisel.attribution import credit as credit_module
 
-    return credit_module.engine(run, blocks, by_param, horizon)
+    return credit_module.engine(run, blocks, by_param, horizon, by)

@@ -16,7 +16,7 @@ STEP, FAMILY, PARAM, SITE, FEATURE, QUANTITY, VALUE = (
 )
 COLUMNS = [STEP, FAMILY, PARAM, SITE, FEATURE, QUANTITY, VALUE]
 # columns of credit rows (null elsewhere); per-sample tags follow as "tag/<name>"
-SAMPLE, ORIGIN_STEP = "sample", "origin_step"
+PART, SAMPLE, ORIGIN_STEP = "part", "sample", "origin_step"
 TAG_PREFIX = "tag/"
 
 # families
@@ -42,6 +42,7 @@ _BASE_SCHEMA = [
     (FEATURE, pa.string()),
     (QUANTITY, pa.string()),
     (VALUE, pa.float64()),
+    (PART, pa.string()),  # credit: weight_decay, momentum, gradient, … (null elsewhere)
     (SAMPLE, pa.int64()),
     (ORIGIN_STEP, pa.int64()),
 ]
@@ -65,6 +66,7 @@ def to_frame(rows: list[dict[str, Any]] | pd.DataFrame, tag_columns: list[str]) 
         frame[col] = frame[col].astype("Int64")
     for col in (FAMILY, PARAM, SITE, FEATURE, QUANTITY):
         frame[col] = frame[col].fillna("").astype(str)
+    frame[PART] = frame[PART].astype("string")
     for col in tag_columns:
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
     return frame

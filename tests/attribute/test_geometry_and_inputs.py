@@ -140,3 +140,27 @@ def test_ledger_streams_to_parquet_and_feeds_the_timeline(tmp_path):
     torch.testing.assert_close(torch.tensor(tl.values), torch.tensor(per_step.cumsum().values))
     expected = ledger[(ledger.feature == "a") & (ledger.family == L.INTEGRATED)].value.sum()
     assert tl["a"].iloc[-1] == pytest.approx(expected)
+
+
+def test_credit_rows_through_the_engine_sum_to_the_integrated_total(tmp_path):
+    model = policy()
+    run = record_policy_gradient(tmp_path / "run", model, torch.optim.AdamW(model.parameters(), lr=1e-2), steps=4)
+    features = probes.FeatureSet([probes.custom("a", "3:out", torch.randn(16))])
+    metric = chisel.metrics.logprob(torch.randn(8, 6), torch.zeros(8, dtype=torch.long))
+    for by in (None, ["reward"]):
+        ledger = chisel.attribute(run, model, features, metric, credit_by=by, out=tmp_path / f"l{by}.parquet")
+        assert set(ledger.family) == {L.GEOMETRY, L.INTEGRATED, L.CREDIT}
+        for t in range(4):
+            rows = ledger[ledger.step == t]
+            total = rows[rows.quantity == L.TOTAL].value.item()
+            credit = rows[(rows.family == L.CREDIT) & (rows.feature == L.WHOLE)]
+            assert credit.value.sum() == pytest.approx(total, rel=1e-10, abs=1e-14)
+            parts = {"gradient", "weight_decay"} | ({"momentum"} if t else set())  # no carry at step 0
+            assert parts <= set(credit.part.dropna())
+            if by is None:
+                assert credit["sample"].notna().any()
+            else:
+                assert credit["sample"].isna().all() and set(credit["tag/reward"].dropna()) <= {0.0, 1.0}
+        stored = chisel.load_ledger(tmp_path / f"l{by}.parquet")
+        assert len(stored) == len(ledger) and "part" in stored.columns
+    assert (chisel.timeline(ledger, family=L.CREDIT).columns == ["a"]).all()
