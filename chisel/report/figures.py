@@ -1,0 +1,222 @@
+"""The report's figures: one function per figure, each returning a matplotlib Figure (Agg)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: the report is written by scripts and CI
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from chisel.attribution import ledger as L
+from chisel.report.tables import Circuits
+
+CURVES = (
+    ("mean_return", "mean return"),
+    ("reward_trash", "reward: trash"),
+    ("reward_button", "reward: button"),
+)
+_MAX_LABEL = 48
+
+
+def text(s: object) -> str:
+    """A user string as literal matplotlib text: `$` would start mathtext; long names are cut."""
+    s = str(s)
+    s = s if len(s) <= _MAX_LABEL else s[: _MAX_LABEL - 1] + "…"
+    return s.replace("\\", "\\\\").replace("$", r"\$")
+
+
+def to_png(fig: Figure, path: Path | None = None) -> bytes:
+    """The figure as PNG bytes (no metadata text), also written to `path`; the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    data = buf.getvalue()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return data
+
+
+def _top_columns(tl: pd.DataFrame, k: int) -> pd.DataFrame:
+    final = tl.iloc[-1].abs().sort_values(ascending=False, kind="stable")
+    return tl[final.index[:k]]
+
+
+def _draw_timeline(ax: plt.Axes, tl: pd.DataFrame, k: int) -> None:
+    if tl.empty:
+        ax.text(
+            0.5,
+            0.5,
+            "no integrated attribution rows",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+        return
+    for name, col in _top_columns(tl, k).items():
+        ax.plot(tl.index, col.to_numpy(), marker="o", ms=3, lw=1.5, label=text(name))
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.set_ylabel("cumulative attribution\n(Δ log p(chosen action))")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+
+
+def _draw_curve(ax: plt.Axes, curve: pd.DataFrame | None) -> None:
+    if curve is None or curve.empty or "update" not in curve:
+        ax.text(
+            0.5,
+            0.5,
+            "no training curve (demo.json)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+        return
+    for column, label in CURVES:
+        if column in curve:
+            ax.plot(curve["update"], curve[column], lw=1.5, label=label)
+    ax.set_ylabel("per episode")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+
+
+def timeline_figure(
+    tl: pd.DataFrame, curve: pd.DataFrame | None, k: int = 8, title: str = ""
+) -> Figure:
+    """The chisel timeline (top-k features by |final|) above the reward curve, sharing steps."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=[3, 2])
+    _draw_timeline(top, tl, k)
+    top.set_title(text(title) or "cumulative reinforcement per feature pathway")
+    _draw_curve(bottom, curve)
+    bottom.set_title("reward over training")
+    bottom.set_xlabel("optimizer step")
+    fig.tight_layout()
+    return fig
+
+
+def timeline_pair_figure(
+    tls: list[pd.DataFrame], curves: list[pd.DataFrame | None], names: list[str], k: int = 6
+) -> Figure:
+    """Two runs side by side: timelines on top, reward curves below, one column per run."""
+    fig, axes = plt.subplots(
+        2, len(tls), figsize=(7 * len(tls), 6), squeeze=False, height_ratios=[3, 2]
+    )
+    for j, (tl, curve, name) in enumerate(zip(tls, curves, names)):
+        _draw_timeline(axes[0, j], tl, k)
+        axes[0, j].set_title(text(name))
+        _draw_curve(axes[1, j], curve)
+        axes[1, j].sharex(axes[0, j])
+    fig.tight_layout()
+    return fig
+
+
+def probes_figure(probes: pd.DataFrame, max_panels: int = 24) -> Figure:
+    """One heatmap per concept (and metric): probe score by site (y) and step (x)."""
+    panels = list(probes.groupby(["concept", "metric"], sort=False))[:max_panels]
+    cols = min(4, len(panels))
+    rows = int(np.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows + 0.4), squeeze=False)
+    ranges = probes.groupby("metric")["score"].agg(["min", "max"])
+    for ax, ((concept, metric), frame) in zip(axes.flat, panels):
+        grid = frame.pivot_table(index="site", columns="step", values="score", aggfunc="mean")
+        lo, hi = ranges.loc[metric, "min"], ranges.loc[metric, "max"]
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # a metric with no finite score
+            lo, hi = 0.0, 1.0
+        im = ax.imshow(
+            grid.to_numpy(), aspect="auto", cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1
+        )
+        ax.set_title(f"{text(concept)} ({text(metric)})", fontsize=9)
+        ax.set_yticks(range(len(grid.index)), [text(s) for s in grid.index], fontsize=7)
+        steps = list(grid.columns)
+        ticks = sorted({0, len(steps) // 2, len(steps) - 1})
+        ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=7)
+        ax.set_xlabel("step", fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle("probe scores: concept × site × step")
+    fig.tight_layout()
+    return fig
+
+
+def circuits_figure(circ: Circuits, k: int = 10) -> Figure:
+    """Horizontal bars: the k most strengthened (positive) and k most weakened circuits."""
+    up, down = circ.strengthened(k), circ.weakened(k)
+    bars = pd.concat([down.sort_values(ascending=False), up.sort_values()])
+    fig, ax = plt.subplots(figsize=(9, 0.3 * max(len(bars), 4) + 1.2))
+    colors = ["#2a7f62" if v > 0 else "#b8433a" for v in bars.to_numpy()]
+    ax.barh(range(len(bars)), bars.to_numpy(), color=colors)
+    ax.set_yticks(range(len(bars)), [text(n) for n in bars.index], fontsize=7)
+    ax.axvline(0.0, color="0.3", lw=0.8)
+    ax.set_xlabel("Σ_t uᵀ ΔW_t d  (connection change, summed over steps)")
+    what = "features → actions" if circ.to_actions else "feature → feature"
+    ax.set_title(f"strongest strengthened and weakened circuits ({what})")
+    fig.tight_layout()
+    return fig
+
+
+def credit_figure(by_source: pd.DataFrame, by_advantage: pd.DataFrame) -> Figure:
+    """Credit summed per reward event and per advantage sign (two bar panels)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for ax, frame, title in (
+        (axes[0], by_source, "credit by reward event"),
+        (axes[1], by_advantage, "credit by advantage sign"),
+    ):
+        if frame.empty:
+            ax.text(
+                0.5,
+                0.5,
+                "no tagged per-sample rows",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
+        else:
+            values = frame["total"].to_numpy(dtype=float)
+            ax.bar(
+                range(len(frame)),
+                values,
+                color=["#4c72b0" if v >= 0 else "#dd8452" for v in values],
+            )
+            ax.set_xticks(range(len(frame)), [text(i) for i in frame.index], fontsize=8)
+            ax.axhline(0.0, color="0.3", lw=0.8)
+        ax.set_title(title)
+        ax.set_ylabel("Σ credit (Δ metric)")
+    fig.tight_layout()
+    return fig
+
+
+def completeness_figure(comp: pd.DataFrame) -> Figure:
+    """Relative completeness error per attributed step, log scale (zeros drawn at 1e-16)."""
+    fig, ax = plt.subplots(figsize=(9, 3))
+    values = np.maximum(comp[L.VALUE].to_numpy(dtype=float), 1e-16)
+    ax.semilogy(comp[L.STEP].to_numpy(), values, marker="o", ms=3, lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("|Σ A − Δm| / |Δm|")
+    ax.set_title("completeness error of the integrated attribution")
+    fig.tight_layout()
+    return fig
+
+
+def group_shares_figure(shares: dict[str, dict[str, float]], title: str = "") -> Figure:
+    """Grouped bars: {run: {group: abs share}}, one bar group per concept group."""
+    groups = sorted({g for s in shares.values() for g in s})
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    width = 0.8 / max(len(shares), 1)
+    for i, (run, s) in enumerate(shares.items()):
+        xs = np.arange(len(groups)) + i * width
+        ax.bar(xs, [s.get(g, 0.0) for g in groups], width=width, label=text(run))
+    ax.set_xticks(np.arange(len(groups)) + width * (len(shares) - 1) / 2, [text(g) for g in groups])
+    ax.set_ylabel("share of Σ|attribution|")
+    ax.set_title(text(title) or "reinforcement by concept group")
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,281 @@
+"""The sections of one run's report: each returns (anchor, title, body markup), never raises on a
+missing artifact, and writes its figure as figures/<name>.png."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from chisel.attribution.timeline import timeline
+from chisel.report import figures as F
+from chisel.report import html as H
+from chisel.report import tables as T
+from chisel.report.artifacts import CAUSAL_FILE, DEMO_FILE, LEDGER_FILE, PROBES_FILE, RunArtifacts
+from chisel.report.summary import TOP_K, Summary, completeness
+
+Section = tuple[str, str, str]
+
+
+@dataclass
+class FigureSink:
+    """Writes figures into a folder and hands back their <img> markup."""
+
+    folder: Path
+    prefix: str = ""
+
+    def put(self, name: str, fig: F.Figure, alt: str) -> str:
+        png = F.to_png(fig, self.folder / f"{self.prefix}{name}.png")
+        return H.img(png, alt)
+
+
+def _absent(art: RunArtifacts, artifact: str, what: str) -> str:
+    why = art.why_missing(artifact) or f"{artifact} has no rows for it"
+    return H.missing(f"Not shown: {what}. {why}.")
+
+
+def training_curve(art: RunArtifacts) -> pd.DataFrame | None:
+    curve = (art.demo or {}).get("training_curve")
+    return pd.DataFrame(curve) if curve else None
+
+
+def summary_section(art: RunArtifacts, s: Summary) -> Section:
+    out = []
+    if s.returns:
+        out.append(H.para("Returns: " + ", ".join(f"{k} {H.num(v)}" for k, v in s.returns.items())))
+    if not s.features:
+        out.append(
+            _absent(art, LEDGER_FILE, "which pathways were chiseled (no integrated feature rows)")
+        )
+        return "summary", "Summary", "".join(out)
+    top = "; ".join(f"{f.name} ({H.num(f.total)})" for f in s.top(5))
+    out.append(H.para(f"Chiseled pathways (largest |cumulative attribution|): {top}.", "answer"))
+    out.append(
+        H.para(
+            f"Σ over {len(s.features)} features = {H.num(s.feature_sum)}; off-span residual and bias = "
+            f"{H.num(s.residual)}; Δ metric over the attributed steps = {H.num(s.delta_metric)}."
+        )
+    )
+    named = [g for g in s.groups if g.group in ("reward_predictive", "task")]
+    if named:
+        text = "; ".join(
+            f"{g.group}: {H.num(g.total)} ({H.pct(g.share)} of the signed feature sum, "
+            f"{H.pct(g.abs_share)} of Σ|attribution|)"
+            for g in named
+        )
+        out.append(H.para(f"Reinforcement of the chosen actions through {text}.", "answer"))
+    out.append(
+        H.table(
+            [
+                "group",
+                "concepts",
+                "features",
+                "Σ attribution",
+                "share (signed)",
+                "Σ |attribution|",
+                "share of Σ|·|",
+            ],
+            [
+                (
+                    g.group,
+                    ", ".join(g.concepts),
+                    g.features,
+                    H.num(g.total),
+                    H.pct(g.share),
+                    H.num(g.abs_total),
+                    H.pct(g.abs_share),
+                )
+                for g in s.groups
+            ],
+            numeric=(2, 3, 4, 5, 6),
+        )
+    )
+    c = s.correlate
+    if c is not None and c.features:
+        verdict = "was chiseled too" if c.chiseled else "was not chiseled much"
+        out.append(
+            H.para(
+                f"Blue-wall correlate ({', '.join(c.concepts)}) {verdict}: Σ attribution {H.num(c.total)}, "
+                f"{H.pct(c.abs_share)} of Σ|attribution| (even share {H.pct(c.even_share)}), best rank "
+                f"{c.best_rank} of {c.n_features} features.",
+                "answer",
+            )
+        )
+    elif c is not None:
+        out.append(
+            H.missing(
+                f"No feature of the spurious concepts {', '.join(c.concepts)} was attributed."
+            )
+        )
+    if s.completeness_max is not None:
+        out.append(
+            H.para(
+                f"Largest relative completeness error: {H.num(s.completeness_max)} "
+                f"(step {s.completeness_step})."
+            )
+        )
+    if s.causal:
+        out.append(
+            H.para(
+                "Causal check (drop in return when projecting out k directions): "
+                + ", ".join(f"{r.name} {H.num(r.drop)}" for r in s.causal)
+                + "."
+            )
+        )
+    return "summary", "Summary", "".join(out)
+
+
+def timeline_section(art: RunArtifacts, figs: FigureSink) -> Section:
+    title = "Chisel timeline"
+    if art.ledger is None:
+        return "timeline", title, _absent(art, LEDGER_FILE, "the chisel timeline")
+    tl = timeline(art.ledger)
+    if tl.empty:
+        return (
+            "timeline",
+            title,
+            _absent(art, LEDGER_FILE, "the chisel timeline (no integrated rows)"),
+        )
+    body = H.para(
+        f"The {min(TOP_K, tl.shape[1])} features with the largest |cumulative integrated attribution|: "
+        "how much each one's pathway raised (above 0) or lowered (below 0) the metric, "
+        "summed over the attributed updates; the reward curve below shares the step axis."
+    )
+    body += figs.put(
+        "timeline", F.timeline_figure(tl, training_curve(art), k=TOP_K), "chisel timeline"
+    )
+    if training_curve(art) is None:
+        body += _absent(art, DEMO_FILE, "the reward curve")
+    return "timeline", title, body
+
+
+def probes_section(art: RunArtifacts, figs: FigureSink) -> Section:
+    title = "Probe scores (concept × site × step)"
+    scores = None if art.probes is None else art.probes.dropna(subset=["score"])
+    if scores is None or scores.empty:
+        return "probes", title, _absent(art, PROBES_FILE, "probe scores (no finite score)")
+    return "probes", title, figs.put("probes", F.probes_figure(scores), "probe scores")
+
+
+def circuits_section(art: RunArtifacts, figs: FigureSink) -> Section:
+    title = "Strengthened and weakened circuits"
+    circ = T.circuits(art.ledger, (art.demo or {}).get("action_names"))
+    if circ.totals.empty:
+        return "circuits", title, _absent(art, LEDGER_FILE, "circuits (no geometry circuit rows)")
+    body = figs.put("circuits", F.circuits_figure(circ), "circuits")
+    rows = [("strengthened", n, H.num(v)) for n, v in circ.strengthened().items()]
+    rows += [("weakened", n, H.num(v)) for n, v in circ.weakened().items()]
+    return (
+        "circuits",
+        title,
+        body + H.table(["direction", "circuit", "Σ uᵀΔW d"], rows, numeric=(2,)),
+    )
+
+
+def _credit_table(frame: pd.DataFrame, label: str) -> str:
+    rows = [(i, int(r.samples), H.num(r.total), H.num(r.per_sample)) for i, r in frame.iterrows()]
+    return H.table([label, "samples", "Σ credit", "per sample"], rows, numeric=(1, 2, 3))
+
+
+def credit_section(art: RunArtifacts, figs: FigureSink) -> Section:
+    title = "Credit by reward event and advantage sign"
+    by_source = T.credit_by_reward_source(art.ledger)
+    by_adv = T.credit_by_advantage(art.ledger)
+    if by_source.empty and by_adv.empty:
+        return (
+            "credit",
+            title,
+            _absent(art, LEDGER_FILE, "credit (no tagged per-sample credit rows)"),
+        )
+    body = [
+        H.para(
+            "Credit of each training sample (whole-sample rows, summed over parameters and the "
+            "updates its gradient reached through momentum), grouped by the reward event of "
+            "that sample (tag/reward_source) and by the sign of its advantage."
+        ),
+        figs.put("credit", F.credit_figure(by_source, by_adv), "credit"),
+    ]
+    for frame, label, tag in (
+        (by_source, "reward event", "reward_source"),
+        (by_adv, "advantage", "advantage"),
+    ):
+        body.append(
+            _credit_table(frame, label) if not frame.empty else H.missing(f"No tag/{tag} column.")
+        )
+    per_feature = T.credit_features_by_source(art.ledger)
+    if not per_feature.empty:
+        body.append(H.para("Per-sample credit through each feature, by reward event:"))
+        cols = list(per_feature.columns)
+        body.append(
+            H.table(
+                ["feature", *cols],
+                [
+                    (n, *(H.num(v) for v in r))
+                    for n, r in zip(per_feature.index, per_feature.to_numpy())
+                ],
+                numeric=tuple(range(1, len(cols) + 1)),
+            )
+        )
+    parts = T.credit_parts(art.ledger)
+    if len(parts):
+        body.append(H.para("Credit by part of the optimizer split:"))
+        body.append(
+            H.table(["part", "Σ credit"], [(p, H.num(v)) for p, v in parts.items()], numeric=(1,))
+        )
+    return "credit", title, "".join(body)
+
+
+def completeness_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Section:
+    title = "Completeness errors"
+    comp = completeness(art.ledger)
+    if comp.empty:
+        return (
+            "completeness",
+            title,
+            _absent(art, LEDGER_FILE, "completeness (no completeness_rel rows)"),
+        )
+    body = figs.put("completeness", F.completeness_figure(comp), "completeness errors")
+    body += H.para(
+        f"Max relative completeness error {H.num(s.completeness_max)} at step "
+        f"{s.completeness_step}, over {len(comp)} attributed steps (exact zeros drawn at 1e-16)."
+    )
+    return "completeness", title, body
+
+
+def causal_section(art: RunArtifacts, s: Summary) -> Section:
+    title = "Causal check"
+    if s.causal_baseline is None:
+        return "causal", title, _absent(art, CAUSAL_FILE, "the causal check")
+    c = art.causal or {}
+    head = H.para(
+        f"Projecting out k = {c.get('k', '?')} feature directions at site "
+        f"{c.get('site', '?')}; baseline return {H.num(s.causal_baseline)}."
+    )
+    rows = [
+        (
+            r.name,
+            H.num(r.ret),
+            H.num(r.drop),
+            H.pct(r.drop_rel),
+            "" if r.std is None else H.num(r.std),
+            ", ".join(r.features),
+        )
+        for r in s.causal
+    ]
+    return (
+        "causal",
+        title,
+        head
+        + H.table(
+            ["condition", "return", "drop", "drop / baseline", "std", "features"],
+            rows,
+            numeric=(1, 2, 3, 4),
+        ),
+    )
+
+
+def missing_section(art: RunArtifacts) -> Section:
+    if not art.missing:
+        return "artifacts", "Artifacts", H.para("Every artifact of docs/demo-run.md was found.")
+    return "artifacts", "Missing artifacts", H.bullets(m.reason for m in art.missing)

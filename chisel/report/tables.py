@@ -1,0 +1,185 @@
+"""Tables the report shows: circuits to actions, credit by reward event and advantage, causal check.
+
+Each function takes the ledger (or an artifact dict) and returns plain pandas / dataclass results;
+an empty result means the rows are not there, and the report says so.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from chisel.attribution import ledger as L
+
+REWARD_SOURCE_TAG = L.TAG_PREFIX + "reward_source"
+ADVANTAGE_TAG = L.TAG_PREFIX + "advantage"
+REWARD_SOURCES = {0: "none", 1: "trash deposited", 2: "button pressed"}
+PART_COLUMN = "part"  # credit rows may carry the leaf of the optimizer split here
+_PART_LABEL = re.compile(r"^<.+>$")
+_NOT_FEATURES = (L.WHOLE, L.RESIDUAL, L.BIAS, L.SPAN)
+
+
+def _rows(ledger: pd.DataFrame | None, family: str, quantity: str) -> pd.DataFrame:
+    if ledger is None:
+        return pd.DataFrame(columns=[*L.COLUMNS, L.SAMPLE])
+    return ledger[(ledger[L.FAMILY] == family) & (ledger[L.QUANTITY] == quantity)]
+
+
+# -- circuits ------------------------------------------------------------------------------------
+def _is_action(target: str, actions: set[str]) -> bool:
+    """Whether a circuit's output feature names an action: `a`, `a@site`, `x:a`, `action/a`."""
+    candidates = {target, target.split("@")[0], target.split(":")[-1], target.split("/")[-1]}
+    return bool(candidates & actions)
+
+
+@dataclass(frozen=True)
+class Circuits:
+    """Circuit changes summed over steps, by feature pair "a→b"; `to_actions` tells the filter."""
+
+    totals: pd.Series  # index "a→b", values Σ_t uᵀΔW_t d, sorted descending
+    to_actions: bool
+
+    def strengthened(self, k: int = 10) -> pd.Series:
+        return self.totals[self.totals > 0].head(k)
+
+    def weakened(self, k: int = 10) -> pd.Series:
+        return self.totals[self.totals < 0].sort_values().head(k)
+
+
+def circuits(ledger: pd.DataFrame | None, action_names: list[str] | None = None) -> Circuits:
+    """Geometry "circuit" rows summed over steps; only feature → action pairs when any exist."""
+    rows = _rows(ledger, L.GEOMETRY, L.CIRCUIT)
+    rows = rows[rows[L.FEATURE].str.contains(L.ARROW, regex=False)]
+    actions = set(action_names or [])
+    to_actions = False
+    if actions and len(rows):
+        target = rows[L.FEATURE].str.split(L.ARROW, n=1).str[1]
+        keep = target.map(lambda t: _is_action(t, actions))
+        if keep.any():
+            rows, to_actions = rows[keep], True
+    totals = rows.groupby(L.FEATURE)[L.VALUE].sum().sort_values(ascending=False)
+    return Circuits(totals.astype("float64"), to_actions)
+
+
+# -- credit --------------------------------------------------------------------------------------
+def _sample_rows(ledger: pd.DataFrame | None, whole: bool = True) -> pd.DataFrame:
+    rows = _rows(ledger, L.CREDIT, L.ATTRIBUTION)
+    rows = rows[rows[L.SAMPLE].notna()]
+    return rows[rows[L.FEATURE] == L.WHOLE] if whole else rows[~rows[L.FEATURE].isin(_NOT_FEATURES)]
+
+
+def _grouped(rows: pd.DataFrame, key: pd.Series) -> pd.DataFrame:
+    """Per group: samples (distinct origin step, sample, param-free), total and mean credit."""
+    ident = rows[L.SAMPLE].astype("float64")
+    if L.ORIGIN_STEP in rows:
+        ident = ident + 1e6 * rows[L.ORIGIN_STEP].astype("float64").fillna(-1)
+    frame = pd.DataFrame({"group": key.values, "id": ident.values, L.VALUE: rows[L.VALUE].values})
+    out = frame.groupby("group", sort=False).agg(samples=("id", "nunique"), total=(L.VALUE, "sum"))
+    out["per_sample"] = out["total"] / out["samples"].clip(lower=1)
+    return out
+
+
+def _source_label(value: float) -> str:
+    if pd.isna(value):
+        return "untagged"
+    return REWARD_SOURCES.get(int(value), f"source {int(value)}")
+
+
+def credit_by_reward_source(ledger: pd.DataFrame | None) -> pd.DataFrame:
+    """Whole-sample credit (rows with a sample, feature "") summed per `tag/reward_source`."""
+    rows = _sample_rows(ledger)
+    if not len(rows) or REWARD_SOURCE_TAG not in rows:
+        return pd.DataFrame(columns=["samples", "total", "per_sample"])
+    order = {label: i for i, label in enumerate(REWARD_SOURCES.values())}
+    out = _grouped(rows, rows[REWARD_SOURCE_TAG].map(_source_label))
+    return out.sort_index(key=lambda idx: idx.map(lambda s: order.get(s, len(order))))
+
+
+def _sign_label(value: float) -> str:
+    if pd.isna(value):
+        return "untagged"
+    return "advantage > 0" if value > 0 else "advantage < 0" if value < 0 else "advantage = 0"
+
+
+def credit_by_advantage(ledger: pd.DataFrame | None) -> pd.DataFrame:
+    """Whole-sample credit summed by the sign of `tag/advantage`."""
+    rows = _sample_rows(ledger)
+    if not len(rows) or ADVANTAGE_TAG not in rows:
+        return pd.DataFrame(columns=["samples", "total", "per_sample"])
+    out = _grouped(rows, rows[ADVANTAGE_TAG].map(_sign_label))
+    order = ["advantage > 0", "advantage < 0", "advantage = 0", "untagged"]
+    return out.reindex([g for g in order if g in out.index])
+
+
+def credit_features_by_source(ledger: pd.DataFrame | None, k: int = 8) -> pd.DataFrame:
+    """Per-sample feature credit, feature × reward source, the k features largest in |total|."""
+    rows = _sample_rows(ledger, whole=False)
+    if not len(rows) or REWARD_SOURCE_TAG not in rows:
+        return pd.DataFrame()
+    table = rows.assign(source=rows[REWARD_SOURCE_TAG].map(_source_label)).pivot_table(
+        index=L.FEATURE, columns="source", values=L.VALUE, aggfunc="sum", fill_value=0.0
+    )
+    top = table.abs().sum(axis=1).sort_values(ascending=False).index[:k]
+    order = [*REWARD_SOURCES.values()]
+    columns = sorted(table.columns, key=lambda c: order.index(c) if c in order else len(order))
+    table.columns.name = None
+    return table.loc[top, columns]
+
+
+def credit_parts(ledger: pd.DataFrame | None) -> pd.Series:
+    """Credit per part of the optimizer split (weight decay, momentum, gradient, residual…).
+
+    With a `part` column: whole rows (feature "") summed by part. Otherwise: rows without a
+    sample whose feature is a part label "<…>", and the per-sample terms summed as one part.
+    """
+    rows = _rows(ledger, L.CREDIT, L.ATTRIBUTION)
+    if not len(rows):
+        return pd.Series(dtype="float64")
+    if PART_COLUMN in rows and rows[PART_COLUMN].notna().any():
+        whole = rows[rows[L.FEATURE] == L.WHOLE]
+        return whole.groupby(PART_COLUMN)[L.VALUE].sum()
+    no_sample = rows[rows[L.SAMPLE].isna() & rows[L.FEATURE].str.match(_PART_LABEL)]
+    parts = no_sample.groupby(L.FEATURE)[L.VALUE].sum()
+    samples = _sample_rows(ledger)
+    if len(samples):
+        parts["per-sample terms"] = float(samples[L.VALUE].sum())
+    return parts
+
+
+# -- causal check --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CausalRow:
+    name: str
+    features: list[str]
+    ret: float
+    drop: float  # baseline − return
+    drop_rel: float  # drop / |baseline|
+    std: float | None
+    seeds: int | None
+
+
+def causal_rows(causal: dict[str, Any] | None) -> tuple[float | None, list[CausalRow]]:
+    """Baseline return and one row per condition (top-k, bottom-k, random-k) of causal.json."""
+    if not causal or "baseline" not in causal:
+        return None, []
+    base = float(causal["baseline"])
+    out = []
+    for cond in causal.get("conditions", []):
+        ret = float(cond.get("return", np.nan))
+        drop = base - ret
+        out.append(
+            CausalRow(
+                name=str(cond.get("name", "?")),
+                features=[str(f) for f in cond.get("features", [])],
+                ret=ret,
+                drop=drop,
+                drop_rel=drop / abs(base) if base else float("nan"),
+                std=float(cond["std"]) if cond.get("std") is not None else None,
+                seeds=int(cond["seeds"]) if cond.get("seeds") is not None else None,
+            )
+        )
+    return base, out

@@ -1,0 +1,61 @@
+"""`write_report`: one run's report.html and figures/*.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from chisel.report import html as H
+from chisel.report import sections as S
+from chisel.report.artifacts import FIGURES_DIR, REPORT_FILE, load_artifacts
+from chisel.report.summary import summarize
+
+
+def resolve_out(out: str | Path, default_name: str) -> Path:
+    """`out` as the HTML file to write: a path ending in .html, else a folder to write into."""
+    out = Path(out)
+    return out if out.suffix.lower() in (".html", ".htm") else out / default_name
+
+
+def write_report(
+    run_dir: str | Path, out: str | Path | None = None, *, compare: str | Path | None = None
+) -> Path:
+    """Write the self-contained report of a demo run directory; return the HTML path.
+
+    Args:
+        run_dir: a run directory (manifest.json required; ledger.parquet, probes.parquet,
+            demo.json, causal.json are used when present, see docs/demo-run.md).
+        out: a folder, or a path ending in .html; default the run directory. Figures go to
+            `figures/` beside the HTML.
+        compare: a second run directory: write the side-by-side comparison of the two runs
+            instead (compare.html, see `write_comparison`).
+
+    Raises:
+        NotARunError: run_dir (or compare) has no manifest.json.
+    """
+    if compare is not None:
+        from chisel.report.compare import write_comparison
+
+        return write_comparison(run_dir, compare, out if out is not None else run_dir)
+    art = load_artifacts(run_dir)
+    path = resolve_out(out if out is not None else art.root, REPORT_FILE)
+    figs = S.FigureSink(path.parent / FIGURES_DIR)
+    s = summarize(art)
+    sections = [
+        S.summary_section(art, s),
+        S.timeline_section(art, figs),
+        S.probes_section(art, figs),
+        S.circuits_section(art, figs),
+        S.credit_section(art, figs),
+        S.completeness_section(art, s, figs),
+        S.causal_section(art, s),
+        S.missing_section(art),
+    ]
+    subtitle = f"run {art.root}"
+    if art.demo:
+        d = art.demo
+        subtitle += f" · seed {d.get('seed', '?')} · button {d.get('button', '?')}"
+        if d.get("metric"):
+            subtitle += f" · metric: {d['metric']}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(H.page(f"chisel report: {art.name}", subtitle, sections), encoding="utf-8")
+    return path

@@ -1,0 +1,186 @@
+"""A synthetic demo run directory following docs/demo-run.md, with planted numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from chisel.attribution import ledger as L
+
+EVIL = "<script>alert(1)</script>"
+SITE = "hook_pi_hidden2"
+STEPS = [0, 8, 16]
+ACTIONS = ["up", "down", "pick_up", "press"]
+CONCEPTS = {
+    "task": ["trash_visible", "holding_trash", EVIL],
+    "reward_predictive": ["reward_within_k"],
+    "button": ["button_visible"],
+    "spurious": ["wall_blue"],
+}
+# feature -> (concept, per-step attribution at each of STEPS)
+FEATURES = {
+    f"trash_visible@{SITE}": ("trash_visible", [0.30, 0.20, 0.10]),
+    f"holding_trash@{SITE}": ("holding_trash", [0.50, 0.40, 0.35]),
+    f"{EVIL}@{SITE}": (EVIL, [-0.05, -0.02, -0.01]),
+    f"reward_within_k@{SITE}": ("reward_within_k", [0.10, 0.30, 0.50]),
+    f"button_visible@{SITE}": ("button_visible", [0.00, 0.05, 0.02]),
+    f"wall_blue@{SITE}": ("wall_blue", [0.02, -0.01, 0.04]),
+    f"cost$x$@{SITE}": (None, [0.01, 0.0, 0.0]),  # unmapped; a "$" must not start mathtext
+}
+RESIDUAL = [0.05, -0.02, 0.01]
+BIAS = [0.01, 0.01, 0.00]
+COMPLETENESS = [1e-12, 3e-9, 0.0]
+CAUSAL = {
+    "k": 3,
+    "site": SITE,
+    "baseline": 1.5,
+    "conditions": [
+        {"name": "top", "features": [f"holding_trash@{SITE}", f"{EVIL}@{SITE}"], "return": 0.4},
+        {"name": "bottom", "features": [f"wall_blue@{SITE}"], "return": 1.45},
+        {"name": "random", "features": ["x"], "return": 1.3, "seeds": 5, "std": 0.1},
+    ],
+}
+TAGS = ["tag/advantage", "tag/reward", "tag/reward_source", "tag/next_reward_source"]
+
+
+def _integrated() -> list[dict]:
+    rows = []
+    for i, t in enumerate(STEPS):
+        layer = 0.0
+        for name, (_, values) in FEATURES.items():
+            rows.append(L.row(t, L.INTEGRATED, "pi.W2", SITE, name, L.ATTRIBUTION, values[i]))
+            layer += values[i]
+        rows.append(L.row(t, L.INTEGRATED, "pi.W2", SITE, L.RESIDUAL, L.ATTRIBUTION, RESIDUAL[i]))
+        rows.append(L.row(t, L.INTEGRATED, "pi.b2", SITE, L.BIAS, L.ATTRIBUTION, BIAS[i]))
+        total = layer + RESIDUAL[i] + BIAS[i]
+        rows.append(L.row(t, L.INTEGRATED, "pi.W2", "", L.WHOLE, L.ATTRIBUTION, total))
+        rows.append(L.row(t, L.INTEGRATED, "", "", L.WHOLE, L.DELTA_METRIC, total))
+        rows.append(L.row(t, L.INTEGRATED, "", "", L.WHOLE, L.COMPLETENESS_REL, COMPLETENESS[i]))
+    return rows
+
+
+def circuit_values() -> dict[str, float]:
+    """Per-step circuit values (the same at every step) of feature → action and feature → feature."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for j, name in enumerate(FEATURES):
+        for k, action in enumerate(ACTIONS):
+            out[f"{name}{L.ARROW}{action}@logits"] = float(rng.normal()) + 0.01 * (j + k)
+    out[f"trash_visible@hook_pi_hidden1{L.ARROW}holding_trash@{SITE}"] = 99.0  # not to an action
+    return out
+
+
+def _geometry() -> list[dict]:
+    return [
+        L.row(t, L.GEOMETRY, "pi.W3", f"{SITE}{L.ARROW}logits", name, L.CIRCUIT, v)
+        for t in STEPS
+        for name, v in circuit_values().items()
+    ]
+
+
+def credit_samples() -> pd.DataFrame:
+    """Per-sample whole rows: 6 samples per step, two params each (values differ per param)."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for t in STEPS:
+        for s in range(6):
+            tags = {
+                "tag/advantage": [1.0, -1.0, 0.5, -0.5, 2.0, 0.0][s],
+                "tag/reward": float(s % 3 > 0),
+                "tag/reward_source": float(s % 3),
+                "tag/next_reward_source": 0.0,
+            }
+            for param in ("pi.W2", "pi.W3"):
+                rows.append(
+                    {
+                        **L.row(t, L.CREDIT, param, SITE, L.WHOLE, L.ATTRIBUTION, rng.normal()),
+                        L.SAMPLE: s,
+                        L.ORIGIN_STEP: t,
+                        **tags,
+                    }
+                )
+                rows.append(
+                    {
+                        **L.row(
+                            t,
+                            L.CREDIT,
+                            param,
+                            SITE,
+                            f"holding_trash@{SITE}",
+                            L.ATTRIBUTION,
+                            rng.normal(),
+                        ),
+                        L.SAMPLE: s,
+                        L.ORIGIN_STEP: t,
+                        **tags,
+                    }
+                )
+        for part in ("<weight_decay>", "<momentum>"):
+            rows.append(L.row(t, L.CREDIT, "pi.W2", SITE, part, L.ATTRIBUTION, rng.normal()))
+    return pd.DataFrame(rows)
+
+
+def ledger(credit: bool = True) -> pd.DataFrame:
+    frames = [pd.DataFrame(_integrated() + _geometry())]
+    if credit:
+        frames.append(credit_samples())
+    return L.to_frame(pd.concat(frames, ignore_index=True), TAGS)
+
+
+def probes_frame() -> pd.DataFrame:
+    rows = []
+    for concept in ["trash_visible", "reward_within_k", "wall_blue", EVIL]:
+        for site in ["hook_pi_hidden1", SITE]:
+            for t in STEPS:
+                rows.append(
+                    {
+                        "step": t,
+                        "site": site,
+                        "concept": concept,
+                        "metric": "accuracy",
+                        "score": 0.5 + 0.02 * t,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def demo(button: str = "none") -> dict:
+    return {
+        "seed": 1,
+        "button": button,
+        "quick": True,
+        "wall_time_s": {"total": 1.0},
+        "returns": {"agent": 1.5, "oracle": 1.6, "ratio": 0.9375, "random": 0.05},
+        "training_curve": [
+            {
+                "update": t,
+                "env_steps": 100 * t,
+                "mean_return": 0.1 * t,
+                "reward_trash": 0.08 * t,
+                "reward_button": 0.01 * t,
+            }
+            for t in STEPS
+        ],
+        "attributed_steps": STEPS,
+        "metric": f"logprob(chosen actions) {EVIL}",
+        "action_names": ACTIONS,
+        "concepts": CONCEPTS,
+        "feature_concepts": {n: c for n, (c, _) in FEATURES.items() if c is not None},
+    }
+
+
+def make_run(
+    root: Path, *, credit: bool = True, button: str = "none", artifacts: bool = True
+) -> Path:
+    """A run directory: manifest.json and (unless artifacts=False) every demo artifact."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    if artifacts:
+        ledger(credit).to_parquet(root / "ledger.parquet")
+        probes_frame().to_parquet(root / "probes.parquet")
+        (root / "demo.json").write_text(json.dumps(demo(button)))
+        (root / "causal.json").write_text(json.dumps(CAUSAL))
+    return root
