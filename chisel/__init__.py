@@ -23,6 +23,7 @@ from chisel.errors import (
     WriterError,
 )
 from chisel.recorder import Recorder, record
+from chisel.report import write_comparison, write_report
 from chisel.store.reader import Run, Step, load
 
 __version__ = "0.1.0"
@@ -51,4 +52,6 @@ __all__ = [
     "metrics",
     "record",
     "timeline",
+    "write_comparison",
+    "write_report",
 ]

@@ -1,4 +1,4 @@
-"""The `chisel` command line: `chisel demo`, `chisel info RUN_DIR`."""
+"""The `chisel` command line: `chisel demo`, `chisel report RUN_DIR`, `chisel info RUN_DIR`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from chisel.report import write_report
+
+    path = write_report(args.run_dir, args.out, compare=args.compare)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chisel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--steps", type=int, default=200, help="optimizer steps to record")
     demo.set_defaults(func=_demo)
+    report = sub.add_parser("report", help="write the self-contained HTML report of a demo run")
+    report.add_argument("run_dir", help="a run directory written by `chisel demo`")
+    report.add_argument("--compare", metavar="RUN_B", default=None,
+                        help="a second run: write compare.html with both runs side by side")
+    report.add_argument("--out", default=None,
+                        help="folder or .html path to write (default: the run directory)")
+    report.set_defaults(func=_report)
     return parser
 
 

@@ -108,7 +108,8 @@ def attribute(
     horizon: int | None = None,
     credit_by: Sequence[str] | None = None,
     progress: bool | None = None,
-) -> pd.DataFrame:
+    return_ledger: bool = True,
+) -> pd.DataFrame | None:
     """Attribute every chosen update of `run` to `features`, as changes of `metric`.
 
     Args:
@@ -128,6 +129,8 @@ def attribute(
         credit_by: per-sample tag names; when given, credit rows of samples are summed within
             the groups of these tags (with `sample` null) instead of one row per sample.
         progress: show a progress bar (default: when stderr is a terminal).
+        return_ledger: with `out`, False keeps nothing in memory across steps (rows go
+            straight to the parquet file) and returns None; read it with `chisel.load_ledger`.
 
     Returns:
         The ledger: columns step, family, param, site, feature, quantity, value, sample,
@@ -158,12 +161,15 @@ def attribute(
         for t in tqdm(chosen, desc="attributing", unit="step", disable=not show):
             rows = _step_rows(run, t, space, families, blocks, by_param, points, split, dtype, device, credit)
             frame = L.to_frame(rows, tag_columns)
-            frames.append(frame)
             if writer is not None:
                 writer.write(frame)
+            if return_ledger or writer is None:
+                frames.append(frame)
     finally:
         if writer is not None:
             writer.close()
+    if writer is not None and not return_ledger:
+        return None
     if not frames:
         return L.to_frame([], tag_columns)
     return pd.concat(frames, ignore_index=True)

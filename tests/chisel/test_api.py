@@ -30,6 +30,12 @@ PUBLIC = {
     "__version__",
     "load",
     "record",
+    "attribute",
+    "timeline",
+    "metrics",
+    "load_ledger",
+    "write_report",
+    "write_comparison",
 }
 
 
