@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # files and folders of a run directory
 MANIFEST = "manifest.json"
 STEPS_DIR = "steps"
 KEYFRAMES_DIR = "keyframes"
-FACTORS_DIR = "factors"
 STEP_DIGITS = 9
 TMP_PREFIX = ".tmp-"
 
 # tensor-key prefixes inside the safetensors files
+# θ after the step and gradients are flat vectors, one per parameter dtype: after/float32 …
 AFTER = "after/"  # θ after the step, exact (param dtype)
 DELTA = "delta/"  # θ_{t+1} − θ̂_t in the storage dtype (lossy modes, error fed back)
 GRAD = "grad/"  # the gradient the optimizer consumed

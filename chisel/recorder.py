@@ -61,8 +61,7 @@ class Recorder:
             first_step=first_step,
             scaler=scaler,
         )
-        dtypes = {n: p.dtype for n, p in zip(self._capture.names, self._capture.params)}
-        self._writer = RunWriter(self.layout, dtypes, config)
+        self._writer = RunWriter(self.layout, self._capture.layout, config)
         try:
             # θ_0 is on disk before the manifest makes the run visible: a visible run always
             # has the parameters its first step starts from
@@ -148,6 +147,7 @@ class Recorder:
                 for n, p in zip(cap.names, cap.params)
             ],
             "frozen": [n for n, p in model.named_parameters() if id(p) not in recorded],
+            "layout": cap.layout.to_json(),
             "factor_modules": cap.factors.meta if cap.factors is not None else {},
             "config": self.config.to_json(),
             "metadata": metadata or {},

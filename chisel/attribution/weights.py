@@ -76,18 +76,22 @@ def _watch(model: nn.Module, sites: list[Site], weights: list[LinearWeight], run
     site_keys: dict[str, tuple] = {}
     weight_keys: dict[str, tuple] = {}
     handles: list[Any] = []
+    alive: list[Tensor] = []  # no_grad frees activations early: keep them, or addresses get reused
 
     def on_site(site: Site):
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
             value = args[0] if site.kind == "in" else output
-            if isinstance(value, Tensor):
-                site_keys.setdefault(site.name, _view_key(value))
+            if isinstance(value, Tensor) and site.name not in site_keys:
+                alive.append(value)
+                site_keys[site.name] = _view_key(value)
 
         return hook
 
     def on_weight(w: LinearWeight):
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
-            weight_keys.setdefault(w.module, (_view_key(args[0]), _view_key(output)))
+            if w.module not in weight_keys:
+                alive.extend((args[0], output))
+                weight_keys[w.module] = (_view_key(args[0]), _view_key(output))
 
         return hook
 

@@ -1,16 +1,25 @@
-"""Reusable host buffers for parameter and gradient copies (bounded memory, back-pressure)."""
+"""Reusable host buffers for parameter and gradient copies (bounded memory, back-pressure).
+
+θ is copied into one flat tensor per dtype (`FlatLayout`), so a step is a handful of tensors,
+however many parameters the model has: the writer thread then spends almost no Python time
+(and holds the GIL briefly) per step.
+"""
 
 from __future__ import annotations
 
 import queue
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from math import prod
+from typing import Any
 
 import torch
 
 
 def copy_into(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
     """Copy tensors into preallocated host buffers (one foreach kernel on CPU)."""
+    if not src:
+        return
     if all(s.device.type == "cpu" for s in src):
         torch._foreach_copy_(list(dst), list(src))
         return
@@ -20,25 +29,78 @@ def copy_into(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
         torch.cuda.synchronize(dev)
 
 
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each parameter lives in the flat per-dtype vectors: dtype → [(name, offset, numel)]."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+    offsets: tuple[int, ...]
+    sizes: dict[str, int]
+
+    @classmethod
+    def build(cls, names: Sequence[str], shapes: Sequence[Sequence[int]], dtypes: Sequence[str]) -> FlatLayout:
+        sizes: dict[str, int] = {}
+        offsets = []
+        for shape, dtype in zip(shapes, dtypes):
+            offsets.append(sizes.get(dtype, 0))
+            sizes[dtype] = sizes.get(dtype, 0) + prod(shape)
+        return cls(tuple(names), tuple(tuple(s) for s in shapes), tuple(dtypes), tuple(offsets), sizes)
+
+    @classmethod
+    def of(cls, names: Sequence[str], params: Sequence[torch.Tensor]) -> FlatLayout:
+        return cls.build(names, [p.shape for p in params], [str(p.dtype).removeprefix("torch.") for p in params])
+
+    def empty(self, *, pin: bool = False) -> dict[str, torch.Tensor]:
+        return {d: torch.empty(n, dtype=_dtype(d), pin_memory=pin) for d, n in self.sizes.items()}
+
+    def views(self, flats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """One view per parameter, in parameter order and shape."""
+        return [
+            flats[d][o : o + prod(s)].view(s)
+            for s, d, o in zip(self.shapes, self.dtypes, self.offsets)
+        ]
+
+    def split(self, flats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.views(flats)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "groups": {d: n for d, n in self.sizes.items()},
+            "entries": [[n, d, o] for n, d, o in zip(self.names, self.dtypes, self.offsets)],
+        }
+
+
 @dataclass
 class Buffers:
-    after: list[torch.Tensor]
-    grads: list[torch.Tensor] | None
+    after: dict[str, torch.Tensor]  # dtype -> flat θ after the step
+    grads: dict[str, torch.Tensor] | None  # dtype -> flat gradient
+    after_views: list[torch.Tensor]
+    grad_views: list[torch.Tensor] | None
 
 
 class BufferPool:
     """At most `size` buffer sets exist; `acquire` blocks (checking `on_wait`) when all are out."""
 
-    def __init__(self, params: Sequence[torch.Tensor], size: int, grads: bool) -> None:
-        self._params = list(params)
+    def __init__(self, layout: FlatLayout, size: int, grads: bool, pin: bool) -> None:
+        self._layout = layout
         self._size = size
         self._grads = grads
+        self._pin = pin
         self._made = 0
         self._free: queue.Queue[Buffers] = queue.Queue()
-        self._pin = any(p.device.type == "cuda" for p in self._params)
 
-    def _empty_like(self, p: torch.Tensor) -> torch.Tensor:
-        return torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=self._pin)
+    def _new(self) -> Buffers:
+        after = self._layout.empty(pin=self._pin)
+        grads = self._layout.empty(pin=self._pin) if self._grads else None
+        return Buffers(
+            after, grads, self._layout.views(after), self._layout.views(grads) if grads is not None else None
+        )
 
     def acquire(self, on_wait: Callable[[], None]) -> Buffers:
         try:
@@ -47,10 +109,7 @@ class BufferPool:
             pass
         if self._made < self._size:
             self._made += 1
-            return Buffers(
-                after=[self._empty_like(p) for p in self._params],
-                grads=[self._empty_like(p) for p in self._params] if self._grads else None,
-            )
+            return self._new()
         while True:  # back-pressure: wait for the writer, but never past a writer failure
             on_wait()
             try:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from chisel.capture.buffers import BufferPool, Buffers, copy_into
+from chisel.capture.buffers import BufferPool, Buffers, FlatLayout, copy_into
 from chisel.capture.config import RecordConfig
 from chisel.capture.factors import FactorCapture
 from chisel.capture.optim import (
@@ -58,14 +58,20 @@ class StepCapture:
         self.step = first_step
         self.scaler = scaler
         self._sink, self._check = sink, check
-        self._pool = BufferPool(self.params, config.queue_size + 1, grads=config.grads)
-        self._last = [p.detach().clone() for p in self.params]  # θ after the previous step
+        self.layout = FlatLayout.of(self.names, self.params)
+        pin = any(p.device.type == "cuda" for p in self.params)
+        self._pool = BufferPool(self.layout, config.queue_size + 1, grads=config.grads, pin=pin)
+        # in-place changes bump a tensor's version: a cheap test for θ changed outside step()
+        self._versions = self._current_versions()
         self._depth = 0
         self._pending: dict[str, Any] | None = None
         self._stepped_since_update = False
         self._handles: list[Any] = []
         self._scaler_update: Any = None
         self._keyframed_at = -1
+
+    def _current_versions(self) -> list[int]:
+        return [p._version for p in self.params]
 
     # -- attach / detach -------------------------------------------------------------------
     def keyframe(self, reason: str) -> Keyframe:
@@ -130,10 +136,8 @@ class StepCapture:
     def _begin_step(self) -> dict[str, Any]:
         t, cfg = self.step, self.config
         pending: dict[str, Any] = {"time": time.time()}
-        changed = not all(torch.equal(p, last) for p, last in zip(self.params, self._last))
-        if changed:
+        if self._current_versions() != self._versions:
             pending["keyframe"] = self.keyframe("external change")
-            copy_into(self._last, [p.detach() for p in self.params])
         elif cfg.keyframe_every and t % cfg.keyframe_every == 0 and t != self._keyframed_at:
             pending["keyframe"] = self.keyframe("periodic")
         if cfg.optim_state == "every_step":
@@ -142,19 +146,14 @@ class StepCapture:
         pending["buffers"] = buffers
         grads = [p.grad for p in self.params]
         present = [g is not None for g in grads]
-        if buffers.grads is not None:
-            for buf, g in zip(buffers.grads, grads):
-                if g is None:
+        live = [g.detach() for g in grads if g is not None]
+        if buffers.grad_views is not None:
+            for buf, ok in zip(buffers.grad_views, present):
+                if not ok:
                     buf.zero_()
-            copy_into(
-                [b for b, ok in zip(buffers.grads, present) if ok], [g for g in grads if g is not None]
-            )
-        live = [g for g in grads if g is not None]
-        pending["grad_norm"] = (
-            float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(live)).double()))
-            if live
-            else 0.0
-        )
+            copy_into([b for b, ok in zip(buffers.grad_views, present) if ok], live)
+        elif live:  # no gradient copy for the writer to measure: measure here
+            pending["grad_norm"] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(live)).double()))
         pending["grad_missing"] = [n for n, ok in zip(self.names, present) if not ok]
         if self.factors is not None:
             pending["grad_coef"], pending["grad_coef_residual"] = self.factors.grad_coef()
@@ -169,6 +168,7 @@ class StepCapture:
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and float(found_inf) > 0:
             self._pool.release(pending.pop("buffers"))
+            self._versions = self._current_versions()  # the fused kernel touched θ in place
             self._emit_skip(
                 "GradScaler found inf/NaN gradients; the fused optimizer left θ unchanged",
                 pending,
@@ -178,25 +178,18 @@ class StepCapture:
 
     def _emit_step(self, pending: dict[str, Any]) -> None:
         buffers: Buffers = pending.pop("buffers")
-        live = [p.detach() for p in self.params]
-        norms = torch._foreach_norm(torch._foreach_sub(live, self._last))
-        copy_into(self._last, live)
-        copy_into(buffers.after, live)
-        update_norms = torch.stack(norms).double()
+        copy_into(buffers.after_views, [p.detach() for p in self.params])
+        self._versions = self._current_versions()
         record = self._record(pending)
-        record.update(
-            skipped=False,
-            update_norm=float(torch.linalg.vector_norm(update_norms)),
-            update_norms=dict(zip(self.names, update_norms.tolist())),
-        )
+        record["skipped"] = False  # the writer adds the update and gradient norms
         if self.factors is not None and pending.get("grad_coef") is not None:
             scale = self._loss_scale()
             record["clip_coef"] = pending["grad_coef"] * scale if scale else None
         packet = StepPacket(
             step=self.step,
             record=record,
-            after=dict(zip(self.names, buffers.after)),
-            grads=dict(zip(self.names, buffers.grads)) if buffers.grads is not None else None,
+            after=buffers.after,
+            grads=buffers.grads,
             state=pending.get("state"),
             keyframe=pending.get("keyframe"),
             factors=self.factors.take() if self.factors is not None else {},

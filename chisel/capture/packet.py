@@ -29,6 +29,7 @@ class StepPacket:
 
     step: int
     record: dict[str, Any]  # JSON-able step metadata
+    # dtype name -> flat vector in the recorder's FlatLayout (param order)
     after: dict[str, torch.Tensor] | None = None  # θ after the step; None when skipped
     grads: dict[str, torch.Tensor] | None = None  # the gradient the optimizer consumed
     state: dict[str, torch.Tensor] | None = None  # optimizer state before the step

@@ -38,11 +38,8 @@ class RunLayout:
     def keyframe_file(self, step: int) -> Path:
         return self._numbered(N.KEYFRAMES_DIR, step)
 
-    def factors_file(self, step: int) -> Path:
-        return self._numbered(N.FACTORS_DIR, step)
-
     def make_dirs(self) -> None:
-        for folder in (N.STEPS_DIR, N.KEYFRAMES_DIR, N.FACTORS_DIR):
+        for folder in (N.STEPS_DIR, N.KEYFRAMES_DIR):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
 
     def numbers(self, folder: str) -> list[int]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from chisel import _names as N
+from chisel.capture.buffers import FlatLayout
 from chisel.capture.config import torch_dtype
 from chisel.errors import ChiselError, CorruptStepError, SkippedStepError, StepOutOfRangeError
 from chisel.store.layout import RunLayout, read_manifest, read_meta, read_tensors
@@ -73,6 +74,11 @@ class Run:
         self.param_names = [p["name"] for p in self.manifest["params"]]
         self._dtypes = {p["name"]: torch_dtype(p["dtype"]) for p in self.manifest["params"]}
         self._encodings = {p["name"]: p["encoding"] for p in self.manifest["params"]}
+        self.flat = FlatLayout.build(
+            self.param_names,
+            [p["shape"] for p in self.manifest["params"]],
+            [p["dtype"] for p in self.manifest["params"]],
+        )
         self._record = lru_cache(maxsize=4096)(self._read_record)
         self._lossy_cache: tuple[int, Tensors] | None = None
 
@@ -126,6 +132,18 @@ class Run:
     def _step_tensors(self, t: int, prefix: str) -> Tensors:
         return read_tensors(self.layout.step_file(t), t, "step", prefix)
 
+    def _flat(self, t: int, prefix: str) -> Tensors:
+        """Per-parameter views of the flat per-dtype vectors stored under `prefix`."""
+        flats = self._step_tensors(t, prefix)
+        layout = self.flat
+        return {
+            name: flats[dtype][offset : offset + shape.numel()].view(shape)
+            for name, shape, dtype, offset in zip(
+                layout.names, map(torch.Size, layout.shapes), layout.dtypes, layout.offsets
+            )
+            if dtype in flats
+        }
+
     def _keyframe(self, t: int, prefix: str = N.PARAM) -> Tensors:
         return read_tensors(self.layout.keyframe_file(t), t, "keyframe", prefix)
 
@@ -152,7 +170,7 @@ class Run:
             if s < 0:
                 raise ChiselError(f"{self.path}: no keyframe at or before step {t}; the run is damaged.")
             if not self.record(s).get("skipped"):
-                after = self._step_tensors(s, N.AFTER)
+                after = self._flat(s, N.AFTER)
                 return {n: after[n] for n in names}
 
     def _lossy_params(self, t: int, keyframes: set[int]) -> Tensors:
@@ -168,7 +186,7 @@ class Run:
             s, recon = start, {n: kf[n].double() for n in self._encodings if self._encodings[n] == N.LOSSY}
         while s < t:
             if not self.record(s).get("skipped"):
-                delta = self._step_tensors(s, N.DELTA)
+                delta = self._flat(s, N.DELTA)
                 for n in recon:
                     recon[n] += delta[n].double()
             s += 1
@@ -188,11 +206,11 @@ class Run:
         exact = [n for n in self.param_names if self._encodings[n] == N.EXACT]
         if exact:
             before = self.params(t)
-            after = self._step_tensors(t, N.AFTER)
+            after = self._flat(t, N.AFTER)
             out.update({n: after[n].double() - before[n].double() for n in exact})
         if len(exact) < len(self.param_names):
-            delta = self._step_tensors(t, N.DELTA)
-            out.update({n: v.double() for n, v in delta.items()})
+            delta = self._flat(t, N.DELTA)
+            out.update({n: delta[n].double() for n in self.param_names if self._encodings[n] == N.LOSSY})
         return {n: out[n] for n in self.param_names}
 
     def grads(self, t: int) -> Tensors:
@@ -200,9 +218,9 @@ class Run:
         t = self._check_step(t)
         if not self.manifest["config"].get("grads"):
             raise ChiselError("This run was recorded with grads=False; no gradients are stored.")
-        grads = self._step_tensors(t, N.GRAD)
+        grads = self._flat(t, N.GRAD)
         scale = self.record(t).get("grads_scaled_by")
-        return {n: g / scale for n, g in grads.items()} if scale else grads
+        return {n: grads[n] / scale if scale else grads[n] for n in self.param_names}
 
     def optimizer_state(self, t: int) -> dict[str, Tensors]:
         """The optimizer state before step t: {param: {key: tensor}}, from a keyframe at t or,
@@ -240,9 +258,9 @@ class Run:
         calls = self.record(t).get("factor_calls")
         if not calls:
             return {}
-        path = self.layout.factors_file(t)
-        stored = read_tensors(path, t, "factors")
-        aliases = read_meta(path, t, "factors").get("aliases", {})
+        stored = {**{N.FACTOR_X + k: v for k, v in self._step_tensors(t, N.FACTOR_X).items()},
+                  **{N.FACTOR_G + k: v for k, v in self._step_tensors(t, N.FACTOR_G).items()}}
+        aliases = self.record(t).get("factor_aliases", {})
 
         def get(key: str) -> torch.Tensor:
             return stored[aliases.get(key, key)]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from chisel import _names as N
+from chisel.capture.buffers import FlatLayout
 from chisel.capture.config import RecordConfig, torch_dtype
 from chisel.capture.packet import Keyframe, StepPacket
 from chisel.errors import WriterError
@@ -28,17 +29,34 @@ def encoding_for(param_dtype: torch.dtype, storage: torch.dtype) -> str:
     return N.EXACT if exact else N.LOSSY
 
 
+def _segment_norms(flat: torch.Tensor, sizes: list[int]) -> list[float]:
+    squares = torch.stack([seg.double().pow(2).sum() for seg in flat.split(sizes)]) if sizes else flat.new_zeros(0)
+    return squares.sqrt().tolist()
+
+
 class RunWriter:
     """Consumes packets from a bounded queue in a daemon thread; failures are re-raised by
     `check()` in the training thread (at the next step, or at `close()`)."""
 
-    def __init__(self, layout: RunLayout, param_dtypes: dict[str, torch.dtype], config: RecordConfig):
+    def __init__(self, layout: RunLayout, flat: FlatLayout, config: RecordConfig):
         self.layout = layout
+        self.flat = flat
         self.config = config
         self._storage = torch_dtype(config.dtype)
         self._factor_dtype = torch_dtype(config.factor_dtype) if config.factor_dtype else None
-        self.encodings = {n: encoding_for(d, self._storage) for n, d in param_dtypes.items()}
-        self._recon: dict[str, torch.Tensor] = {}  # θ̂ in float64 for LOSSY params
+        self.encodings = {
+            n: encoding_for(torch_dtype(d), self._storage) for n, d in zip(flat.names, flat.dtypes)
+        }
+        self._group_encoding = {d: encoding_for(torch_dtype(d), self._storage) for d in flat.sizes}
+        # per dtype group: parameter sizes and names, in flat order
+        self._segments: dict[str, list[tuple[str, int]]] = {d: [] for d in flat.sizes}
+        for name, shape, dtype in zip(flat.names, flat.shapes, flat.dtypes):
+            numel = 1
+            for s in shape:
+                numel *= s
+            self._segments[dtype].append((name, numel))
+        self._prev: dict[str, torch.Tensor] = {}  # θ before the step being written (flat)
+        self._recon: dict[str, torch.Tensor] = {}  # θ̂ in float64 for LOSSY groups (flat)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
         self._error: BaseException | None = None
         self._error_step: int | None = None
@@ -102,11 +120,15 @@ class RunWriter:
         record = dict(item.record)
         tensors: dict[str, torch.Tensor] = {}
         if item.factors:
-            record["factor_calls"] = self._write_factors(item)
+            factors, record["factor_calls"], record["factor_aliases"] = self._factors(item)
+            tensors.update(factors)
         if item.after is not None:
-            tensors.update(self._encode(item.after))
+            tensors.update(self._encode(item.after, record))
         if item.grads is not None:
-            tensors.update({N.GRAD + n: g.to(self._storage) for n, g in item.grads.items()})
+            norms = [n for d, flat in item.grads.items() for n in _segment_norms(flat, self._sizes(d))]
+            if record.get("grad_norm") is None:
+                record["grad_norm"] = float(torch.tensor(norms, dtype=torch.float64).norm())
+            tensors.update({N.GRAD + d: flat.to(self._storage) for d, flat in item.grads.items()})
         if item.state is not None:
             tensors.update({N.STATE + k: v for k, v in item.state.items()})
         record["tags"] = {}
@@ -119,17 +141,26 @@ class RunWriter:
         write_tensors(self.layout.step_file(item.step), tensors, record, fsync=self.config.fsync)
         self.steps_written += 1
 
-    def _encode(self, after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, value in after.items():
-            if self.encodings[name] == N.EXACT:
-                out[N.AFTER + name] = value
+    def _sizes(self, dtype: str) -> list[int]:
+        return [numel for _, numel in self._segments[dtype]]
+
+    def _encode(self, after: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out, norms = {}, {}
+        for dtype, value in after.items():
+            sizes, prev = self._sizes(dtype), self._prev[dtype]
+            for (name, _), a, b in zip(self._segments[dtype], value.split(sizes), prev.split(sizes)):
+                norms[name] = float((a.double() - b.double()).norm())  # one parameter's temporaries
+            prev.copy_(value)
+            if self._group_encoding[dtype] == N.EXACT:
+                out[N.AFTER + dtype] = value
                 continue
             # store θ_{t+1} − θ̂_t and advance θ̂ by exactly what the reader will add back, so the
             # rounding error of one step is fed into the next instead of accumulating
-            delta = (value.double() - self._recon[name]).to(self._storage)
-            self._recon[name] += delta.double()
-            out[N.DELTA + name] = delta
+            delta = (value.double() - self._recon[dtype]).to(self._storage)
+            self._recon[dtype] += delta.double()
+            out[N.DELTA + dtype] = delta
+        record["update_norms"] = {n: norms[n] for n in self.flat.names}
+        record["update_norm"] = float(torch.tensor(list(norms.values()), dtype=torch.float64).norm())
         return out
 
     def _write_keyframe(self, kf: Keyframe) -> None:
@@ -137,11 +168,13 @@ class RunWriter:
         tensors.update({N.STATE + k: v for k, v in kf.state.items()})
         meta = {"step": kf.step, "reason": kf.reason}
         write_tensors(self.layout.keyframe_file(kf.step), tensors, meta, fsync=self.config.fsync)
-        for name, value in kf.params.items():
-            if self.encodings.get(name) == N.LOSSY:
-                self._recon[name] = value.double().clone()
+        for dtype, segments in self._segments.items():
+            flat = torch.cat([kf.params[name].reshape(-1) for name, _ in segments])
+            self._prev[dtype] = flat.clone()
+            if self._group_encoding[dtype] == N.LOSSY:
+                self._recon[dtype] = flat.double()
 
-    def _write_factors(self, item: StepPacket) -> dict[str, int]:
+    def _factors(self, item: StepPacket) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, str]]:
         tensors: dict[str, torch.Tensor] = {}
         calls: dict[str, int] = {}
         aliases: dict[str, str] = {}  # key -> key of the identical tensor stored once
@@ -162,6 +195,4 @@ class RunWriter:
                         stored = stored.clone()  # overlapping views must not share memory on disk
                     storages.add(stored.untyped_storage().data_ptr())
                     tensors[key] = stored
-        meta = {"step": item.step, "calls": calls, "aliases": aliases}
-        write_tensors(self.layout.factors_file(item.step), tensors, meta, fsync=self.config.fsync)
-        return calls
+        return tensors, calls, aliases
