@@ -166,7 +166,6 @@ class Trainer:
 def _bytes_per_step(run_dir: Path) -> float:
     run = chisel.load(run_dir)
     files = [run.layout.step_file(t) for t in range(len(run))]
-    files += [run.layout.factors_file(t) for t in range(len(run))]
     return sum(f.stat().st_size for f in files if f.exists()) / max(len(run), 1)
 
 
