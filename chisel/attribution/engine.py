@@ -121,7 +121,9 @@ def attribute(
         families: any of "geometry", "integrated", "credit".
         points: Gauss-Legendre points per smooth piece of the path.
         dtype: computation dtype (float64 for sums that close to ~1e-12).
-        split: "auto" splits the path at activation kinks (ReLU…), "kinks" always, "none" never.
+        split: "auto" splits the path at the kinks of piecewise-linear activation modules
+            (nn.ReLU, LeakyReLU, ReLU6, Hardtanh, PReLU) when the model has any, "kinks" always
+            looks for them, "none" never. Functional calls (F.relu) are not seen.
         out: write the ledger as parquet, streaming step by step: True for
             `<run>/ledger.parquet`, or a path.
         horizon: how many earlier steps' samples receive credit through momentum (default:
@@ -133,7 +135,7 @@ def attribute(
             straight to the parquet file) and returns None; read it with `chisel.load_ledger`.
 
     Returns:
-        The ledger: columns step, family, param, site, feature, quantity, value, sample,
+        The ledger: columns step, family, param, site, feature, quantity, value, part, sample,
         origin_step and one `tag/<name>` column per tag (credit rows).
     """
     run = run if isinstance(run, Run) else load(run)
@@ -157,6 +159,7 @@ def attribute(
     credit = _credit_engine(run, blocks, by_param, horizon, credit_by) if L.CREDIT in families else None
     frames = []
     show = sys.stderr.isatty() if progress is None else progress
+    failed = True
     try:
         for t in tqdm(chosen, desc="attributing", unit="step", disable=not show):
             rows = _step_rows(run, t, space, families, blocks, by_param, points, split, dtype, device, credit)
@@ -165,9 +168,10 @@ def attribute(
                 writer.write(frame)
             if return_ledger or writer is None:
                 frames.append(frame)
+        failed = False
     finally:
         if writer is not None:
-            writer.close()
+            writer.abort() if failed else writer.close()
     if writer is not None and not return_ledger:
         return None
     if not frames:

@@ -87,8 +87,14 @@ class LedgerWriter:
             self._writer.write_table(pa.Table.from_pandas(frame, schema=self._schema, preserve_index=False))
 
     def close(self) -> None:
+        """Finish the file and rename it into place."""
         self._writer.close()
         os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop a partial ledger (an error stopped the attribution): nothing appears at `path`."""
+        self._writer.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 def load_ledger(path: str | os.PathLike) -> pd.DataFrame:

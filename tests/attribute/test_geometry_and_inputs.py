@@ -164,3 +164,20 @@ def test_credit_rows_through_the_engine_sum_to_the_integrated_total(tmp_path):
         stored = chisel.load_ledger(tmp_path / f"l{by}.parquet")
         assert len(stored) == len(ledger) and "part" in stored.columns
     assert (chisel.timeline(ledger, family=L.CREDIT).columns == ["a"]).all()
+
+
+def test_a_failed_attribution_leaves_no_ledger_file(tmp_path):
+    model = policy()
+    run = record_policy_gradient(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3)
+    obs = torch.randn(8, 6)
+    calls = {"n": 0}
+
+    def flaky(m):  # finite for the first calls (vmap calls it once per batch of points), then NaN
+        calls["n"] += 1
+        value = m(chisel.metrics.as_input(obs, m)).sum()
+        return value if calls["n"] < 7 else value * float("nan")
+
+    with pytest.raises(chisel.ChiselError, match="finite"):
+        chisel.attribute(run, model, None, flaky, families=("integrated",), out=tmp_path / "ledger.parquet")
+    assert not (tmp_path / "ledger.parquet").exists()
+    assert not list(tmp_path.glob(".tmp-*"))
