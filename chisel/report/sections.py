@@ -174,7 +174,13 @@ def circuits_section(art: RunArtifacts, figs: FigureSink) -> Section:
 
 
 def _credit_table(frame: pd.DataFrame, label: str) -> str:
-    rows = [(i, int(r.samples), H.num(r.total), H.num(r.per_sample)) for i, r in frame.iterrows()]
+    def count(v: float) -> str | int:
+        return "—" if pd.isna(v) else int(v)
+
+    def per(v: float) -> str:
+        return "—" if pd.isna(v) else H.num(v)
+
+    rows = [(i, count(r.samples), H.num(r.total), per(r.per_sample)) for i, r in frame.iterrows()]
     return H.table([label, "samples", "Σ credit", "per sample"], rows, numeric=(1, 2, 3))
 
 
@@ -188,18 +194,25 @@ def credit_section(art: RunArtifacts, figs: FigureSink) -> Section:
             title,
             _absent(art, LEDGER_FILE, "credit (no tagged per-sample credit rows)"),
         )
+    by_next = T.credit_by_reward_source(art.ledger, T.NEXT_REWARD_SOURCE_TAG)
     body = [
         H.para(
-            "Credit of each training sample (whole-sample rows, summed over parameters and the "
-            "updates its gradient reached through momentum), grouped by the reward event of "
-            "that sample (tag/reward_source) and by the sign of its advantage."
+            "Credit of the training samples (whole-sample rows, summed over parameters and the "
+            "updates their gradients reached through momentum), grouped by the reward event "
+            "right after each sample's action (tag/reward_source), by the first reward event "
+            "later in its episode (tag/next_reward_source) and by the sign of its advantage. "
+            "Where the ledger holds sums over tag groups (credit_by) the sample counts are "
+            "not known and show as —."
         ),
         figs.put("credit", F.credit_figure(by_source, by_adv), "credit"),
     ]
     for frame, label, tag in (
         (by_source, "reward event", "reward_source"),
+        (by_next, "next reward event", "next_reward_source"),
         (by_adv, "advantage", "advantage"),
     ):
+        if frame.empty and tag == "next_reward_source":
+            continue
         body.append(
             _credit_table(frame, label) if not frame.empty else H.missing(f"No tag/{tag} column.")
         )

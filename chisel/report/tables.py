@@ -16,7 +16,9 @@ import pandas as pd
 from chisel.attribution import ledger as L
 
 REWARD_SOURCE_TAG = L.TAG_PREFIX + "reward_source"
+NEXT_REWARD_SOURCE_TAG = L.TAG_PREFIX + "next_reward_source"
 ADVANTAGE_TAG = L.TAG_PREFIX + "advantage"
+ADVANTAGE_SIGN_TAG = L.TAG_PREFIX + "advantage_sign"
 REWARD_SOURCES = {0: "none", 1: "trash deposited", 2: "button pressed"}
 PART_COLUMN = "part"  # credit rows may carry the leaf of the optimizer split here
 _PART_LABEL = re.compile(r"^<.+>$")
@@ -66,19 +68,42 @@ def circuits(ledger: pd.DataFrame | None, action_names: list[str] | None = None)
 
 
 # -- credit --------------------------------------------------------------------------------------
+# Credit rows come in two forms: one row per sample (`sample` set, the sample's tags), or, with
+# `chisel.attribute(..., credit_by=[...])`, per-sample rows summed within groups of those tags
+# (`sample` null, the group's tag values set). Both count as "tagged" rows; untagged rows
+# (weight decay, unresolved parts, summed feature rows) carry neither.
+def _tag_columns(rows: pd.DataFrame) -> list[str]:
+    return [c for c in rows.columns if c.startswith(L.TAG_PREFIX)]
+
+
 def _sample_rows(ledger: pd.DataFrame | None, whole: bool = True) -> pd.DataFrame:
     rows = _rows(ledger, L.CREDIT, L.ATTRIBUTION)
-    rows = rows[rows[L.SAMPLE].notna()]
+    tags = _tag_columns(rows)
+    tagged = rows[L.SAMPLE].notna()
+    if tags:
+        tagged = tagged | rows[tags].notna().any(axis=1)
+    rows = rows[tagged]
     return rows[rows[L.FEATURE] == L.WHOLE] if whole else rows[~rows[L.FEATURE].isin(_NOT_FEATURES)]
 
 
 def _grouped(rows: pd.DataFrame, key: pd.Series) -> pd.DataFrame:
-    """Per group: samples (distinct origin step, sample, param-free), total and mean credit."""
+    """Per group: samples (distinct origin step and sample; NaN where rows are group sums),
+    total and mean credit per sample."""
     ident = rows[L.SAMPLE].astype("float64")
     if L.ORIGIN_STEP in rows:
         ident = ident + 1e6 * rows[L.ORIGIN_STEP].astype("float64").fillna(-1)
-    frame = pd.DataFrame({"group": key.values, "id": ident.values, L.VALUE: rows[L.VALUE].values})
-    out = frame.groupby("group", sort=False).agg(samples=("id", "nunique"), total=(L.VALUE, "sum"))
+    frame = pd.DataFrame(
+        {
+            "group": key.values,
+            "id": ident.values,
+            "summed": rows[L.SAMPLE].isna().values,
+            L.VALUE: rows[L.VALUE].values,
+        }
+    )
+    out = frame.groupby("group", sort=False).agg(
+        samples=("id", "nunique"), summed=("summed", "any"), total=(L.VALUE, "sum")
+    )
+    out["samples"] = out["samples"].astype("float64").where(~out.pop("summed"))
     out["per_sample"] = out["total"] / out["samples"].clip(lower=1)
     return out
 
@@ -89,13 +114,19 @@ def _source_label(value: float) -> str:
     return REWARD_SOURCES.get(int(value), f"source {int(value)}")
 
 
-def credit_by_reward_source(ledger: pd.DataFrame | None) -> pd.DataFrame:
-    """Whole-sample credit (rows with a sample, feature "") summed per `tag/reward_source`."""
+def credit_by_reward_source(
+    ledger: pd.DataFrame | None, tag: str = REWARD_SOURCE_TAG
+) -> pd.DataFrame:
+    """Whole-sample credit (tagged rows, feature "") summed per reward source.
+
+    tag: `tag/reward_source` (the reward right after the sample's action) or
+    `tag/next_reward_source` (the first reward after it in the episode).
+    """
     rows = _sample_rows(ledger)
-    if not len(rows) or REWARD_SOURCE_TAG not in rows:
+    if not len(rows) or tag not in rows or rows[tag].isna().all():
         return pd.DataFrame(columns=["samples", "total", "per_sample"])
     order = {label: i for i, label in enumerate(REWARD_SOURCES.values())}
-    out = _grouped(rows, rows[REWARD_SOURCE_TAG].map(_source_label))
+    out = _grouped(rows, rows[tag].map(_source_label))
     return out.sort_index(key=lambda idx: idx.map(lambda s: order.get(s, len(order))))
 
 
@@ -106,17 +137,25 @@ def _sign_label(value: float) -> str:
 
 
 def credit_by_advantage(ledger: pd.DataFrame | None) -> pd.DataFrame:
-    """Whole-sample credit summed by the sign of `tag/advantage`."""
+    """Whole-sample credit summed by the sign of `tag/advantage` (or of `tag/advantage_sign`
+    where rows were summed by it and the raw advantage is gone)."""
     rows = _sample_rows(ledger)
-    if not len(rows) or ADVANTAGE_TAG not in rows:
+    present = [c for c in (ADVANTAGE_TAG, ADVANTAGE_SIGN_TAG) if c in rows]
+    if not len(rows) or not present:
         return pd.DataFrame(columns=["samples", "total", "per_sample"])
-    out = _grouped(rows, rows[ADVANTAGE_TAG].map(_sign_label))
+    sign = rows[present[0]]
+    for column in present[1:]:
+        sign = sign.fillna(rows[column])
+    if sign.isna().all():
+        return pd.DataFrame(columns=["samples", "total", "per_sample"])
+    out = _grouped(rows, sign.map(_sign_label))
     order = ["advantage > 0", "advantage < 0", "advantage = 0", "untagged"]
     return out.reindex([g for g in order if g in out.index])
 
 
 def credit_features_by_source(ledger: pd.DataFrame | None, k: int = 8) -> pd.DataFrame:
-    """Per-sample feature credit, feature × reward source, the k features largest in |total|."""
+    """Tagged feature credit, feature × reward source, the k features largest in |total|
+    (empty when feature rows were summed over samples without tags)."""
     rows = _sample_rows(ledger, whole=False)
     if not len(rows) or REWARD_SOURCE_TAG not in rows:
         return pd.DataFrame()

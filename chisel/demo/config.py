@@ -1,0 +1,146 @@
+"""`DemoConfig`: every knob of `chisel demo`, frozen, validated, saved in demo.json.
+
+Two presets: the default run (about 5 minutes on a 2-core machine) and `--quick` (under a
+minute, for the test suite and a first look). `DemoConfig.make(quick=...)` picks one; any field
+can be overridden on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from chisel.errors import ChiselError
+
+ButtonMode = Literal["none", "early", "late"]
+BUTTON_MODES: tuple[str, ...] = ("none", "early", "late")
+
+# hook sites of the reference agent (chisel.agents.ppo.TrashAgent)
+ACTOR_INPUT_SITES: tuple[str, ...] = ("hook_obs", "hook_pi_hidden1", "hook_pi_hidden2")
+PROBE_SITES: tuple[str, ...] = (
+    "hook_obs",
+    "hook_pi_hidden1",
+    "hook_pi_hidden2",
+    "hook_logits",
+    "hook_v_hidden1",
+    "hook_v_hidden2",
+)
+ACTION_SITE = "hook_logits"
+FACTOR_MODULES: tuple[str, ...] = ("pi_fc1", "pi_fc2", "pi_out")
+CREDIT_BY: tuple[str, ...] = ("reward_source", "next_reward_source", "advantage_sign")
+REWARD_WITHIN = "reward_within_k"  # the reward-predictive concept the rollouts label
+
+
+class DemoConfigError(ChiselError, ValueError):
+    """A `DemoConfig` field is out of range."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What `chisel demo` trains, probes, attributes and checks."""
+
+    out: Path = Path("runs/demo")
+    """Run directory to write (replaced if it holds a run)."""
+    seed: int = 1
+    """Seeds training, the probe and metric rollouts and the causal check."""
+    button: ButtonMode = "none"
+    """Reward button: "none", "early" (from the start) or "late" (appears halfway through)."""
+    quick: bool = False
+    """The small preset (set by `DemoConfig.make(quick=True)`; recorded in demo.json)."""
+    total_timesteps: int = 524_288
+    """PPO env steps (1,024 optimizer updates at the PPO defaults)."""
+    factors_every: int = 8
+    """Record per-sample factors (x_i, g_i) on every this-many updates; credit runs on those."""
+    attribute_every: int = 1
+    """Geometry + integrated attribution on every this-many updates (1: every update; else an
+    even sample from step 0, plus every update with factors)."""
+    points: int = 8
+    """Gauss-Legendre points along each update path (tanh nets: smooth, so 8 close to ~1e-10)."""
+    horizon: int = 8
+    """Earlier steps whose samples receive credit through Adam's momentum."""
+    metric_states: int = 1024
+    """Held-out states of the metric (log-prob of the final agent's greedy actions)."""
+    probe_rooms: int = 64
+    """Rooms of the probe rollouts; each runs `probe_steps` steps."""
+    probe_steps: int = 64
+    """Steps of each probe rollout (probe dataset: probe_rooms * probe_steps states)."""
+    probe_checkpoints: int = 5
+    """Checkpoints of the run (evenly spaced, incl. the first and the last) for the probe table."""
+    reward_k: int = 8
+    """reward_within_k: a reward arrives within this many steps."""
+    causal_k: int = 3
+    """Feature directions projected out in each condition of the causal check."""
+    causal_sites: tuple[str, ...] = ("hook_pi_hidden1", "hook_pi_hidden2")
+    """Sites whose probe directions the causal check ranks and projects out."""
+    causal_seeds: int = 5
+    """Random draws of k directions for the "random" condition."""
+    eval_rooms: int = 64
+    """Rooms of each return evaluation."""
+    eval_episodes: int = 4
+    """Episodes per room of each return evaluation."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "causal_sites", tuple(self.causal_sites))
+        if self.button not in BUTTON_MODES:
+            raise DemoConfigError(
+                f"DemoConfig.button={self.button!r}: choose one of {BUTTON_MODES}."
+            )
+        for name in (
+            "total_timesteps",
+            "factors_every",
+            "attribute_every",
+            "points",
+            "metric_states",
+            "probe_rooms",
+            "probe_steps",
+            "reward_k",
+            "causal_k",
+            "causal_seeds",
+            "eval_rooms",
+            "eval_episodes",
+        ):
+            if getattr(self, name) < 1:
+                raise DemoConfigError(f"DemoConfig.{name}={getattr(self, name)!r}: must be >= 1.")
+        if self.horizon < 0:
+            raise DemoConfigError(f"DemoConfig.horizon={self.horizon}: must be >= 0.")
+        if self.probe_checkpoints < 2:
+            raise DemoConfigError(
+                f"DemoConfig.probe_checkpoints={self.probe_checkpoints}: need >= 2 (start and end)."
+            )
+        unknown = set(self.causal_sites) - set(ACTOR_INPUT_SITES)
+        if unknown or not self.causal_sites:
+            raise DemoConfigError(
+                f"DemoConfig.causal_sites={self.causal_sites}: choose among {ACTOR_INPUT_SITES}."
+            )
+
+    @classmethod
+    def make(cls, *, quick: bool = False, **overrides: Any) -> DemoConfig:
+        """The default preset, or the quick one; `overrides` replace single fields."""
+        preset = dict(QUICK) if quick else {}
+        return cls(quick=quick, **{**preset, **overrides})
+
+    def replace(self, **changes: Any) -> DemoConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["out"] = str(self.out)
+        out["causal_sites"] = list(self.causal_sites)
+        return out
+
+
+# --quick: 128 updates, factors and attribution on a sparser sample, smaller datasets
+QUICK: dict[str, Any] = {
+    "total_timesteps": 65_536,
+    "factors_every": 4,
+    "metric_states": 512,
+    "probe_rooms": 32,
+    "probe_steps": 48,
+    "probe_checkpoints": 3,
+    "causal_seeds": 3,
+    "eval_rooms": 32,
+    "eval_episodes": 2,
+}

@@ -1,0 +1,79 @@
+"""Name the agent's computations: probe scores over training, and the FeatureSet to attribute.
+
+Features are linear probes fitted on the final agent (one per concept at each actor input
+site, named "<concept>@<site>") plus one unit per action at the logits ("<action>@hook_logits"),
+so geometry rows read as circuits "trash_adjacent@hook_pi_hidden2→pick_up@hook_logits".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+
+import probes
+from chisel.agents.ppo import TrashAgent
+from chisel.demo.config import ACTION_SITE, ACTOR_INPUT_SITES
+from chisel.demo.data import Rollout
+from chisel.envs import ACTION_NAMES
+from chisel.store.reader import Run
+
+
+def feature_name(concept: str, site: str) -> str:
+    return f"{concept}@{site}"
+
+
+def checkpoint_steps(run: Run, count: int) -> list[int]:
+    """`count` evenly spaced steps from 0 to len(run) inclusive (θ before each; the last is final)."""
+    n = len(run)
+    return sorted({round(i * n / (count - 1)) for i in range(count)})
+
+
+def probe_table(
+    agent: TrashAgent, run: Run, data: Rollout, sites: Sequence[str], checkpoints: int, seed: int
+) -> pd.DataFrame:
+    """Held-out probe score per (checkpoint step, site, concept): probes.parquet's rows."""
+    labels = {c: data.labels[c] for c in data.usable_concepts()}
+    states = [(t, _state_dict(agent, run.params(t))) for t in checkpoint_steps(run, checkpoints)]
+    return probes.probe_over_training(agent, states, data.obs, labels, list(sites), seed=seed)
+
+
+def _state_dict(agent: TrashAgent, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The run's θ as a full state_dict of `agent` (dtype of the agent's own tensors)."""
+    own = agent.state_dict()
+    return {k: params[k].to(v.dtype) if k in params else v for k, v in own.items()}
+
+
+def build_features(
+    agent: TrashAgent, data: Rollout, seed: int, sites: Sequence[str] = ACTOR_INPUT_SITES
+) -> probes.FeatureSet:
+    """Probes of every usable concept at every actor input site, then the action units."""
+    concepts = data.usable_concepts()
+    acts = probes.capture(agent, data.obs, list(sites))
+    feats: list[probes.Feature] = []
+    for site in sites:
+        for concept in concepts:
+            feats.append(
+                probes.fit_probe(
+                    acts[site],
+                    data.labels[concept],
+                    concept=concept,
+                    name=feature_name(concept, site),
+                    site=site,
+                    seed=seed,
+                )
+            )
+    units = probes.neurons(ACTION_SITE, range(len(ACTION_NAMES)), dim=len(ACTION_NAMES))
+    for unit, action in zip(units, ACTION_NAMES, strict=True):
+        meta = {**unit.metadata, "concept": action}
+        feats.append(
+            dataclasses.replace(unit, name=feature_name(action, ACTION_SITE), metadata=meta)
+        )
+    return probes.FeatureSet(feats)
+
+
+def feature_concepts(features: probes.FeatureSet) -> dict[str, str]:
+    """{feature name: concept} for demo.json (action units map to their action's name)."""
+    return {f.name: str(f.metadata.get("concept", f.name.split("@")[0])) for f in features}
