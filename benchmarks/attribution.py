@@ -94,19 +94,20 @@ def main() -> None:
         floor = floor_seconds(policy, metric)
         chisel.attribute(run, policy, feats, metric, steps=[1], points=POINTS)  # warm-up
         per_step = {}
-        for families in (("integrated",), ("geometry", "integrated", "credit")):
-            times = []
-            for t in range(10, 30):
-                start = time.perf_counter()
-                chisel.attribute(run, policy, feats, metric, steps=[t], points=POINTS, families=families,
-                                 credit_by=["reward"])
-                times.append(time.perf_counter() - start)
-            per_step[families] = statistics.median(times)
+        block = range(60, 80)  # consecutive steps in one call, as a user attributes a run
+        runs = (("integrated",), None), (("geometry", "integrated", "credit"), None), \
+               (("geometry", "integrated", "credit"), 8)
+        for families, horizon in runs:
+            start = time.perf_counter()
+            chisel.attribute(run, policy, feats, metric, steps=block, points=POINTS, families=families,
+                             credit_by=["reward"], horizon=horizon)
+            per_step[(families, horizon)] = (time.perf_counter() - start) / len(block)
         print(f"policy {sum(p.numel() for p in policy.parameters()):,} params; metric on {METRIC_STATES} "
               f"states; {len(feats)} features; minibatch {BATCH}; {POINTS} points")
         print(f"floor ({POINTS} fwd+bwd, float64):      {floor * 1e3:8.1f} ms")
-        for families, seconds in per_step.items():
-            print(f"attribute one update, {'+'.join(families):28s} {seconds * 1e3:8.1f} ms  "
+        for (families, horizon), seconds in per_step.items():
+            label = "+".join(families) + (f" (horizon {horizon})" if horizon else "")
+            print(f"attribute one update, {label:44s} {seconds * 1e3:8.1f} ms  "
                   f"= {seconds / floor:.2f}x the floor")
         # (b) memory over the whole run, ledger streamed to parquet, nothing kept in memory
         marks = []

@@ -19,6 +19,7 @@ splits exactly into c_ij·gᵀ(coef ⊙ ḡ)d_j per feature plus the off-span g�
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -110,10 +111,13 @@ class SampleBlock:
             return self.g.sum(1) @ (self.coef * gbar)
         return (self.reads(gbar) * self.x).sum((1, 2))
 
-    def feature_shares(self, gbar: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
+    def feature_shares(
+        self, gbar: Tensor, directions: Tensor, dual: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """([n, F] shares, [n] off-span share); they sum to `attribution` exactly.
 
-        directions: [F, in] read directions at the module's input (unit rows).
+        directions: [F, in] read directions at the module's input (unit rows); dual: their
+        least-squares dual Dᵀ(DDᵀ)⁺ [in, F] if already computed.
         """
         if self.is_bias:
             raise CreditError(f"{self.param} is a bias: it reads no input features.")
@@ -124,7 +128,7 @@ class SampleBlock:
                 "give directions at this module's input (conv2d: in unfolded C·kh·kw space)."
             )
         d = directions.to(torch.float64)
-        dual = d.T @ torch.linalg.pinv(d @ d.T)  # [in, F]
+        dual = d.T @ torch.linalg.pinv(d @ d.T) if dual is None else dual  # [in, F]
         h = self.reads(gbar)  # [n, T, in]
         coeffs = self.x @ dual  # [n, T, F]
         shares = (coeffs * (h @ d.T)).sum(1)  # [n, F]
@@ -298,6 +302,12 @@ class ModuleFeatures:
     sites: tuple[str, ...]
     directions: Tensor  # [F, in]
 
+    @functools.cached_property
+    def dual(self) -> Tensor:
+        """Dᵀ(DDᵀ)⁺ [in, F], computed once per module rather than once per sample block."""
+        d = self.directions
+        return d.T @ torch.linalg.pinv(d @ d.T)
+
     @classmethod
     def of(cls, value: Any) -> ModuleFeatures:
         """From (site, names, D), or anything with .names, .sites, .directions (FeatureBlock)."""
@@ -336,28 +346,49 @@ def _rows(
     sample: np.ndarray | None = None,
     origin: int | None = None,
     tags: dict[str, np.ndarray] | None = None,
-) -> pd.DataFrame:
+) -> dict[str, np.ndarray]:
+    """Columns of n rows as numpy arrays (one DataFrame is built per step, not per block)."""
     n = len(value)
-    ints = (lambda v: pd.array(v, dtype="Int64")) if n else (lambda v: pd.array([], dtype="Int64"))
-    cols: dict[str, Any] = {
+
+    def full(v: Any) -> np.ndarray:
+        return v if isinstance(v, np.ndarray) else np.full(n, v, dtype=object)
+
+    cols: dict[str, np.ndarray] = {
         L.STEP: np.full(n, t, dtype=np.int64),
-        L.FAMILY: L.CREDIT,
-        PART: part,
-        L.PARAM: param,
-        L.SITE: site,
-        L.FEATURE: feature,
-        L.QUANTITY: L.ATTRIBUTION,
-        L.VALUE: value,
-        L.SAMPLE: ints(sample if sample is not None else [None] * n),
-        L.ORIGIN_STEP: ints([origin] * n),
+        L.FAMILY: full(L.CREDIT),
+        PART: full(part),
+        L.PARAM: full(param),
+        L.SITE: full(site),
+        L.FEATURE: full(feature),
+        L.QUANTITY: full(L.ATTRIBUTION),
+        L.VALUE: np.asarray(value, dtype=np.float64),
+        L.SAMPLE: np.asarray(sample, dtype=np.float64) if sample is not None else np.full(n, np.nan),
+        L.ORIGIN_STEP: np.full(n, np.nan if origin is None else float(origin)),
     }
     cols.update(tags or {})
-    return pd.DataFrame(cols)
+    return cols
+
+
+def _frame(chunks: list[dict[str, np.ndarray]]) -> pd.DataFrame:
+    """One DataFrame from column chunks; a column a chunk lacks is null there."""
+    names = list(dict.fromkeys(k for c in chunks for k in c))
+    data = {}
+    for name in names:
+        parts = []
+        for c in chunks:
+            n = len(c[L.VALUE])
+            parts.append(c[name] if name in c else np.full(n, np.nan))
+        data[name] = np.concatenate(parts) if parts else np.zeros(0)
+    frame = pd.DataFrame(data)
+    for col in (L.SAMPLE, L.ORIGIN_STEP):
+        if col in frame:
+            frame[col] = frame[col].astype("Int64")
+    return frame
 
 
 def _block_rows(
     t: int, b: SampleBlock, gbar: Tensor, feats: ModuleFeatures | None, tags: dict, mode: str
-) -> list[pd.DataFrame]:
+) -> list[dict[str, np.ndarray]]:
     """A block's whole-sample rows and, with features, their exact split over features."""
     idx = np.arange(b.n)
     site = feats.sites[0] if feats is not None else ""
@@ -368,7 +399,7 @@ def _block_rows(
     ]
     if feats is None or b.is_bias or mode == "none":
         return out
-    shares, off = b.feature_shares(gbar, feats.directions)  # [n, F], [n]
+    shares, off = b.feature_shares(gbar, feats.directions, feats.dual)  # [n, F], [n]
     names = np.array([*feats.names, L.RESIDUAL], dtype=object)
     sites = np.array([*feats.sites, site], dtype=object)
     values = torch.cat([shares, off[:, None]], 1)  # [n, F+1]
@@ -446,7 +477,7 @@ def credit_rows(
         step_factors = session.factors(b.origin_step)
         tags = _tag_columns(step_factors.tags if step_factors else {}, b.n)
         frames += _block_rows(t, b, gbar[b.param], feats.get(b.module), tags, feature_rows)
-    return pd.concat(frames, ignore_index=True)
+    return _frame(frames)
 
 
 # -- aggregation and the engine's hook ---------------------------------------------------------
