@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--button", choices=["none", "early", "late"], default="none",
                       help="reward button: never, from the start, or appearing halfway through")
     demo.add_argument("--quick", action="store_true",
-                      help="a small run (128 updates, smaller datasets): under a minute")
+                      help="a small run (256 updates, smaller datasets): under a minute")
     demo.set_defaults(func=_demo)
     report = sub.add_parser("report", help="write the self-contained HTML report of a demo run")
     report.add_argument("run_dir", help="a run directory written by `chisel demo`")

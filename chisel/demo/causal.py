@@ -93,7 +93,8 @@ def causal_check(
     evaluator: Evaluator,
     seed: int,
 ) -> dict:
-    """causal.json: baseline return and the top / bottom / random-k conditions."""
+    """causal.json: baseline return, the top / bottom / random-k conditions, and each candidate
+    direction projected out alone ("singles", in ranking order)."""
     candidates = [f.name for f in features if f.site in sites and f.source == "probe"]
     k = min(k, max(1, len(candidates) // 2))
     order = rank(totals, candidates)
@@ -118,6 +119,9 @@ def causal_check(
             float(np.std(returns)),
         )
     )
+    singles = [
+        {"feature": n, "total": float(totals.get(n, 0.0)), "return": run([n])} for n in order
+    ]
     return {
         "k": k,
         "site": ", ".join(sites),
@@ -126,4 +130,5 @@ def causal_check(
         "ranking": "|cumulative integrated attribution|",
         "conditions": [c.to_json() for c in conditions],
         "random_returns": returns,
+        "singles": singles,
     }

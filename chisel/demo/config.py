@@ -132,10 +132,11 @@ class DemoConfig:
         return out
 
 
-# --quick: 128 updates, factors and attribution on a sparser sample, smaller datasets
+# --quick: 256 updates (the agent starts to earn reward), attribution on every other update,
+# smaller datasets
 QUICK: dict[str, Any] = {
-    "total_timesteps": 65_536,
-    "factors_every": 4,
+    "total_timesteps": 131_072,
+    "attribute_every": 2,
     "metric_states": 512,
     "probe_rooms": 32,
     "probe_steps": 48,

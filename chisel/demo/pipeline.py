@@ -26,28 +26,21 @@ import torch
 import chisel
 import probes
 from chisel.agents.ppo import (
-    MinibatchInfo,
     PPOConfig,
-    TrainResult,
     TrashAgent,
-    UpdateStats,
-    make_agent,
-    make_optimizer,
-    train,
 )
-from chisel.attribution import ledger as L
 from chisel.demo import causal as C
 from chisel.demo import features as Fe
+from chisel.demo.attribute import attribute_run, attribution_plan
 from chisel.demo.config import (
-    CREDIT_BY,
-    FACTOR_MODULES,
     PROBE_SITES,
     REWARD_WITHIN,
     DemoConfig,
 )
 from chisel.demo.data import Rollout, rollout, subsample
+from chisel.demo.train import ppo_config, train_recorded
 from chisel.envs import ACTION_NAMES, TrashWorldConfig, VecTrashWorld, evaluate, oracle_return
-from chisel.report.artifacts import CAUSAL_FILE, DEMO_FILE, FEATURES_DIR, LEDGER_FILE, PROBES_FILE
+from chisel.report.artifacts import CAUSAL_FILE, DEMO_FILE, FEATURES_DIR, PROBES_FILE
 
 METRIC_NAME = "logprob(chosen actions) on held-out states"
 CONCEPT_GROUPS = {
@@ -138,22 +131,7 @@ def _run(cfg: DemoConfig, watch: Stopwatch) -> Path:
         ppo.env, cfg.eval_rooms, cfg.eval_episodes, cfg.seed + EVAL_SEED, button_on
     )
     with watch.stage("causal", "project out top / bottom / random-k feature directions"):
-        totals = chisel.timeline(ledger).iloc[-1]
-        means = {
-            s: a.mean(0) for s, a in probes.capture(agent, data.obs, list(cfg.causal_sites)).items()
-        }
-        causal = C.causal_check(
-            agent,
-            features,
-            totals,
-            cfg.causal_sites,
-            cfg.causal_k,
-            cfg.causal_seeds,
-            means,
-            evaluator,
-            cfg.seed,
-        )
-        (out / CAUSAL_FILE).write_text(json.dumps(causal, indent=1))
+        causal = causal_stage(agent, features, ledger, data, evaluator, cfg)
         returns = reference_returns(causal["baseline"], evaluator)
     with watch.stage("report", "demo.json, report.html, figures/"):
         demo = {
@@ -183,66 +161,31 @@ def _run(cfg: DemoConfig, watch: Stopwatch) -> Path:
     return report
 
 
-def ppo_config(cfg: DemoConfig) -> PPOConfig:
-    """The reference PPO run; a late button appears halfway through training."""
-    env = TrashWorldConfig(button=cfg.button, button_after_steps=cfg.total_timesteps // 2)
-    return PPOConfig(env=env, seed=cfg.seed, total_timesteps=cfg.total_timesteps)
-
-
-def train_recorded(cfg: DemoConfig, ppo: PPOConfig) -> tuple[TrainResult, list[dict]]:
-    """Train inside `chisel.record`, tagging each minibatch; returns the run and its curve."""
-    agent = make_agent(ppo)
-    optimizer = make_optimizer(agent, ppo)
-    curve: list[dict] = []
-    rewards = np.zeros(3)  # reward of the current rollout by source (none, trash, button)
-
-    def before_step(mb: MinibatchInfo) -> None:
-        adv = mb.advantages
-        rec.tag(
-            advantage=adv,
-            reward=mb.rewards,
-            reward_source=mb.reward_source,
-            next_reward_source=mb.next_reward_source,
-            advantage_sign=np.where(adv >= 0, 1.0, -1.0),
-            episode_id=mb.episode_ids,
-        )
-        if mb.epoch == 0:  # epoch 0's minibatches cover the rollout once
-            np.add.at(rewards, mb.reward_source.astype(np.int64), mb.rewards)
-
-    def on_update(u: UpdateStats) -> None:
-        ret = u.mean_return if np.isfinite(u.mean_return) else None
-        total = rewards[1:].sum()
-        share = rewards / total if total else np.zeros(3)
-        curve.append(
-            {
-                "update": u.optimizer_steps,
-                "env_steps": u.global_env_step,
-                "mean_return": ret,
-                "reward_trash": None if ret is None else ret * float(share[1]),
-                "reward_button": None if ret is None else ret * float(share[2]),
-                "seconds": round(u.seconds, 2),
-            }
-        )
-        rewards[:] = 0
-
-    meta = {
-        "demo": cfg.to_json(),
-        "ppo": {"total_timesteps": ppo.total_timesteps, "seed": ppo.seed, "button": cfg.button},
-    }
-    with chisel.record(
+def causal_stage(
+    agent: TrashAgent,
+    features: probes.FeatureSet,
+    ledger: pd.DataFrame,
+    data: Rollout,
+    evaluator: C.Evaluator,
+    cfg: DemoConfig,
+) -> dict:
+    """Rank by the ledger's cumulative integrated attribution, ablate, write causal.json."""
+    totals = chisel.timeline(ledger).iloc[-1]
+    acts = probes.capture(agent, data.obs, list(cfg.causal_sites))
+    means = {site: a.mean(0) for site, a in acts.items()}  # [dim] per site
+    causal = C.causal_check(
         agent,
-        optimizer,
-        cfg.out,
-        factors=list(FACTOR_MODULES),
-        factor_dtype="bfloat16",
-        factors_every=cfg.factors_every,
-        overwrite=True,
-        metadata=meta,
-    ) as rec:
-        result = train(
-            ppo, agent=agent, optimizer=optimizer, before_step=before_step, on_update=on_update
-        )
-    return result, curve
+        features,
+        totals,
+        cfg.causal_sites,
+        cfg.causal_k,
+        cfg.causal_seeds,
+        means,
+        evaluator,
+        cfg.seed,
+    )
+    (cfg.out / CAUSAL_FILE).write_text(json.dumps(causal, indent=1))
+    return causal
 
 
 def metric_states(
@@ -260,59 +203,6 @@ def metric_states(
         button_on=button_on,
     )
     return subsample(data, cfg.metric_states, cfg.seed)
-
-
-@dataclass(frozen=True)
-class AttributionPlan:
-    """Which updates get which families."""
-
-    sample: list[int]  # geometry + integrated: every attribute_every-th update
-    credit: list[int]  # + credit: the updates with per-sample factors (multiples of K)
-
-
-def attribution_plan(n_steps: int, cfg: DemoConfig) -> AttributionPlan:
-    credit = list(range(0, n_steps, cfg.factors_every))
-    sample = sorted(set(range(0, n_steps, cfg.attribute_every)) | set(credit))
-    return AttributionPlan(sample, credit)
-
-
-def attribute_run(
-    run: chisel.Run,
-    agent: TrashAgent,
-    features: probes.FeatureSet,
-    metric: Callable,
-    plan: AttributionPlan,
-    cfg: DemoConfig,
-) -> pd.DataFrame:
-    """One ledger: all three families on the credit steps, geometry + integrated on the rest.
-
-    Two calls so that no step's path integral is computed twice; rows sorted by step.
-    """
-    common = {"points": cfg.points, "progress": True}
-    credit = chisel.attribute(
-        run,
-        agent,
-        features,
-        metric,
-        steps=plan.credit,
-        families=L.FAMILIES,
-        horizon=cfg.horizon,
-        credit_by=list(CREDIT_BY),
-        **common,
-    )
-    rest = [t for t in plan.sample if t not in set(plan.credit)]
-    other = chisel.attribute(
-        run, agent, features, metric, steps=rest, families=(L.GEOMETRY, L.INTEGRATED), **common
-    )
-    tags = [c for c in credit.columns if c.startswith(L.TAG_PREFIX)]
-    ledger = L.to_frame(pd.concat([credit, other], ignore_index=True), tags)
-    ledger = ledger.sort_values(L.STEP, kind="stable", ignore_index=True)
-    writer = L.LedgerWriter(run.path / LEDGER_FILE, tags)
-    try:
-        writer.write(ledger)
-    finally:
-        writer.close()
-    return ledger
 
 
 def reference_returns(agent_return: float, evaluator: C.Evaluator) -> dict[str, float]:

@@ -123,11 +123,31 @@ def credit_samples() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def ledger(credit: bool = True) -> pd.DataFrame:
+def credit_groups() -> pd.DataFrame:
+    """The per-sample rows as `chisel.attribute(..., credit_by=...)` writes them: whole rows
+    summed within groups of (reward_source, next_reward_source, advantage_sign), `sample` null
+    and the raw advantage gone; feature rows summed over samples without tags."""
+    raw = credit_samples()
+    per_sample = raw[raw[L.SAMPLE].notna()].copy()
+    per_sample["tag/advantage_sign"] = np.where(per_sample["tag/advantage"] >= 0, 1.0, -1.0)
+    keys = [L.STEP, L.FAMILY, L.PARAM, L.SITE, L.FEATURE, L.QUANTITY, L.ORIGIN_STEP]
+    tags = ["tag/reward_source", "tag/next_reward_source", "tag/advantage_sign"]
+    whole = per_sample[per_sample[L.FEATURE] == L.WHOLE]
+    groups = whole.groupby(keys + tags, dropna=False)[L.VALUE].sum().reset_index()
+    feats = per_sample[per_sample[L.FEATURE] != L.WHOLE]
+    summed = feats.groupby(keys, dropna=False)[L.VALUE].sum().reset_index()
+    rest = raw[raw[L.SAMPLE].isna()]
+    return pd.concat([groups, summed, rest], ignore_index=True)
+
+
+def ledger(credit: bool | str = True) -> pd.DataFrame:
+    """credit: True (per-sample rows), "grouped" (credit_by sums) or False (none)."""
     frames = [pd.DataFrame(_integrated() + _geometry())]
-    if credit:
+    if credit == "grouped":
+        frames.append(credit_groups())
+    elif credit:
         frames.append(credit_samples())
-    return L.to_frame(pd.concat(frames, ignore_index=True), TAGS)
+    return L.to_frame(pd.concat(frames, ignore_index=True), [*TAGS, "tag/advantage_sign"])
 
 
 def probes_frame() -> pd.DataFrame:
@@ -173,7 +193,7 @@ def demo(button: str = "none") -> dict:
 
 
 def make_run(
-    root: Path, *, credit: bool = True, button: str = "none", artifacts: bool = True
+    root: Path, *, credit: bool | str = True, button: str = "none", artifacts: bool = True
 ) -> Path:
     """A run directory: manifest.json and (unless artifacts=False) every demo artifact."""
     root.mkdir(parents=True, exist_ok=True)

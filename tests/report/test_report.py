@@ -133,6 +133,33 @@ def test_credit_tables_match_a_brute_force_sum(run_dir):
     assert parts["per-sample terms"] == pytest.approx(whole.value.sum())
 
 
+def test_credit_tables_read_credit_by_groups(tmp_path):
+    """Rows summed by `credit_by` (sample null, group tags set) give the same totals as the
+    per-sample rows; sample counts are unknown there and shown as a dash."""
+    grouped = load_artifacts(syn.make_run(tmp_path / "grouped", credit="grouped")).ledger
+    assert grouped[grouped.family == "credit"]["sample"].isna().all()
+    raw = syn.credit_samples()
+    whole = raw[raw.feature == ""].dropna(subset=["sample"])
+    by_source = T.credit_by_reward_source(grouped)
+    for code, label in T.REWARD_SOURCES.items():
+        rows = whole[whole["tag/reward_source"] == code]
+        assert by_source.loc[label, "total"] == pytest.approx(rows.value.sum())
+        assert by_source["samples"].isna().all()
+    by_adv = T.credit_by_advantage(grouped)
+    assert by_adv.loc["advantage > 0", "total"] == pytest.approx(
+        whole[whole["tag/advantage"] >= 0].value.sum()
+    )
+    assert by_adv.loc["advantage < 0", "total"] == pytest.approx(
+        whole[whole["tag/advantage"] < 0].value.sum()
+    )
+    parts = T.credit_parts(grouped)
+    assert parts["<momentum>"] == pytest.approx(raw[raw.feature == "<momentum>"].value.sum())
+    assert T.credit_features_by_source(grouped).empty  # feature rows carry no tags
+    page = write_report(tmp_path / "grouped").read_text()
+    assert "Not shown: credit" not in page
+    assert "next reward event" in page and '<td class="n">—</td>' in page
+
+
 def test_circuits_keep_feature_to_action_pairs(run_dir):
     circ = T.circuits(load_artifacts(run_dir).ledger, syn.ACTIONS)
     assert circ.to_actions and len(circ.totals) == len(syn.FEATURES) * len(syn.ACTIONS)

@@ -1,0 +1,196 @@
+"""`chisel demo --quick` end to end: every artifact of docs/demo-run.md, the report, the notebook.
+
+One quick demo run (about 30 s) is shared by the module; each test reads what it wrote.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nbclient
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+
+import chisel
+import probes
+from chisel.agents.ppo import PPOConfig
+from chisel.cli import main
+from chisel.demo import DemoConfig, DemoConfigError
+from chisel.demo.config import QUICK
+from chisel.envs import ACTION_NAMES
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOK = ROOT / "notebooks" / "01_trashworld.ipynb"
+FIGURES = {"timeline", "probes", "circuits", "credit", "completeness"}
+EVIL = "<script>alert(1)</script>"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    assert main(["demo", "--quick", "--out", str(out), "--seed", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(run_dir) -> dict:
+    return json.loads((run_dir / "demo.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ledger(run_dir) -> pd.DataFrame:
+    return chisel.load_ledger(run_dir / "ledger.parquet")
+
+
+def test_every_artifact_exists(run_dir):
+    for name in (
+        "manifest.json",
+        "ledger.parquet",
+        "probes.parquet",
+        "demo.json",
+        "causal.json",
+        "report.html",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert {p.stem for p in (run_dir / "figures").glob("*.png")} == FIGURES
+    run = chisel.load(run_dir)
+    assert len(run) == PPOConfig(total_timesteps=QUICK["total_timesteps"]).num_updates == 256
+    assert set(run.factors(0)) == {"pi_fc1", "pi_fc2", "pi_out"}
+    assert run.factors(1) == {} or not run.factors(1)  # factors every 8th step only
+    tags = run.tags(8)
+    assert {
+        "advantage",
+        "reward",
+        "reward_source",
+        "next_reward_source",
+        "advantage_sign",
+        "episode_id",
+    } <= set(tags)
+    assert set(np.unique(np.asarray(tags["advantage_sign"]))) <= {-1.0, 1.0}
+
+
+def test_report_embeds_every_figure(run_dir):
+    page = (run_dir / "report.html").read_text()
+    for name in FIGURES:
+        png = (run_dir / "figures" / f"{name}.png").read_bytes()
+        assert base64.b64encode(png).decode() in page, name
+    assert "Not shown" not in page
+    assert "http://" not in page and "https://" not in page
+
+
+def test_ledger_has_all_families_and_closes(ledger, demo):
+    assert set(ledger.family) == {"geometry", "integrated", "credit"}
+    comp = ledger[(ledger.family == "integrated") & (ledger.quantity == "completeness_rel")]
+    assert sorted(comp.step) == demo["attributed_steps"]
+    assert comp.value.max() < 1e-6
+    # credit rows of a step (whole rows, every part and tag group) sum to ⟨Δθ, ḡ⟩ of that step
+    total = ledger[(ledger.family == "integrated") & (ledger.quantity == "attribution_total")]
+    whole = ledger[(ledger.family == "credit") & (ledger.feature == "")]
+    credit = whole.groupby("step").value.sum()
+    assert list(credit.index) == demo["credit_steps"]
+    expected = total.set_index("step").value.loc[credit.index]
+    np.testing.assert_allclose(credit.values, expected.values, rtol=1e-6, atol=1e-9)
+    grouped = whole[whole["tag/reward_source"].notna()]
+    assert len(grouped) and grouped["sample"].isna().all()
+    assert set(grouped["tag/advantage_sign"]) <= {-1.0, 1.0}
+    circuits = ledger[(ledger.family == "geometry") & (ledger.quantity == "circuit")]
+    assert circuits.feature.str.endswith("→pick_up@hook_logits").any()
+
+
+def test_demo_json_is_sane(run_dir, demo):
+    assert demo["quick"] is True and demo["button"] == "none" and demo["seed"] == 1
+    r = demo["returns"]
+    assert 1.0 < r["oracle"] <= 2.0 and 0.0 <= r["random"] < 0.2 * r["oracle"]
+    assert r["agent"] >= 0.0 and r["ratio"] == pytest.approx(r["agent"] / r["oracle"])
+    wall = demo["wall_time_s"]
+    assert {"train", "probes", "attribute", "causal", "report", "total"} <= set(wall)
+    assert wall["total"] >= sum(v for k, v in wall.items() if k != "total") - 1e-6
+    curve = pd.DataFrame(demo["training_curve"])
+    assert list(curve["update"]) == [16 * (i + 1) for i in range(16)]
+    assert curve.env_steps.is_monotonic_increasing
+    assert demo["attributed_steps"] == list(range(0, 256, 2))
+    assert demo["credit_steps"] == list(range(0, 256, 8))
+    assert demo["action_names"] == list(ACTION_NAMES)
+    assert demo["concepts"]["reward_predictive"] == ["reward_within_k"]
+    assert demo["concepts"]["spurious"] == ["wall_blue"]
+    features = probes.FeatureSet.load(run_dir / "features")
+    assert set(demo["feature_concepts"]) == set(features.names)
+    for action in ACTION_NAMES:
+        assert demo["feature_concepts"][f"{action}@hook_logits"] == action
+    assert "holding_trash@hook_pi_hidden2" in features
+    assert "reward_within_k@hook_obs" in features
+
+
+def test_probe_table_covers_checkpoints_sites_concepts(run_dir):
+    table = pd.read_parquet(run_dir / "probes.parquet")
+    assert list(table.columns) == ["step", "site", "concept", "metric", "score"]
+    assert sorted(table.step.unique()) == [0, 128, 256]
+    assert {"hook_obs", "hook_pi_hidden1", "hook_pi_hidden2", "hook_logits"} <= set(table.site)
+    assert {"holding_trash", "wall_blue", "reward_within_k"} <= set(table.concept)
+    assert table.score.between(0, 1).all()
+
+
+def test_causal_json_follows_the_contract(run_dir):
+    causal = json.loads((run_dir / "causal.json").read_text())
+    names = set(probes.FeatureSet.load(run_dir / "features").names)
+    assert [c["name"] for c in causal["conditions"]] == ["top", "bottom", "random"]
+    top, bottom, rand = causal["conditions"]
+    assert len(top["features"]) == len(bottom["features"]) == causal["k"] == 3
+    assert set(top["features"]).isdisjoint(bottom["features"])
+    assert set(top["features"] + bottom["features"] + rand["features"]) <= names
+    assert rand["seeds"] == QUICK["causal_seeds"] and rand["std"] >= 0
+    assert len(causal["singles"]) == len({f for f in names if "hook_pi_hidden" in f})
+
+
+def test_notebook_executes_on_the_run(run_dir, monkeypatch):
+    monkeypatch.setenv("CHISEL_RUN", str(run_dir))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(run_dir)}}
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"run {run_dir}" in text and "largest relative completeness error" in text
+
+
+def test_an_evil_feature_name_is_escaped(run_dir, tmp_path):
+    """Rename a feature everywhere the report reads names, then rewrite the report."""
+    copy = tmp_path / "evil"
+    copy.mkdir()
+    for name in ("manifest.json", "ledger.parquet", "probes.parquet", "causal.json"):
+        shutil.copy(run_dir / name, copy / name)
+    victim = "holding_trash@hook_pi_hidden2"
+    led = pd.read_parquet(copy / "ledger.parquet")
+    led["feature"] = led.feature.str.replace(victim, EVIL, regex=False)
+    led.to_parquet(copy / "ledger.parquet")
+    demo = json.loads((run_dir / "demo.json").read_text())
+    demo["feature_concepts"][EVIL] = demo["feature_concepts"].pop(victim)
+    demo["metric"] = EVIL
+    (copy / "demo.json").write_text(json.dumps(demo))
+    page = chisel.write_report(copy).read_text()
+    assert EVIL not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_cli_rejects_a_bad_button(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--button", "sometimes"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_config_is_validated():
+    assert DemoConfig.make(quick=True).total_timesteps == QUICK["total_timesteps"]
+    assert DemoConfig.make(quick=True, factors_every=4).factors_every == 4
+    with pytest.raises(DemoConfigError, match="attribute_every"):
+        DemoConfig(attribute_every=0)
+    with pytest.raises(DemoConfigError, match="causal_sites"):
+        DemoConfig(causal_sites=("hook_value",))
+    assert os.fspath(DemoConfig(out="x").out) == "x"
