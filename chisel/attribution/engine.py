@@ -109,6 +109,7 @@ def attribute(
     credit_by: Sequence[str] | None = None,
     progress: bool | None = None,
     return_ledger: bool = True,
+    batch_points: bool | None = None,
 ) -> pd.DataFrame | None:
     """Attribute every chosen update of `run` to `features`, as changes of `metric`.
 
@@ -131,6 +132,8 @@ def attribute(
         credit_by: per-sample tag names; when given, credit rows of samples are summed within
             the groups of these tags (with `sample` null) instead of one row per sample.
         progress: show a progress bar (default: when stderr is a terminal).
+        batch_points: evaluate the gradients at all quadrature points in one vmapped call
+            (default: on accelerators; on CPU a loop of backward passes is faster).
         return_ledger: with `out`, False keeps nothing in memory across steps (rows go
             straight to the parquet file) and returns None; read it with `chisel.load_ledger`.
 
@@ -145,7 +148,7 @@ def attribute(
     features = _feature_set(features)
     chosen = [t for t in _steps(run, steps) if not run.record(t).get("skipped")]
     _check_model(run, model)
-    space = ParamSpace(model, metric, dtype, device)
+    space = ParamSpace(model, metric, dtype, device, batch_points=batch_points)
     recorded = set(run.param_names)
     weights = bind_sites(
         space.model, linear_weights(space.model, recorded), [f.site for f in features],

@@ -143,3 +143,14 @@ def test_two_layer_bilinear_known_answer(tmp_path):
         assert shares[f"b{i}"] == pytest.approx(expected, rel=1e-10, abs=1e-14)
     residual = rows[(rows.param == "1.weight") & (rows.feature == L.RESIDUAL)].value
     assert abs(float(residual.iloc[0])) < 1e-12  # the features span the whole site
+
+
+def test_vmapped_and_looped_quadrature_agree(tmp_path):
+    model = policy(nn.Tanh)
+    run = record_policy_gradient(tmp_path / "run", model, torch.optim.Adam(model.parameters(), lr=1e-2), steps=2)
+    metric = _metric()
+    batched, looped = (
+        chisel.attribute(run, model, _features(), metric, families=("integrated",), batch_points=flag)
+        for flag in (True, False)
+    )
+    assert batched.value.to_numpy() == pytest.approx(looped.value.to_numpy(), rel=1e-10, abs=1e-15)
