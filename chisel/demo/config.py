@@ -78,8 +78,9 @@ class DemoConfig:
     """Random draws of k directions for the "random" condition."""
     eval_rooms: int = 64
     """Rooms of each return evaluation."""
-    eval_episodes: int = 4
-    """Episodes per room of each return evaluation."""
+    eval_episodes: int = 8
+    """Episodes per room of each return evaluation (64 x 8 = 512 episodes: the standard error
+    of a mean return is about 0.03)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
