@@ -47,7 +47,7 @@ def measure(root: Path, name: str, options: dict, steps: int = 200, batch: int =
             optimizer.step()
             optimizer.zero_grad()
     run = chisel.load(run_dir)
-    steps_bytes = sum(f.stat().st_size for d in ("steps", "factors") for f in (run_dir / d).iterdir())
+    steps_bytes = sum(f.stat().st_size for f in (run_dir / "steps").iterdir())
     return steps_bytes / len(run)
 
 

@@ -29,9 +29,9 @@ def encoding_for(param_dtype: torch.dtype, storage: torch.dtype) -> str:
     return N.EXACT if exact else N.LOSSY
 
 
-def _segment_norms(flat: torch.Tensor, sizes: list[int]) -> list[float]:
-    squares = torch.stack([seg.double().pow(2).sum() for seg in flat.split(sizes)]) if sizes else flat.new_zeros(0)
-    return squares.sqrt().tolist()
+def _segment_norms(flat: torch.Tensor, lengths: torch.Tensor) -> list[float]:
+    """‖segment‖ of each parameter in a flat vector: one kernel, no per-parameter Python."""
+    return torch.segment_reduce(flat.double().square_(), "sum", lengths=lengths).sqrt().tolist()
 
 
 class RunWriter:
@@ -55,6 +55,9 @@ class RunWriter:
             for s in shape:
                 numel *= s
             self._segments[dtype].append((name, numel))
+        self._lengths = {
+            d: torch.tensor([n for _, n in segs], dtype=torch.int64) for d, segs in self._segments.items()
+        }
         self._prev: dict[str, torch.Tensor] = {}  # θ before the step being written (flat)
         self._recon: dict[str, torch.Tensor] = {}  # θ̂ in float64 for LOSSY groups (flat)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
@@ -125,7 +128,7 @@ class RunWriter:
         if item.after is not None:
             tensors.update(self._encode(item.after, record))
         if item.grads is not None:
-            norms = [n for d, flat in item.grads.items() for n in _segment_norms(flat, self._sizes(d))]
+            norms = [n for d, flat in item.grads.items() for n in _segment_norms(flat, self._lengths[d])]
             if record.get("grad_norm") is None:
                 record["grad_norm"] = float(torch.tensor(norms, dtype=torch.float64).norm())
             tensors.update({N.GRAD + d: flat.to(self._storage) for d, flat in item.grads.items()})
@@ -141,15 +144,12 @@ class RunWriter:
         write_tensors(self.layout.step_file(item.step), tensors, record, fsync=self.config.fsync)
         self.steps_written += 1
 
-    def _sizes(self, dtype: str) -> list[int]:
-        return [numel for _, numel in self._segments[dtype]]
-
     def _encode(self, after: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
         out, norms = {}, {}
         for dtype, value in after.items():
-            sizes, prev = self._sizes(dtype), self._prev[dtype]
-            for (name, _), a, b in zip(self._segments[dtype], value.split(sizes), prev.split(sizes)):
-                norms[name] = float((a.double() - b.double()).norm())  # one parameter's temporaries
+            prev = self._prev[dtype]
+            values = _segment_norms(value - prev, self._lengths[dtype])
+            norms.update(zip((name for name, _ in self._segments[dtype]), values))
             prev.copy_(value)
             if self._group_encoding[dtype] == N.EXACT:
                 out[N.AFTER + dtype] = value
