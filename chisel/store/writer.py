@@ -31,7 +31,8 @@ def encoding_for(param_dtype: torch.dtype, storage: torch.dtype) -> str:
 
 def _segment_norms(flat: torch.Tensor, lengths: torch.Tensor) -> list[float]:
     """‖segment‖ of each parameter in a flat vector: one kernel, no per-parameter Python."""
-    return torch.segment_reduce(flat.double().square_(), "sum", lengths=lengths).sqrt().tolist()
+    # .double() returns the tensor itself when it is float64 already: square out of place
+    return torch.segment_reduce(flat.double().square(), "sum", lengths=lengths).sqrt().tolist()
 
 
 class RunWriter:

@@ -221,3 +221,23 @@ def test_recording_does_not_change_training(tmp_path):
 
     plain, recorded = train(False), train(True)
     assert all(torch.equal(plain[n], recorded[n]) for n in plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stored_gradients_are_the_consumed_ones(tmp_path, dtype):
+    model = mlp(dtype=dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    consumed = []
+    with chisel.record(model, optimizer, tmp_path / "run", dtype="float64") as rec:
+        for _ in range(3):
+            model(torch.randn(4, 6, dtype=dtype)).pow(2).sum().backward()
+            rec.tag(w=torch.ones(4))
+            consumed.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            optimizer.step()
+            optimizer.zero_grad()
+    run = chisel.load(tmp_path / "run")
+    for t in range(3):
+        grads = run.grads(t)
+        assert all(torch.equal(grads[n].to(dtype), consumed[t][n]) for n in consumed[t])
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in consumed[t].values()))
+        assert run.record(t)["grad_norm"] == pytest.approx(float(norm), rel=1e-12)
