@@ -5,6 +5,7 @@ repeat, so drift of a shared machine hits every mode alike):
 
     plain     no recording
     deltas    chisel.record(..., factors=False)   (exact θ after every step + the consumed grads)
+    nograds   chisel.record(..., grads=False)     (exact θ after every step only)
     factors   chisel.record(..., factors=True)    (the above + per-sample (x_i, g_i) of every Linear)
 
 Workloads (CleanRL-style PPO update: clipped surrogate + value loss + entropy, per-minibatch
@@ -48,9 +49,10 @@ from torch.distributions import Categorical
 
 import chisel
 
-MODES = ("plain", "deltas", "factors")
+MODES = ("plain", "deltas", "nograds", "factors")
+RECORDED = MODES[1:]
 QUEUE_SIZE = 4  # chisel.record's default, stated here so the memory bound uses the same number
-TARGETS = {"deltas": 1.05, "factors": 1.15}
+TARGETS = {"deltas": 1.05, "nograds": 1.05, "factors": 1.15}
 
 
 class ActorCritic(nn.Module):
@@ -151,7 +153,8 @@ class Trainer:
             t1 = time.perf_counter()
             return t1 - t0, t1 - t0
         rec = chisel.record(
-            self.policy, self.opt, run_dir, factors=mode == "factors", queue_size=QUEUE_SIZE
+            self.policy, self.opt, run_dir, factors=mode == "factors", grads=mode != "nograds",
+            queue_size=QUEUE_SIZE,
         )
         t0 = time.perf_counter()
         try:
@@ -177,7 +180,8 @@ def time_workload(w: Workload, root: Path, quick: bool) -> dict:
     total: dict[str, list[float]] = {m: [] for m in MODES}
     per_step: dict[str, float] = {}
     for r in range(-1, repeats):  # r = -1 warms up every mode and is not counted
-        order = MODES[r % 3 :] + MODES[: r % 3]
+        k = r % len(MODES)
+        order = MODES[k:] + MODES[:k]
         for mode in order:
             run_dir = root / f"{w.name}-{mode}-{r + 1}"
             seconds = trainer.segment(mode, run_dir, w.steps)
@@ -296,7 +300,7 @@ def report(name: str, t: dict, mem: dict[str, int] | None) -> list[str]:
         f"{WORKLOADS[name].steps} steps × {t['repeats']} repeats per mode, alternating",
         f"  plain    median {1e3 * plain / WORKLOADS[name].steps:8.2f} ms/step",
     ]
-    for mode in ("deltas", "factors"):
+    for mode in RECORDED:
         ratio = t["loop"][mode] / plain
         ratio_total = t["total"][mode] / t["total"]["plain"]
         lo, hi = (s / plain for s in t["spread"][mode])
@@ -308,7 +312,7 @@ def report(name: str, t: dict, mem: dict[str, int] | None) -> list[str]:
             f"[{_mb(t['bytes_per_step'][mode])} on disk per step]"
         )
     if mem is not None:
-        for mode in ("deltas", "factors"):
+        for mode in RECORDED:
             extra = mem[mode] - mem["plain"]
             bound = 2 * t["param_bytes"] + QUEUE_SIZE * t["bytes_per_step"][mode]
             verdict = "ok" if extra <= bound else "MISSED"

@@ -19,8 +19,12 @@ GRAD = "grad/"  # the gradient the optimizer consumed
 TAG = "tag/"  # per-sample tag arrays
 STATE = "state/"  # optimizer state: state/<key>/<param>
 PARAM = "param/"  # θ in a keyframe
-FACTOR_X = "X/"  # per-sample layer inputs: X/<module>/<call>
-FACTOR_G = "G/"  # per-sample output gradients: G/<module>/<call>
+# per-sample factors are packed into one flat vector per dtype ("factors/<dtype>"); the step record's
+# "factor_layout" maps each key X/<module>/<call> (layer input) or G/<module>/<call> (output
+# gradient) to [dtype, offset, shape]
+FACTORS = "factors/"
+FACTOR_X = "X/"
+FACTOR_G = "G/"
 
 # the safetensors metadata key holding a step's JSON record
 RECORD_KEY = "record"

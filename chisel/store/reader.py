@@ -258,12 +258,13 @@ class Run:
         calls = self.record(t).get("factor_calls")
         if not calls:
             return {}
-        stored = {**{N.FACTOR_X + k: v for k, v in self._step_tensors(t, N.FACTOR_X).items()},
-                  **{N.FACTOR_G + k: v for k, v in self._step_tensors(t, N.FACTOR_G).items()}}
-        aliases = self.record(t).get("factor_aliases", {})
+        record = self.record(t)
+        flats = self._step_tensors(t, N.FACTORS)
+        layout, aliases = record["factor_layout"], record.get("factor_aliases", {})
 
         def get(key: str) -> torch.Tensor:
-            return stored[aliases.get(key, key)]
+            dtype, offset, shape = layout[aliases.get(key, key)]
+            return flats[dtype][offset : offset + torch.Size(shape).numel()].view(shape)
 
         meta = self.manifest.get("factor_modules", {})
         out = {}

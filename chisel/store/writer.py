@@ -124,8 +124,9 @@ class RunWriter:
         record = dict(item.record)
         tensors: dict[str, torch.Tensor] = {}
         if item.factors:
-            factors, record["factor_calls"], record["factor_aliases"] = self._factors(item)
+            factors, index = self._factors(item)
             tensors.update(factors)
+            record.update(index)
         if item.after is not None:
             tensors.update(self._encode(item.after, record))
         if item.grads is not None:
@@ -175,12 +176,15 @@ class RunWriter:
             if self._group_encoding[dtype] == N.LOSSY:
                 self._recon[dtype] = flat.double()
 
-    def _factors(self, item: StepPacket) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, str]]:
-        tensors: dict[str, torch.Tensor] = {}
+    def _factors(self, item: StepPacket) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """All factors of a step packed into one flat vector per dtype (few tensors per file:
+        safetensors spends Python time per tensor, and the writer shares the GIL with training)."""
         calls: dict[str, int] = {}
         aliases: dict[str, str] = {}  # key -> key of the identical tensor stored once
         seen: dict[tuple, str] = {}
-        storages: set[int] = set()
+        parts: dict[str, list[torch.Tensor]] = {}
+        layout: dict[str, list] = {}
+        offsets: dict[str, int] = {}
         for module, pairs in item.factors.items():
             calls[module] = len(pairs)
             for k, (x, g) in enumerate(pairs):
@@ -191,9 +195,10 @@ class RunWriter:
                         aliases[key] = seen[view]
                         continue
                     seen[view] = key
-                    stored = value.to("cpu", self._factor_dtype or value.dtype)
-                    if stored.untyped_storage().data_ptr() in storages:
-                        stored = stored.clone()  # overlapping views must not share memory on disk
-                    storages.add(stored.untyped_storage().data_ptr())
-                    tensors[key] = stored
-        return tensors, calls, aliases
+                    stored = value.to("cpu", self._factor_dtype or value.dtype).reshape(-1)
+                    dtype = str(stored.dtype).removeprefix("torch.")
+                    layout[key] = [dtype, offsets.get(dtype, 0), list(value.shape)]
+                    offsets[dtype] = offsets.get(dtype, 0) + stored.numel()
+                    parts.setdefault(dtype, []).append(stored)
+        tensors = {N.FACTORS + d: torch.cat(p) for d, p in parts.items()}
+        return tensors, {"factor_calls": calls, "factor_aliases": aliases, "factor_layout": layout}
