@@ -164,7 +164,9 @@ def attribute(
     show = sys.stderr.isatty() if progress is None else progress
     failed = True
     try:
-        for t in tqdm(chosen, desc="attributing", unit="step", disable=not show):
+        # in a log file (no terminal) a redraw is a new line: redraw rarely
+        interval = 0.1 if sys.stderr.isatty() else 15.0
+        for t in tqdm(chosen, desc="attributing", unit="step", disable=not show, mininterval=interval):
             rows = _step_rows(run, t, space, families, blocks, by_param, points, split, dtype, device, credit)
             frame = L.to_frame(rows, tag_columns)
             if writer is not None:
