@@ -63,32 +63,32 @@ def logprob(obs: Tensor, actions: Tensor, *, logits: Head | None = None) -> Metr
     return _Named(metric, f"logprob(actions, n={len(actions)})")
 
 
+def _action_metric(
+    obs: Tensor, action: int, where: Tensor | None, logits: Head | None, name: str, transform
+) -> Metric:
+    head = logits or _default_logits
+    states = obs if where is None else obs[where.bool()]
+    if len(states) == 0:
+        raise ValueError(f"action_{name}: `where` selects no state; the metric would be undefined.")
+
+    def metric(model: nn.Module) -> Tensor:
+        return transform(head(model, as_input(states, model)))[:, action].mean()
+
+    return _Named(metric, f"{name}[{action}] (n={len(states)})")
+
+
 def action_logit(
     obs: Tensor, action: int, *, where: Tensor | None = None, logits: Head | None = None
 ) -> Metric:
     """Mean logit of `action` over the states `obs[where]` (e.g. where a concept holds)."""
-    head = logits or _default_logits
-    states = obs if where is None else obs[where.bool()]
-    _check_nonempty(states, "action_logit")
-
-    def metric(model: nn.Module) -> Tensor:
-        return head(model, as_input(states, model))[:, action].mean()
-
-    return _Named(metric, f"logit[{action}] (n={len(states)})")
+    return _action_metric(obs, action, where, logits, "logit", lambda z: z)
 
 
 def action_prob(
     obs: Tensor, action: int, *, where: Tensor | None = None, logits: Head | None = None
 ) -> Metric:
     """Mean probability of `action` over the states `obs[where]`."""
-    head = logits or _default_logits
-    states = obs if where is None else obs[where.bool()]
-    _check_nonempty(states, "action_prob")
-
-    def metric(model: nn.Module) -> Tensor:
-        return torch.softmax(head(model, as_input(states, model)), dim=-1)[:, action].mean()
-
-    return _Named(metric, f"prob[{action}] (n={len(states)})")
+    return _action_metric(obs, action, where, logits, "prob", lambda z: torch.softmax(z, dim=-1))
 
 
 def value(obs: Tensor, *, value_fn: Head) -> Metric:
@@ -111,11 +111,6 @@ def kl_to(reference_logits: Tensor, obs: Tensor, *, logits: Head | None = None) 
         return (r.exp() * (r - lp)).sum(-1).mean()
 
     return _Named(metric, f"KL(ref || policy) (n={len(obs)})")
-
-
-def _check_nonempty(states: Tensor, what: str) -> None:
-    if len(states) == 0:
-        raise ValueError(f"{what}: `where` selects no state; the metric would be undefined.")
 
 
 def describe(metric: Any) -> str:
