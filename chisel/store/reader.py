@@ -204,8 +204,8 @@ class Run:
             )
         out: Tensors = {}
         exact = [n for n in self.param_names if self._encodings[n] == N.EXACT]
-        if exact:
-            before = self.params(t)
+        if exact:  # only the exact params' θ_t: the lossy ones come straight from the delta
+            before = self._exact_params(t, set(self.keyframes), exact)
             after = self._flat(t, N.AFTER)
             out.update({n: after[n].double() - before[n].double() for n in exact})
         if len(exact) < len(self.param_names):

@@ -241,3 +241,28 @@ def test_stored_gradients_are_the_consumed_ones(tmp_path, dtype):
         assert all(torch.equal(grads[n].to(dtype), consumed[t][n]) for n in consumed[t])
         norm = torch.sqrt(sum((g.double() ** 2).sum() for g in consumed[t].values()))
         assert run.record(t)["grad_norm"] == pytest.approx(float(norm), rel=1e-12)
+
+
+def test_mixed_dtypes_store_exact_and_lossy_params_side_by_side(tmp_path):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3).double())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    observed = []
+    with chisel.record(model, optimizer, tmp_path / "run") as rec:
+        for _ in range(3):
+            h = model[1](model[0](torch.randn(4, 6)))
+            model[2](h.double()).pow(2).sum().backward()
+            rec.tag(w=torch.ones(4))
+            before = snapshot(model)
+            optimizer.step()
+            optimizer.zero_grad()
+            observed.append({n: p.detach().double() - before[n].double() for n, p in model.named_parameters()})
+    run = chisel.load(tmp_path / "run")
+    encodings = {p["name"]: p["encoding"] for p in run.manifest["params"]}
+    assert encodings == {"0.weight": "after", "0.bias": "after", "2.weight": "delta", "2.bias": "delta"}
+    for t in range(3):
+        update = run.update(t)
+        assert torch.equal(update["0.weight"], observed[t]["0.weight"])  # exact
+        scale = max(observed[s]["2.weight"].abs().max() for s in range(t + 1))
+        assert (update["2.weight"] - observed[t]["2.weight"]).abs().max() <= 2**-23 * scale
+    assert all(torch.equal(run.params(3)[n], p.detach()) for n, p in model.named_parameters())
