@@ -26,6 +26,15 @@ def _row(name: str, a: object, b: object) -> tuple[str, str, str]:
     return name, str(a), str(b)
 
 
+def _find(items: list, attr: str, value: object) -> object | None:
+    return next((item for item in items if getattr(item, attr) == value), None)
+
+
+def _paired(name: str, a: object | None, b: object | None, fmt) -> tuple[str, str, str]:
+    """One comparison row; a side the run does not have reads "n/a"."""
+    return _row(name, fmt(a) if a is not None else "n/a", fmt(b) if b is not None else "n/a")
+
+
 def _summary_rows(sa: Summary, sb: Summary) -> list[tuple[str, str, str]]:
     rows = [_row("run", sa.run, sb.run)]
     for key in sorted(set(sa.returns) | set(sb.returns)):
@@ -33,24 +42,10 @@ def _summary_rows(sa: Summary, sb: Summary) -> list[tuple[str, str, str]]:
     rows.append(_row("features attributed", len(sa.features), len(sb.features)))
     rows.append(_row("Σ feature attribution", H.num(sa.feature_sum), H.num(sb.feature_sum)))
     rows.append(_row("Δ metric", H.num(sa.delta_metric), H.num(sb.delta_metric)))
-    groups = {g.group: None for s in (sa, sb) for g in s.groups}
-    for group in groups:
-        ga = next((g for g in sa.groups if g.group == group), None)
-        gb = next((g for g in sb.groups if g.group == group), None)
-        rows.append(
-            _row(
-                f"share of Σ|attribution|: {group}",
-                H.pct(ga.abs_share) if ga else "n/a",
-                H.pct(gb.abs_share) if gb else "n/a",
-            )
-        )
-        rows.append(
-            _row(
-                f"Σ attribution: {group}",
-                H.num(ga.total) if ga else "n/a",
-                H.num(gb.total) if gb else "n/a",
-            )
-        )
+    for group in {g.group: None for s in (sa, sb) for g in s.groups}:
+        ga, gb = (_find(s.groups, "group", group) for s in (sa, sb))
+        rows.append(_paired(f"share of Σ|attribution|: {group}", ga, gb, lambda g: H.pct(g.abs_share)))
+        rows.append(_paired(f"Σ attribution: {group}", ga, gb, lambda g: H.num(g.total)))
 
     def wall(s: Summary) -> str:
         c = s.correlate
@@ -62,17 +57,9 @@ def _summary_rows(sa: Summary, sb: Summary) -> list[tuple[str, str, str]]:
     rows.append(
         _row("max completeness error", H.num(sa.completeness_max), H.num(sb.completeness_max))
     )
-    names = {r.name: None for s in (sa, sb) for r in s.causal}
-    for name in names:
-        ra = next((r for r in sa.causal if r.name == name), None)
-        rb = next((r for r in sb.causal if r.name == name), None)
-        rows.append(
-            _row(
-                f"causal drop: {name}",
-                H.num(ra.drop) if ra else "n/a",
-                H.num(rb.drop) if rb else "n/a",
-            )
-        )
+    for name in {r.name: None for s in (sa, sb) for r in s.causal}:
+        ra, rb = (_find(s.causal, "name", name) for s in (sa, sb))
+        rows.append(_paired(f"causal drop: {name}", ra, rb, lambda r: H.num(r.drop)))
     return rows
 
 
