@@ -17,6 +17,8 @@ STEP, FAMILY, PARAM, SITE, FEATURE, QUANTITY, VALUE = (
 COLUMNS = [STEP, FAMILY, PARAM, SITE, FEATURE, QUANTITY, VALUE]
 # columns of credit rows (null elsewhere); per-sample tags follow as "tag/<name>"
 PART, SAMPLE, ORIGIN_STEP = "part", "sample", "origin_step"
+# credit rows summed over a group of samples (`credit_by`): how many sample rows were summed
+COUNT = "count"
 TAG_PREFIX = "tag/"
 
 # families
@@ -24,7 +26,12 @@ GEOMETRY, INTEGRATED, CREDIT = "geometry", "integrated", "credit"
 FAMILIES = (GEOMETRY, INTEGRATED, CREDIT)
 
 # quantities
-ATTRIBUTION = "attribution"  # ⟨part, ḡ⟩: a share of m(θ_{t+1}) − m(θ_t)
+ATTRIBUTION = "attribution"  # ⟨part, ḡ⟩: a share of m(θ_{t+1}) − m(θ_t), split by input features
+# the same layer share split by the features at the weight's *output* (the computation that
+# produces them): features + <residual> of these rows also sum to the param's share
+WRITE_ATTRIBUTION = "attribution_write"
+# credit: the share of the update's momentum part left unresolved (beyond the horizon), per step
+MOMENTUM_UNRESOLVED_SHARE = "momentum_unresolved_share"
 READ, WRITE, CIRCUIT, CIRCUIT_REL, SPAN_SHARE = "read", "write", "circuit", "circuit_rel", "span_share"
 DELTA_METRIC, METRIC_BEFORE, TOTAL = "delta_metric", "metric_before", "attribution_total"
 COMPLETENESS_ERROR, COMPLETENESS_REL = "completeness_error", "completeness_rel"
@@ -32,6 +39,9 @@ PIECES, EVALUATIONS = "pieces", "evaluations"
 
 # feature labels that are not feature names
 RESIDUAL, BIAS, SPAN, WHOLE = "<residual>", "<bias>", "<span>", ""
+# centred splits: the part of a weight's share carried by the mean input over the metric's states
+MEAN = "<mean>"
+NOT_FEATURES = (WHOLE, RESIDUAL, BIAS, SPAN, MEAN)
 ARROW = "→"
 
 _BASE_SCHEMA = [
@@ -45,6 +55,7 @@ _BASE_SCHEMA = [
     (PART, pa.string()),  # credit: weight_decay, momentum, gradient, … (null elsewhere)
     (SAMPLE, pa.int64()),
     (ORIGIN_STEP, pa.int64()),
+    (COUNT, pa.int64()),  # credit rows summed over samples (credit_by): how many (null elsewhere)
 ]
 
 
@@ -62,7 +73,7 @@ def to_frame(rows: list[dict[str, Any]] | pd.DataFrame, tag_columns: list[str]) 
     frame = frame.reindex(columns=[c for c, _ in _BASE_SCHEMA] + tag_columns)
     frame[STEP] = frame[STEP].astype("int64")
     frame[VALUE] = frame[VALUE].astype("float64")
-    for col in (SAMPLE, ORIGIN_STEP):
+    for col in (SAMPLE, ORIGIN_STEP, COUNT):
         frame[col] = frame[col].astype("Int64")
     for col in (FAMILY, PARAM, SITE, FEATURE, QUANTITY):
         frame[col] = frame[col].fillna("").astype(str)

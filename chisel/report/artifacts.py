@@ -22,6 +22,9 @@ PROBES_FILE = "probes.parquet"
 DEMO_FILE = "demo.json"
 CAUSAL_FILE = "causal.json"
 FEATURES_DIR = "features"
+# validation by intervention (chisel.validation): one row per pathway / feature, and a summary
+VALIDATION_FILE = "validation.parquet"
+VALIDATION_SUMMARY_FILE = "validation.json"
 # what the report writes
 REPORT_FILE = "report.html"
 COMPARE_FILE = "compare.html"
