@@ -16,6 +16,8 @@ from probes.features import Feature, FeatureSet
 from probes.fit import fit_probe
 from probes.over_training import probe_over_training
 from probes.sae import SAE, load_sae
+from probes.sae_label import label_latents
+from probes.sae_train import SAEStats, TrainedSAE, train_sae
 from probes.sites import Site, resolve_site, sites
 from probes.sources import custom, neurons, pca
 
@@ -27,16 +29,20 @@ __all__ = [
     "FeatureSet",
     "ProbeFitError",
     "ProbesError",
+    "SAEStats",
     "Site",
     "SiteCaptureError",
+    "TrainedSAE",
     "UnknownSiteError",
     "capture",
     "custom",
     "fit_probe",
+    "label_latents",
     "load_sae",
     "neurons",
     "pca",
     "probe_over_training",
     "resolve_site",
     "sites",
+    "train_sae",
 ]

@@ -17,18 +17,22 @@ PUBLIC = {
     "FeatureSet",
     "ProbeFitError",
     "ProbesError",
+    "SAEStats",
     "Site",
     "SiteCaptureError",
+    "TrainedSAE",
     "UnknownSiteError",
     "capture",
     "custom",
     "fit_probe",
+    "label_latents",
     "load_sae",
     "neurons",
     "pca",
     "probe_over_training",
     "resolve_site",
     "sites",
+    "train_sae",
 }
 
 
