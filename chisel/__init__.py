@@ -6,6 +6,7 @@ attribute the weight changes to named features (see docs/).
 
 from chisel import metrics
 from chisel.attribution.engine import AttributionInputError, attribute
+from chisel.attribution.functional import TrainModeWarning
 from chisel.attribution.ledger import load_ledger
 from chisel.attribution.timeline import timeline
 from chisel.capture.config import RecordConfig
@@ -43,6 +44,7 @@ __all__ = [
     "Step",
     "StepOutOfRangeError",
     "TagError",
+    "TrainModeWarning",
     "UnknownModuleError",
     "WriterError",
     "__version__",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -27,6 +29,48 @@ class MetricError(ChiselError, ValueError):
     """A metric returned something that is not a finite scalar."""
 
 
+class TrainModeWarning(UserWarning):
+    """The model was in train mode with modules that act differently in eval mode (dropout,
+    batch norm…); chisel evaluated the metric on an eval-mode copy instead."""
+
+
+@functools.lru_cache(maxsize=256)
+def _reads_training(cls: type) -> bool:
+    """A user-defined module whose forward branches on `self.training` (noisy nets, F.dropout…).
+
+    Lines that only gate gradient checkpointing (every Hugging Face model has one) do not count.
+    """
+    forward = getattr(cls, "forward", None)
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return False
+    return any("self.training" in line and "checkpointing" not in line for line in source.splitlines())
+
+
+def _mode_dependent_modules(model: nn.Module) -> list[str]:
+    """Names of the modules in train mode whose output would change in eval mode."""
+    found = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            differs = m.p > 0
+        elif isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm*, InstanceNorm*
+            differs = m.track_running_stats
+        elif isinstance(m, nn.MultiheadAttention):
+            differs = m.dropout > 0
+        elif isinstance(m, nn.RReLU):
+            differs = True
+        elif type(m).__module__.startswith("torch."):
+            differs = False  # torch's other modules: same numbers in both modes
+        else:
+            differs = _reads_training(type(m))
+        if differs:
+            found.append(f"{name or '<model>'} ({type(m).__name__})")
+    return found
+
+
 class _Call(nn.Module):
     """Wraps `metric(model)` as a module so `functional_call` can swap the parameters."""
 
@@ -43,7 +87,10 @@ class ParamSpace:
     """`m(θ)` and `∇m(θ)` for the recorded parameters; everything else is the model's own.
 
     The model is deep-copied and cast to `dtype` once, so evaluating never changes the
-    caller's model, and frozen parameters and buffers share θ's dtype.
+    caller's model, and frozen parameters and buffers share θ's dtype. The copy is put in eval
+    mode: m(θ) must be a deterministic function of θ for the path integral to close (dropout
+    would make every evaluation a different function). A model left in train mode with
+    modules for which that matters gets a `TrainModeWarning`; the caller's model keeps its mode.
     """
 
     def __init__(
@@ -56,7 +103,20 @@ class ParamSpace:
         batch_bytes: int = 256 * 2**20,
         batch_points: bool | None = None,
     ) -> None:
-        copied = copy.deepcopy(model).to(device=device, dtype=dtype)
+        changed = _mode_dependent_modules(model)
+        if changed:
+            shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+            warnings.warn(
+                f"chisel: the model is in train mode, and these modules act differently in eval mode: "
+                f"{shown}. "
+                "Attribution evaluates the metric on an eval-mode copy (dropout off, batch norm "
+                "with its running statistics), so that the metric is a deterministic function of "
+                "the parameters and the attributions sum to the metric's change; your model's "
+                "mode is left as it is. Call model.eval() before attributing to silence this.",
+                TrainModeWarning,
+                stacklevel=3,
+            )
+        copied = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
         for p in copied.parameters():
             p.requires_grad_(False)
         self._call = _Call(copied, metric)

@@ -4,7 +4,8 @@ Smooth networks: one panel of `points` Gauss-Legendre nodes (error ~1e-15 at 16 
 float64). Piecewise-linear activations (ReLU…) put kinks into ∇m(θ(α)), where fixed quadrature
 stalls near 1e-5 and more points do not help; there the path is split at every α where a unit's
 pre-activation crosses a breakpoint (bracketing root search, all roots refined together), and
-each smooth piece gets its own small panel.
+each smooth piece gets its own small panel. The pre-activation is read before the module runs,
+so in-place activations (`inplace=True`) are split exactly too.
 """
 
 from __future__ import annotations
@@ -52,16 +53,20 @@ class PathIntegral:
 
 
 def _offsets_fn(path: UpdatePath, modules: list[nn.Module]):
-    """θ ↦ [units]: every piecewise unit's pre-activation minus each of its breakpoints."""
+    """θ ↦ [units]: every piecewise unit's pre-activation minus each of its breakpoints.
+
+    Read in a forward *pre*-hook and copied there: an in-place activation (nn.ReLU(inplace=True))
+    rectifies its input, so a forward hook would see no crossing and the split would miss kinks.
+    """
 
     def fn(params: Params) -> Tensor:
         seen: list[Tensor] = []
 
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            z = inputs[0].reshape(-1)
-            seen.extend(z - bp for bp in _BREAKPOINTS[type(module)](module))
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            z = inputs[0].reshape(-1)  # [batch·units], before the module can overwrite it
+            seen.extend(z - bp for bp in _BREAKPOINTS[type(module)](module))  # new tensors: copies
 
-        handles = [m.register_forward_hook(hook) for m in modules]
+        handles = [m.register_forward_pre_hook(hook) for m in modules]
         try:
             path.space.call(params)
         finally:

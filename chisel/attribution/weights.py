@@ -68,7 +68,14 @@ def linear_weights(model: nn.Module, recorded: set[str]) -> list[LinearWeight]:
 
 
 def _view_key(t: Tensor) -> tuple:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+    """Same memory *and* same version: an in-place op (nn.ReLU(inplace=True)) keeps the storage
+    but bumps the version counter, so `"0:out"` (before the ReLU) is not `"2:in"` (after it)."""
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        version = None
+    storage = t.untyped_storage().data_ptr()
+    return (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), version)
 
 
 def _watch(model: nn.Module, sites: list[Site], weights: list[LinearWeight], run_forward) -> tuple[dict, dict]:

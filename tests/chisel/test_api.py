@@ -25,6 +25,7 @@ PUBLIC = {
     "Step",
     "StepOutOfRangeError",
     "TagError",
+    "TrainModeWarning",
     "UnknownModuleError",
     "WriterError",
     "__version__",
