@@ -31,6 +31,8 @@ COMPARE_FILE = "compare.html"
 FIGURES_DIR = "figures"
 
 PROBE_COLUMNS = ("step", "site", "concept", "metric", "score")
+# validation.parquet: only the feature label is required, every measured column is optional
+VALIDATION_NEEDS = ("feature",)
 _LEDGER_NEEDS = (L.STEP, L.FAMILY, L.FEATURE, L.QUANTITY, L.VALUE)
 
 
@@ -52,6 +54,8 @@ class RunArtifacts:
     probes: pd.DataFrame | None = None
     demo: dict[str, Any] | None = None
     causal: dict[str, Any] | None = None
+    validation: pd.DataFrame | None = None  # validation.parquet: one row per pathway
+    validation_summary: dict[str, Any] | None = None  # validation.json
     missing: list[Missing] = field(default_factory=list)
 
     @property
@@ -111,4 +115,16 @@ def load_artifacts(run_dir: str | Path) -> RunArtifacts:
     probes = _read_parquet(root / PROBES_FILE, PROBE_COLUMNS, missing)
     demo = _read_json(root / DEMO_FILE, missing)
     causal = _read_json(root / CAUSAL_FILE, missing)
-    return RunArtifacts(root, manifest, ledger, probes, demo, causal, missing)
+    validation = _read_parquet(root / VALIDATION_FILE, VALIDATION_NEEDS, missing)
+    validation_summary = _read_json(root / VALIDATION_SUMMARY_FILE, missing)
+    return RunArtifacts(
+        root,
+        manifest,
+        ledger,
+        probes,
+        demo,
+        causal,
+        validation=validation,
+        validation_summary=validation_summary,
+        missing=missing,
+    )

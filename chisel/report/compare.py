@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from chisel.attribution.timeline import timeline
 from chisel.report import figures as F
 from chisel.report import html as H
 from chisel.report import sections as S
 from chisel.report.artifacts import COMPARE_FILE, FIGURES_DIR, RunArtifacts, load_artifacts
-from chisel.report.summary import TOP_K, Summary, summarize
+from chisel.report.summary import TOP_K, Summary, feature_timeline, summarize
 from chisel.report.write import resolve_out
 
 
@@ -44,7 +43,9 @@ def _summary_rows(sa: Summary, sb: Summary) -> list[tuple[str, str, str]]:
     rows.append(_row("Δ metric", H.num(sa.delta_metric), H.num(sb.delta_metric)))
     for group in {g.group: None for s in (sa, sb) for g in s.groups}:
         ga, gb = (_find(s.groups, "group", group) for s in (sa, sb))
-        rows.append(_paired(f"share of Σ|attribution|: {group}", ga, gb, lambda g: H.pct(g.abs_share)))
+        rows.append(
+            _paired(f"share of Σ|attribution|: {group}", ga, gb, lambda g: H.pct(g.abs_share))
+        )
         rows.append(_paired(f"Σ attribution: {group}", ga, gb, lambda g: H.num(g.total)))
 
     def wall(s: Summary) -> str:
@@ -101,7 +102,7 @@ def write_comparison(run_a: str | Path, run_b: str | Path, out: str | Path) -> P
             ),
         )
     )
-    tls = [timeline(a.ledger) if a.ledger is not None else None for a in arts]
+    tls = [feature_timeline(a.ledger) if a.ledger is not None else None for a in arts]
     if all(t is None or t.empty for t in tls):
         body = H.missing("Neither run has integrated attribution rows (ledger.parquet).")
     else:

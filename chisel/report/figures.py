@@ -220,3 +220,122 @@ def group_shares_figure(shares: dict[str, dict[str, float]], title: str = "") ->
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
+
+
+_SHORT_LABEL = 28
+_PART_COLORS = {
+    "features": "#2a7f62",
+    "dictionary": "#55a868",
+    L.MEAN: "#8172b3",
+    L.BIAS: "#dd8452",
+    L.RESIDUAL: "#b8433a",
+    L.SPAN: "#937860",
+    "unsplit": "#7f7f7f",
+}
+
+
+def _short(s: object) -> str:
+    """A point label: long names keep their head and tail ("concept…site"), which tell
+    pathways apart, and lose the middle."""
+    s = str(s)
+    if len(s) > _SHORT_LABEL:
+        tail = _SHORT_LABEL // 3
+        s = s[: _SHORT_LABEL - tail - 1] + "…" + s[-tail:]
+    return text(s)
+
+
+def _scatter(ax: plt.Axes, rows: pd.DataFrame, x: str, y: str, xerr: str | None) -> None:
+    keep = rows[np.isfinite(rows[x]) & np.isfinite(rows[y])]
+    if keep.empty:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        return
+    err = keep[xerr].to_numpy() if xerr and np.isfinite(keep[xerr]).any() else None
+    ax.errorbar(
+        keep[x], keep[y], xerr=err, fmt="o", ms=4, color="#4c72b0", ecolor="0.6", elinewidth=0.8
+    )
+    ax.axhline(0.0, color="0.75", lw=0.8)
+    ax.axvline(0.0, color="0.75", lw=0.8)
+    # name the extreme points only (largest |y| and |x|), short, so long names stay readable
+    named = set(keep[y].abs().nlargest(3).index) | set(keep[x].abs().nlargest(2).index)
+    middle = 0.5 * (keep[x].min() + keep[x].max())
+    for i in named:
+        right = keep.at[i, x] > middle  # labels point inwards, so they stay inside the panel
+        ax.annotate(
+            _short(keep.at[i, "label"]),
+            (keep.at[i, x], keep.at[i, y]),
+            xytext=(-4 if right else 4, 3),
+            textcoords="offset points",
+            ha="right" if right else "left",
+            fontsize=6.5,
+            color="0.25",
+        )
+
+
+def validation_figure(
+    rows: pd.DataFrame,
+    panels: list[tuple[str, str, str]],
+    names: dict[str, str],
+    xerr: dict[str, str] | None = None,
+) -> Figure:
+    """Scatter panels of the feature pathways, one per (x column, y column, title); rows are
+    the x columns in order, columns the y columns. `rows` needs a "label" column."""
+    xs = list(dict.fromkeys(x for x, _, _ in panels))
+    ys = list(dict.fromkeys(y for _, y, _ in panels))
+    fig, axes = plt.subplots(
+        len(xs), len(ys), figsize=(4.1 * len(ys), 3.5 * len(xs)), squeeze=False
+    )
+    titles = {(x, y): t for x, y, t in panels}
+    for i, x in enumerate(xs):
+        for j, y in enumerate(ys):
+            ax = axes[i, j]
+            if (x, y) not in titles:
+                ax.axis("off")
+                continue
+            _scatter(ax, rows, x, y, (xerr or {}).get(x))
+            ax.set_title(text(titles[x, y]), fontsize=9)
+            ax.set_xlabel(text(names.get(x, x)), fontsize=8)
+            ax.set_ylabel(text(names.get(y, y)), fontsize=8)
+            ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _robust_limits(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return -0.1, 1.1
+    lo, hi = np.quantile(finite, [0.02, 0.98])
+    lo, hi = min(lo, 0.0), max(hi, 1.0)
+    pad = 0.05 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def coverage_figure(
+    step_shares: pd.DataFrame, cumulative: pd.DataFrame, names: dict[str, str]
+) -> Figure:
+    """Each part's share of Δm per step (left; the central 96% of values sets the range, so a
+    step with Δm near 0 does not flatten the rest) and cumulated over steps (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, frame, title in (
+        (axes[0], step_shares, "share of Δm_t, per step"),
+        (axes[1], cumulative, "cumulated: Σ part / Σ Δm over the steps up to t"),
+    ):
+        for part in frame.columns:
+            ax.plot(
+                frame.index,
+                frame[part].to_numpy(dtype=float),
+                lw=1.4,
+                marker="o" if len(frame) <= 40 else None,
+                ms=2.5,
+                color=_PART_COLORS.get(part),
+                label=text(names.get(part, part)),
+            )
+        ax.axhline(0.0, color="0.6", lw=0.8)
+        ax.set_ylim(*_robust_limits(frame.to_numpy(dtype=float).ravel()))
+        ax.set_xlabel("optimizer step")
+        ax.set_title(text(title), fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_ylabel("share of Δm")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    return fig

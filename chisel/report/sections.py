@@ -6,14 +6,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from chisel.attribution.timeline import timeline
 from chisel.report import figures as F
 from chisel.report import html as H
 from chisel.report import tables as T
-from chisel.report.artifacts import CAUSAL_FILE, DEMO_FILE, LEDGER_FILE, PROBES_FILE, RunArtifacts
-from chisel.report.summary import TOP_K, Summary, completeness
+from chisel.report import validation as V
+from chisel.report.artifacts import (
+    CAUSAL_FILE,
+    DEMO_FILE,
+    LEDGER_FILE,
+    PROBES_FILE,
+    VALIDATION_FILE,
+    VALIDATION_SUMMARY_FILE,
+    RunArtifacts,
+)
+from chisel.report.coverage import PARTS
+from chisel.report.summary import (
+    BY_ATTRIBUTION,
+    BY_SHAPLEY,
+    TOP_K,
+    Summary,
+    completeness,
+    feature_timeline,
+    shapley_rank,
+)
 
 Section = tuple[str, str, str]
 
@@ -40,6 +58,88 @@ def training_curve(art: RunArtifacts) -> pd.DataFrame | None:
     return pd.DataFrame(curve) if curve else None
 
 
+def _headline_paras(s: Summary) -> list[str]:
+    """The two rankings side by side: what the agent now relies on (Shapley importance, when
+    validation has it) and when / from which experience (training-path attribution)."""
+    out = []
+    attribution = "; ".join(f"{f.name} ({H.num(f.total)})" for f in s.top(5))
+    if s.headline_by == BY_SHAPLEY:
+        v = s.validation
+        final, reverted = v.number("metric_final"), v.number("metric_reverted")
+        total = v.number("shapley_total")
+        if total is None:
+            total = float(v.pathways[V.SHAPLEY].sum())
+        gap = f"m(final) − m(all reverted) = {H.num(total)}"
+        if final is not None and reverted is not None:
+            neg = f"({H.num(reverted)})" if reverted < 0 else H.num(reverted)
+            gap += f" = {H.num(final)} − {neg}"
+        top = "; ".join(f"{n} ({H.num(x)})" for n, x in s.relied_on[:5])
+        out.append(
+            H.para(
+                f"What the agent now relies on (headline ranking: {BY_SHAPLEY}, the value of "
+                "each pathway's learned change in the final network, interactions included; "
+                f"the values of all pathways sum exactly to {gap}): {top}.",
+                "answer",
+            )
+        )
+        out.append(
+            H.para(
+                f"When and from which experience ({BY_ATTRIBUTION}: each pathway's share of the "
+                "metric's change at the moment it happened, summed over the attributed updates; "
+                f"largest |cumulative attribution|): {attribution}.",
+                "answer",
+            )
+        )
+        agree = [
+            f"{V.PREDICTORS[a.predictor]} ρ = {H.num(a.rho, 2)} (n = {H.num(a.n)})"
+            for a in (v.agreement(x, V.REMOVAL) for x in V.PREDICTORS)
+            if a is not None
+        ]
+        if agree:
+            out.append(
+                H.para(
+                    "Agreement with single-pathway removal (Spearman): "
+                    + "; ".join(agree)
+                    + ". See “Does the attribution hold?”."
+                )
+            )
+    else:
+        out.append(
+            H.para(
+                f"Chiseled pathways (headline ranking: {BY_ATTRIBUTION}, largest |cumulative "
+                f"attribution|; {s.headline_why}): {attribution}.",
+                "answer",
+            )
+        )
+    return out
+
+
+def _coverage_para(s: Summary) -> str:
+    cov = s.coverage
+    if cov is None:
+        return H.para(
+            f"Σ over {len(s.features)} features = {H.num(s.feature_sum)}; off-span residual and "
+            f"bias = {H.num(s.residual)}; Δ metric over the attributed steps = "
+            f"{H.num(s.delta_metric)}."
+        )
+    totals = cov.totals
+    rest = "; ".join(
+        f"{PARTS[p]} {H.num(float(totals[p]))}" for p in cov.parts if p not in cov.features
+    )
+    carried = " and ".join(
+        f"{PARTS[p]} {H.num(float(totals[p]))} ({H.pct(cov.share(p))})" for p in cov.features
+    )
+    text = (
+        f"Coverage: of Δm = {H.num(cov.delta_metric)} over the attributed steps, the "
+        f"{len(s.features)} features carry {H.num(s.feature_sum)} ({H.pct(cov.share())}): "
+        f"{carried}; the rest: {rest}."
+    )
+    shapley = s.validation.number("coverage_shapley") if s.validation is not None else None
+    if shapley is not None:
+        text += f" By Shapley importance the named pathways carry {H.pct(shapley)}."
+    return H.para(text)
+
+
 def summary_section(art: RunArtifacts, s: Summary) -> Section:
     out = []
     if s.returns:
@@ -49,14 +149,8 @@ def summary_section(art: RunArtifacts, s: Summary) -> Section:
             _absent(art, LEDGER_FILE, "which pathways were chiseled (no integrated feature rows)")
         )
         return "summary", "Summary", "".join(out)
-    top = "; ".join(f"{f.name} ({H.num(f.total)})" for f in s.top(5))
-    out.append(H.para(f"Chiseled pathways (largest |cumulative attribution|): {top}.", "answer"))
-    out.append(
-        H.para(
-            f"Σ over {len(s.features)} features = {H.num(s.feature_sum)}; off-span residual and bias = "
-            f"{H.num(s.residual)}; Δ metric over the attributed steps = {H.num(s.delta_metric)}."
-        )
-    )
+    out.extend(_headline_paras(s))
+    out.append(_coverage_para(s))
     named = [g for g in s.groups if g.group in ("reward_predictive", "task")]
     if named:
         text = "; ".join(
@@ -98,7 +192,12 @@ def summary_section(art: RunArtifacts, s: Summary) -> Section:
             H.para(
                 f"Blue-wall correlate ({', '.join(c.concepts)}) {verdict}: Σ attribution {H.num(c.total)}, "
                 f"{H.pct(c.abs_share)} of Σ|attribution| (even share {H.pct(c.even_share)}), best rank "
-                f"{c.best_rank} of {c.n_features} features.",
+                f"{c.best_rank} of {c.n_features} features by {BY_ATTRIBUTION}"
+                + (
+                    f"; best rank {rank} of {len(s.relied_on)} pathways by {BY_SHAPLEY}."
+                    if (rank := shapley_rank(s, c.features)) is not None
+                    else "."
+                ),
                 "answer",
             )
         )
@@ -130,8 +229,8 @@ def timeline_section(art: RunArtifacts, figs: FigureSink) -> Section:
     title = "Chisel timeline"
     if art.ledger is None:
         return "timeline", title, _absent(art, LEDGER_FILE, "the chisel timeline")
-    tl = timeline(art.ledger)
-    if tl.empty:
+    tl = feature_timeline(art.ledger)
+    if tl.empty or not tl.shape[1]:
         return (
             "timeline",
             title,
@@ -148,6 +247,188 @@ def timeline_section(art: RunArtifacts, figs: FigureSink) -> Section:
     if training_curve(art) is None:
         body += _absent(art, DEMO_FILE, "the reward curve")
     return "timeline", title, body
+
+
+def _absent_any(art: RunArtifacts, artifacts: tuple[str, ...], what: str) -> str:
+    reasons = [r for a in artifacts if (r := art.why_missing(a))]
+    why = "; ".join(reasons) or f"{' and '.join(artifacts)} have no rows for it"
+    return H.missing(f"Not shown: {what}. {why}.")
+
+
+VALIDATION_INTRO = (
+    "The training-path attribution says when, and from which experience, each pathway (a "
+    "feature read by a weight) was reinforced. Here it is held against interventions on the "
+    "final network: pathway removal = m(final) − m(final with this pathway's learned change "
+    "reverted), on the same metric; feature ablation = the effect of projecting the feature out "
+    "of its site (mean kept), on the metric and on the return; the Shapley importance = the "
+    "value of each pathway's learned change with the others' interactions averaged in, which "
+    "sums exactly to m(final) − m(all reverted): what the agent now relies on. Positive: the "
+    "pathway helps the metric now. Spearman ρ over the feature pathways."
+)
+
+
+def _sentence_misranked(v: V.Validation, effect: str) -> str | None:
+    over, under, n = V.misranked(v.table, effect)
+    if n < 3:
+        return None
+    what = V.EFFECTS[effect]
+
+    def names(gaps: list[V.RankGap]) -> str:
+        return ", ".join(
+            f"{g.label} (|attribution| rank {g.rank_predictor}, {V.SHORT[effect]} rank "
+            f"{g.rank_effect})"
+            for g in gaps
+        )
+
+    head = f"Against {what} (ranks of {n} feature pathways, 1 = largest)"
+    if not over and not under:
+        return f"{head}, no feature is in the top third by one and the bottom half by the other."
+    parts = []
+    if over:
+        parts.append(f"the training-path attribution over-states {names(over)}")
+    if under:
+        parts.append(f"it under-states {names(under)}")
+    return f"{head}: " + "; ".join(parts) + "."
+
+
+def _plus_minus(value: float, se: float) -> str:
+    if not np.isfinite(value):
+        return "n/a"
+    return H.num(value) if not np.isfinite(se) else f"{H.num(value)} ± {H.num(se, 2)}"
+
+
+def _pathway_table(v: V.Validation, rows: pd.DataFrame, first: str) -> str:
+    columns = [
+        (c, name)
+        for c, name in (
+            (V.ATTRIBUTION, "attribution (cumulative)"),
+            (V.SHAPLEY, "Shapley ± se"),
+            (V.REMOVAL, "removal"),
+            (V.ABLATION_METRIC, "ablation: metric"),
+            (V.ABLATION_RETURN, "ablation: return"),
+        )
+        if v.has(c)
+    ]
+    header = ["#", first, "site", "param", *[n for _, n in columns]]
+    body = []
+    for i, r in enumerate(rows.itertuples(index=False), start=1):
+        r = r._asdict()
+        cells = [
+            _plus_minus(r[c], r[V.SHAPLEY_SE]) if c == V.SHAPLEY else H.num(r[c])
+            for c, _ in columns
+        ]
+        body.append((i, r[V.LABEL], r[V.SITE], r[V.PARAM], *cells))
+    return H.table(header, body, numeric=(0, *range(4, 4 + len(columns))))
+
+
+def _validation_numbers(v: V.Validation) -> str | None:
+    keys = (
+        ("delta_metric", "Δm over the attributed steps"),
+        ("metric_final", "m(final)"),
+        ("metric_reverted", "m(all pathways reverted)"),
+        ("shapley_total", "Σ Shapley"),
+        ("coverage_attribution", "named features' share of Δm (attribution)"),
+        ("coverage_shapley", "named pathways' share (Shapley)"),
+        ("evaluations", "metric evaluations"),
+        ("wall_time_s", "wall time (s)"),
+    )
+    parts = [
+        f"{name} {H.pct(x) if key.startswith('coverage') else H.num(x)}"
+        for key, name in keys
+        if (x := v.number(key)) is not None
+    ]
+    return H.para("; ".join(parts) + ".") if parts else None
+
+
+def validation_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Section:
+    anchor, title = "validation", "Does the attribution hold?"
+    v = s.validation
+    if v is None:
+        return (
+            anchor,
+            title,
+            _absent_any(
+                art, (VALIDATION_FILE, VALIDATION_SUMMARY_FILE), "the validation by intervention"
+            ),
+        )
+    body = [H.para(VALIDATION_INTRO)]
+    if v.agreements:
+        body.append(
+            H.table(
+                ["predictor", "measured effect", "Spearman ρ", "n", "from"],
+                [
+                    (
+                        V.PREDICTORS[a.predictor],
+                        V.EFFECTS[a.effect],
+                        H.num(a.rho, 3),
+                        H.num(a.n),
+                        a.source,
+                    )
+                    for a in v.agreements
+                ],
+                numeric=(2, 3),
+            )
+        )
+    panels = [
+        (a.predictor, a.effect, f"ρ = {H.num(a.rho, 2)}, n = {H.num(a.n)}")
+        for a in v.agreements
+        if v.has(a.predictor) and v.has(a.effect)
+    ]
+    if panels and len(v.features):
+        names = {**V.PREDICTORS, **V.EFFECTS}
+        names[V.SHAPLEY] += " (± se)" if v.has(V.SHAPLEY_SE) else ""
+        fig = F.validation_figure(v.features, panels, names, {V.SHAPLEY: V.SHAPLEY_SE})
+        body.append(figs.put("validation", fig, "attribution and Shapley vs interventions"))
+        body.append(
+            H.para(
+                "One dot per feature pathway; the most extreme ones are named. The weights' "
+                "<mean>, <residual> and <bias> pathways and the groups are in the tables only."
+            )
+        )
+    sentences = [t for e in V.EFFECTS if v.has(e) and (t := _sentence_misranked(v, e))]
+    body.extend(H.para(t, "answer") for t in sentences)
+    if (numbers := _validation_numbers(v)) is not None:
+        body.append(numbers)
+    if len(v.pathways):
+        by = {V.SHAPLEY: "|Shapley|", V.REMOVAL: "|removal|"}.get(v.ranking, "|attribution|")
+        body.append(H.para(f"Pathways ranked by {by}:"))
+        body.append(_pathway_table(v, v.ranked(), "pathway"))
+    if len(v.groups):
+        body.append(H.para("Groups of pathways (all features of a concept, of a site):"))
+        body.append(_pathway_table(v, v.ranked(v.groups), "group"))
+    if v.table.empty:
+        body.append(_absent(art, VALIDATION_FILE, "the per-pathway measures"))
+    return anchor, title, "".join(body)
+
+
+def coverage_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Section:
+    anchor, title = "coverage", "Coverage: how much of Δm the named features carry"
+    cov = s.coverage
+    if cov is None:
+        return anchor, title, _absent(art, LEDGER_FILE, "coverage (no integrated attribution rows)")
+    body = [
+        H.para(
+            "The metric's change Δm of every attributed step splits exactly into the named "
+            "features' pathways, each split weight's <mean> (the change acting on the mean "
+            "input), <residual> (off the features' span) and <bias>, and the params without "
+            "features. Left: each part's share of that step's Δm; right: of Δm cumulated up to "
+            "the step."
+        ),
+        figs.put(
+            "coverage",
+            F.coverage_figure(cov.step_shares(), cov.cumulative_shares(), PARTS),
+            "coverage of Δm",
+        ),
+    ]
+    totals = cov.totals
+    rows = [(PARTS[p], H.num(float(totals[p])), H.pct(cov.share(p))) for p in cov.parts]
+    rows.append(("Δm (all)", H.num(cov.delta_metric), H.pct(1.0)))
+    v = s.validation
+    shapley = v.number("coverage_shapley") if v is not None else None
+    if shapley is not None:
+        rows.append(("named pathways by Shapley (validation.json)", "", H.pct(shapley)))
+    body.append(H.table(["part", "Σ over steps", "share of Δm"], rows, numeric=(1, 2)))
+    return anchor, title, "".join(body)
 
 
 def probes_section(art: RunArtifacts, figs: FigureSink) -> Section:
@@ -201,8 +482,8 @@ def credit_section(art: RunArtifacts, figs: FigureSink) -> Section:
             "updates their gradients reached through momentum), grouped by the reward event "
             "right after each sample's action (tag/reward_source), by the first reward event "
             "later in its episode (tag/next_reward_source) and by the sign of its advantage. "
-            "Where the ledger holds sums over tag groups (credit_by) the sample counts are "
-            "not known and show as —."
+            "Where the ledger holds sums over tag groups (credit_by), a group's samples are "
+            "read from its rows' count column (— where the ledger has none)."
         ),
         figs.put("credit", F.credit_figure(by_source, by_adv), "credit"),
     ]
@@ -228,6 +509,17 @@ def credit_section(art: RunArtifacts, figs: FigureSink) -> Section:
                     for n, r in zip(per_feature.index, per_feature.to_numpy())
                 ],
                 numeric=tuple(range(1, len(cols) + 1)),
+            )
+        )
+    unresolved = T.momentum_unresolved(art.ledger)
+    if len(unresolved):
+        body.append(
+            H.para(
+                f"Momentum horizon: on average {H.pct(float(unresolved.mean()))} of an update's "
+                f"momentum part is left unresolved (max {H.pct(float(unresolved.max()))} at "
+                f"step {int(unresolved.idxmax())}, over {len(unresolved)} credit steps): it "
+                "comes from gradients older than the horizon and stays in the momentum "
+                "(unresolved) part, credited to no sample."
             )
         )
     parts = T.credit_parts(art.ledger)

@@ -18,11 +18,16 @@ import pandas as pd
 from chisel.attribution import ledger as L
 from chisel.attribution.timeline import timeline
 from chisel.report import tables as T
-from chisel.report.artifacts import RunArtifacts
+from chisel.report import validation as V
+from chisel.report.artifacts import VALIDATION_FILE, RunArtifacts
+from chisel.report.coverage import Coverage, coverage
 
 OTHER = "other"  # features whose concept is in no group of demo.json
 SPURIOUS = "spurious"
 TOP_K = 8
+# the headline rankings the summary can use
+BY_SHAPLEY = "Shapley importance"
+BY_ATTRIBUTION = "training-path attribution"
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,13 @@ class Summary:
     returns: dict[str, float] = field(default_factory=dict)
     causal_baseline: float | None = None
     causal: list[T.CausalRow] = field(default_factory=list)
+    mean: float = 0.0  # the "<mean>" shares (centred split)
+    coverage: Coverage | None = None
+    validation: V.Validation | None = None
+    # the headline: pathways by |Shapley| when validation has it, else by |attribution|
+    headline_by: str = BY_ATTRIBUTION
+    headline_why: str = ""  # why the attribution ranking is the headline, when it is
+    relied_on: list[tuple[str, float]] = field(default_factory=list)  # (pathway, Shapley)
 
     def top(self, k: int = TOP_K) -> list[FeatureTotal]:
         return self.features[:k]
@@ -101,12 +113,19 @@ def group_of(concept: str | None, demo: dict[str, Any] | None) -> str:
     return OTHER
 
 
+def feature_timeline(ledger: pd.DataFrame | None) -> pd.DataFrame:
+    """`chisel.timeline` of the named features only: "<mean>" and the other labels of
+    L.NOT_FEATURES are pathways of a weight, not features, and are never ranked as features."""
+    if ledger is None:
+        return pd.DataFrame()
+    tl = timeline(ledger)
+    return tl[[c for c in tl.columns if c not in L.NOT_FEATURES]]
+
+
 def feature_totals(ledger: pd.DataFrame | None, demo: dict[str, Any] | None) -> list[FeatureTotal]:
     """Every feature's integrated attribution summed over steps, ranked by |total|."""
-    if ledger is None:
-        return []
-    tl = timeline(ledger)
-    if tl.empty:
+    tl = feature_timeline(ledger)
+    if tl.empty or not tl.shape[1]:
         return []
     final = tl.iloc[-1]
     order = final.abs().sort_values(ascending=False, kind="stable").index
@@ -178,15 +197,42 @@ def completeness(ledger: pd.DataFrame | None) -> pd.DataFrame:
     return _scalar_rows(ledger, L.COMPLETENESS_REL)
 
 
-def _off_span(ledger: pd.DataFrame | None) -> float:
+def _labelled(ledger: pd.DataFrame | None, labels: list[str]) -> float:
+    """Σ of the integrated attribution rows with these feature labels."""
     if ledger is None:
         return 0.0
     rows = ledger[
         (ledger[L.FAMILY] == L.INTEGRATED)
         & (ledger[L.QUANTITY] == L.ATTRIBUTION)
-        & ledger[L.FEATURE].isin([L.RESIDUAL, L.BIAS])
+        & ledger[L.FEATURE].isin(labels)
     ]
     return float(rows[L.VALUE].sum())
+
+
+def _headline(s: Summary, art: RunArtifacts) -> None:
+    """Rank the headline pathways by Shapley importance where validation has it."""
+    v = s.validation
+    if v is not None and v.has(V.SHAPLEY):
+        s.headline_by = BY_SHAPLEY
+        rows = v.ranked(v.features)
+        rows = rows[np.isfinite(rows[V.SHAPLEY])]
+        s.relied_on = [(str(n), float(x)) for n, x in zip(rows[V.LABEL], rows[V.SHAPLEY])]
+        return
+    s.headline_by = BY_ATTRIBUTION
+    if v is None or v.table.empty:
+        why = art.why_missing(VALIDATION_FILE) or f"{VALIDATION_FILE} has no rows"
+        s.headline_why = f"no validation by intervention: {why}"
+    else:
+        s.headline_why = f"{VALIDATION_FILE} has no Shapley values"
+
+
+def shapley_rank(s: Summary, names: list[str]) -> int | None:
+    """The best rank (1 = largest |Shapley|) among the feature pathways of these features."""
+    if s.validation is None or not s.relied_on:
+        return None
+    features = s.validation.features
+    labels = set(features.loc[features[V.FEATURE].isin(names), V.LABEL])
+    return next((i for i, (n, _) in enumerate(s.relied_on, 1) if n in labels), None)
 
 
 def summarize(art: RunArtifacts) -> Summary:
@@ -197,7 +243,11 @@ def summarize(art: RunArtifacts) -> Summary:
     s.groups = group_shares(features, art.demo)
     s.correlate = correlate(features, art.demo)
     s.feature_sum = float(sum(f.total for f in features))
-    s.residual = _off_span(art.ledger)
+    s.residual = _labelled(art.ledger, [L.RESIDUAL, L.BIAS])
+    s.mean = _labelled(art.ledger, [L.MEAN])
+    s.coverage = coverage(art.ledger)
+    s.validation = V.load(art.validation, art.validation_summary)
+    _headline(s, art)
     s.delta_metric = float(_scalar_rows(art.ledger, L.DELTA_METRIC)[L.VALUE].sum())
     if len(comp):
         i = int(np.argmax(comp[L.VALUE].to_numpy()))

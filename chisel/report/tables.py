@@ -22,7 +22,7 @@ ADVANTAGE_SIGN_TAG = L.TAG_PREFIX + "advantage_sign"
 REWARD_SOURCES = {0: "none", 1: "trash deposited", 2: "button pressed"}
 PART_COLUMN = "part"  # credit rows may carry the leaf of the optimizer split here
 _PART_LABEL = re.compile(r"^<.+>$")
-_NOT_FEATURES = (L.WHOLE, L.RESIDUAL, L.BIAS, L.SPAN)
+_NOT_FEATURES = L.NOT_FEATURES  # "<mean>" included: a weight's pathway, not a feature
 
 
 def _rows(ledger: pd.DataFrame | None, family: str, quantity: str) -> pd.DataFrame:
@@ -87,23 +87,40 @@ def _sample_rows(ledger: pd.DataFrame | None, whole: bool = True) -> pd.DataFram
 
 
 def _grouped(rows: pd.DataFrame, key: pd.Series) -> pd.DataFrame:
-    """Per group: samples (distinct origin step and sample; NaN where rows are group sums),
-    total and mean credit per sample."""
+    """Per group: samples, total and mean credit per sample.
+
+    Per-sample rows count their distinct (origin step, sample). Rows summed by `credit_by`
+    carry `count` (the samples summed into the row): the same samples appear again in every
+    param's row and in later steps' momentum rows, so a credit_by group (its tag values) counts
+    once per origin step (its largest count), summed over origin steps and over the credit_by
+    groups that fall in the group. NaN where summed rows have no count.
+    """
     ident = rows[L.SAMPLE].astype("float64")
-    if L.ORIGIN_STEP in rows:
-        ident = ident + 1e6 * rows[L.ORIGIN_STEP].astype("float64").fillna(-1)
+    nan = pd.Series(np.nan, index=rows.index)
+    origin = rows[L.ORIGIN_STEP].astype("float64") if L.ORIGIN_STEP in rows else nan
+    ident = ident + 1e6 * origin.fillna(-1)
+    summed = rows[L.SAMPLE].isna()
+    count = rows[L.COUNT].astype("float64") if L.COUNT in rows else nan
+    tags = rows[_tag_columns(rows)].astype("float64").fillna(np.inf).astype(str)
     frame = pd.DataFrame(
         {
             "group": key.values,
-            "id": ident.values,
-            "summed": rows[L.SAMPLE].isna().values,
+            "id": ident.where(~summed).values,
+            "origin": origin.fillna(rows[L.STEP].astype("float64")).values,
+            "tags": tags.agg("|".join, axis=1).values if tags.shape[1] else "",
+            "summed": summed.values,
+            "uncounted": (summed & count.isna()).values,
+            "count": count.where(summed).values,
             L.VALUE: rows[L.VALUE].values,
         }
     )
     out = frame.groupby("group", sort=False).agg(
-        samples=("id", "nunique"), summed=("summed", "any"), total=(L.VALUE, "sum")
+        samples=("id", "nunique"), uncounted=("uncounted", "any"), total=(L.VALUE, "sum")
     )
-    out["samples"] = out["samples"].astype("float64").where(~out.pop("summed"))
+    counted = frame[frame["summed"]].groupby(["group", "tags", "origin"], sort=False)["count"]
+    counted = counted.max().groupby(level="group").sum()
+    out["samples"] = out["samples"] + counted.reindex(out.index, fill_value=0.0)
+    out["samples"] = out["samples"].astype("float64").where(~out.pop("uncounted"))
     out["per_sample"] = out["total"] / out["samples"].clip(lower=1)
     return out
 
@@ -187,6 +204,19 @@ def credit_parts(ledger: pd.DataFrame | None) -> pd.Series:
     if len(samples):
         parts["per-sample terms"] = float(samples[L.VALUE].sum())
     return parts
+
+
+def momentum_unresolved(ledger: pd.DataFrame | None) -> pd.Series:
+    """Per credit step: the share of the update's momentum part left unresolved (from
+    gradients beyond the momentum horizon); rows of several params are averaged. Empty when
+    the ledger has no such rows."""
+    rows = _rows(ledger, L.CREDIT, L.MOMENTUM_UNRESOLVED_SHARE)
+    rows = rows[np.isfinite(rows[L.VALUE].astype("float64"))]
+    if rows.empty:
+        return pd.Series(dtype="float64")
+    whole = rows[rows[L.PARAM] == ""]
+    use = rows[~rows[L.STEP].isin(whole[L.STEP])]  # a step's "" row, if any, speaks for it
+    return pd.concat([whole, use]).groupby(L.STEP)[L.VALUE].mean().astype("float64")
 
 
 # -- causal check --------------------------------------------------------------------------------

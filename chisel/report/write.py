@@ -43,6 +43,8 @@ def write_report(
     sections = [
         S.summary_section(art, s),
         S.timeline_section(art, figs),
+        S.validation_section(art, s, figs),
+        S.coverage_section(art, s, figs),
         S.probes_section(art, figs),
         S.circuits_section(art, figs),
         S.credit_section(art, figs),

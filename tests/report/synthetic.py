@@ -32,6 +32,9 @@ FEATURES = {
 }
 RESIDUAL = [0.05, -0.02, 0.01]
 BIAS = [0.01, 0.01, 0.00]
+MEAN = [0.04, 0.03, -0.01]  # the centred split's "<mean>" pathway of pi.W2 (not a feature)
+CRITIC = [0.2, -0.1, 0.05]  # v.W1: a param without features, only its whole row
+MOMENTUM_UNRESOLVED = [0.1, 0.5, 0.3]  # credit: unresolved share of the momentum part per step
 COMPLETENESS = [1e-12, 3e-9, 0.0]
 CAUSAL = {
     "k": 3,
@@ -47,16 +50,23 @@ TAGS = ["tag/advantage", "tag/reward", "tag/reward_source", "tag/next_reward_sou
 
 
 def _integrated() -> list[dict]:
+    """Per step, as the contract has it: feature + <mean> + <residual> rows of pi.W2 sum to its
+    whole row, <bias> equals pi.b2's whole row, the critic v.W1 has only its whole row, and
+    Δm is the sum of the whole rows."""
     rows = []
     for i, t in enumerate(STEPS):
         layer = 0.0
         for name, (_, values) in FEATURES.items():
             rows.append(L.row(t, L.INTEGRATED, "pi.W2", SITE, name, L.ATTRIBUTION, values[i]))
             layer += values[i]
+        rows.append(L.row(t, L.INTEGRATED, "pi.W2", SITE, L.MEAN, L.ATTRIBUTION, MEAN[i]))
         rows.append(L.row(t, L.INTEGRATED, "pi.W2", SITE, L.RESIDUAL, L.ATTRIBUTION, RESIDUAL[i]))
         rows.append(L.row(t, L.INTEGRATED, "pi.b2", SITE, L.BIAS, L.ATTRIBUTION, BIAS[i]))
-        total = layer + RESIDUAL[i] + BIAS[i]
-        rows.append(L.row(t, L.INTEGRATED, "pi.W2", "", L.WHOLE, L.ATTRIBUTION, total))
+        weight = layer + MEAN[i] + RESIDUAL[i]
+        rows.append(L.row(t, L.INTEGRATED, "pi.W2", "", L.WHOLE, L.ATTRIBUTION, weight))
+        rows.append(L.row(t, L.INTEGRATED, "pi.b2", "", L.WHOLE, L.ATTRIBUTION, BIAS[i]))
+        rows.append(L.row(t, L.INTEGRATED, "v.W1", "", L.WHOLE, L.ATTRIBUTION, CRITIC[i]))
+        total = weight + BIAS[i] + CRITIC[i]
         rows.append(L.row(t, L.INTEGRATED, "", "", L.WHOLE, L.DELTA_METRIC, total))
         rows.append(L.row(t, L.INTEGRATED, "", "", L.WHOLE, L.COMPLETENESS_REL, COMPLETENESS[i]))
     return rows
@@ -123,30 +133,46 @@ def credit_samples() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def credit_groups() -> pd.DataFrame:
+def credit_groups(count: bool = True) -> pd.DataFrame:
     """The per-sample rows as `chisel.attribute(..., credit_by=...)` writes them: whole rows
-    summed within groups of (reward_source, next_reward_source, advantage_sign), `sample` null
-    and the raw advantage gone; feature rows summed over samples without tags."""
+    summed within groups of (reward_source, next_reward_source, advantage_sign), `sample` null,
+    the raw advantage gone and `count` the samples summed (unless count=False, as ledgers
+    written before the column); feature rows summed over samples without tags."""
     raw = credit_samples()
     per_sample = raw[raw[L.SAMPLE].notna()].copy()
     per_sample["tag/advantage_sign"] = np.where(per_sample["tag/advantage"] >= 0, 1.0, -1.0)
     keys = [L.STEP, L.FAMILY, L.PARAM, L.SITE, L.FEATURE, L.QUANTITY, L.ORIGIN_STEP]
     tags = ["tag/reward_source", "tag/next_reward_source", "tag/advantage_sign"]
     whole = per_sample[per_sample[L.FEATURE] == L.WHOLE]
-    groups = whole.groupby(keys + tags, dropna=False)[L.VALUE].sum().reset_index()
+    groups = whole.groupby(keys + tags, dropna=False)[L.VALUE].agg(["sum", "size"])
+    groups = groups.rename(columns={"sum": L.VALUE, "size": L.COUNT}).reset_index()
     feats = per_sample[per_sample[L.FEATURE] != L.WHOLE]
-    summed = feats.groupby(keys, dropna=False)[L.VALUE].sum().reset_index()
+    summed = feats.groupby(keys, dropna=False)[L.VALUE].agg(["sum", "size"])
+    summed = summed.rename(columns={"sum": L.VALUE, "size": L.COUNT}).reset_index()
+    if not count:
+        groups, summed = groups.drop(columns=L.COUNT), summed.drop(columns=L.COUNT)
     rest = raw[raw[L.SAMPLE].isna()]
     return pd.concat([groups, summed, rest], ignore_index=True)
 
 
+def momentum_rows() -> list[dict]:
+    return [
+        L.row(t, L.CREDIT, "", "", L.WHOLE, L.MOMENTUM_UNRESOLVED_SHARE, v)
+        for t, v in zip(STEPS, MOMENTUM_UNRESOLVED)
+    ]
+
+
 def ledger(credit: bool | str = True) -> pd.DataFrame:
-    """credit: True (per-sample rows), "grouped" (credit_by sums) or False (none)."""
+    """credit: True (per-sample rows), "grouped" (credit_by sums with counts), "uncounted"
+    (credit_by sums without a count column) or False (none). Credit ledgers also carry the
+    per-step momentum_unresolved_share rows."""
     frames = [pd.DataFrame(_integrated() + _geometry())]
-    if credit == "grouped":
-        frames.append(credit_groups())
+    if credit in ("grouped", "uncounted"):
+        frames.append(credit_groups(count=credit == "grouped"))
     elif credit:
         frames.append(credit_samples())
+    if credit:
+        frames.append(pd.DataFrame(momentum_rows()))
     return L.to_frame(pd.concat(frames, ignore_index=True), [*TAGS, "tag/advantage_sign"])
 
 
@@ -192,10 +218,145 @@ def demo(button: str = "none") -> dict:
     }
 
 
+# validation by intervention: feature -> (shapley, removal, ablation_metric, ablation_return).
+# Planted: holding_trash has the largest |attribution| and almost no effect (over-stated);
+# wall_blue a small attribution and the largest removal / ablation effect (under-stated).
+OVER, UNDER = f"holding_trash@{SITE}", f"wall_blue@{SITE}"
+INTERVENTIONS = {
+    f"trash_visible@{SITE}": (0.45, 0.5, 0.4, 0.3),
+    OVER: (0.02, 0.001, 0.003, 0.01),
+    f"{EVIL}@{SITE}": (-0.15, -0.2, -0.1, -0.05),
+    f"reward_within_k@{SITE}": (0.55, 0.6, 0.5, 0.6),
+    f"button_visible@{SITE}": (0.08, 0.1, 0.06, 0.02),
+    UNDER: (0.7, 0.8, 0.9, 0.5),
+    f"cost$x$@{SITE}": (0.03, 0.05, 0.02, 0.0),
+}
+# the weight's other pathways: label -> (param, attribution, shapley, removal)
+OTHER_PATHWAYS = {
+    L.MEAN: ("pi.W2", sum(MEAN), 0.1, 0.12),
+    L.RESIDUAL: ("pi.W2", sum(RESIDUAL), 0.3, 0.35),
+    L.BIAS: ("pi.b2", sum(BIAS), 0.05, 0.04),
+}
+METRIC_FINAL = 1.0
+NAN = float("nan")
+
+
+def validation_frame(partial: bool = False) -> pd.DataFrame:
+    """validation.parquet; partial: no Shapley columns and no ablation on the return."""
+    rows = []
+    for name, (shapley, removal, abl_m, abl_r) in INTERVENTIONS.items():
+        concept = FEATURES[name][0]
+        rows.append(
+            {
+                "pathway": f"{name} → pi.W2",
+                "feature": name,
+                "site": SITE,
+                "param": "pi.W2",
+                "concept": concept,
+                "kind": "feature",
+                "attribution": sum(FEATURES[name][1]),
+                "shapley": shapley,
+                "shapley_se": 0.01,
+                "removal": removal,
+                "ablation_metric": abl_m,
+                "ablation_return": abl_r,
+            }
+        )
+    for label, (param, attribution, shapley, removal) in OTHER_PATHWAYS.items():
+        rows.append(
+            {
+                "pathway": f"{label} → {param}",
+                "feature": label,
+                "site": SITE,
+                "param": param,
+                "concept": None,
+                "kind": label,
+                "attribution": attribution,
+                "shapley": shapley,
+                "shapley_se": 0.02,
+                "removal": removal,
+                "ablation_metric": NAN,
+                "ablation_return": NAN,
+            }
+        )
+    task = [n for n, (c, _) in FEATURES.items() if c in CONCEPTS["task"]]
+    rows.append(
+        {
+            "pathway": "concept:task",
+            "feature": "task",
+            "site": SITE,
+            "param": "",
+            "concept": "task",
+            "kind": "group",
+            "attribution": sum(sum(FEATURES[n][1]) for n in task),
+            "shapley": NAN,
+            "shapley_se": NAN,
+            "removal": 0.6,
+            "ablation_metric": NAN,
+            "ablation_return": NAN,
+        }
+    )
+    frame = pd.DataFrame(rows)
+    if partial:
+        frame = frame.drop(columns=["shapley", "shapley_se", "ablation_return"])
+    return frame
+
+
+def spearman_no_ties(x: list[float], y: list[float]) -> float:
+    """1 − 6 Σ d² / (n (n² − 1)): Spearman's ρ when neither side has ties."""
+    n = len(x)
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(1 - 6 * np.sum((rx - ry) ** 2) / (n * (n * n - 1)))
+
+
+def delta_metric() -> float:
+    return float(
+        sum(sum(v) for _, v in FEATURES.values())
+        + sum(MEAN)
+        + sum(RESIDUAL)
+        + sum(BIAS)
+        + sum(CRITIC)
+    )
+
+
+def validation_summary(partial: bool = False) -> dict:
+    features = validation_frame()
+    features = features[features.kind == "feature"]
+    spearman = {}
+    for x in ("attribution", "shapley"):
+        for y in ("removal", "ablation_metric", "ablation_return"):
+            if partial and (x == "shapley" or y == "ablation_return"):
+                continue
+            rho = spearman_no_ties(list(features[x]), list(features[y]))
+            spearman[f"{x}_vs_{y}"] = {"rho": rho, "n": len(features)}
+    out = {
+        "spearman": spearman,
+        "delta_metric": delta_metric(),
+        "metric_final": METRIC_FINAL,
+        "coverage_attribution": sum(sum(v) for _, v in FEATURES.values()) / delta_metric(),
+        "evaluations": 3000,
+        "wall_time_s": 12.5,
+    }
+    if not partial:
+        pathways = validation_frame()
+        pathways = pathways[pathways.kind != "group"]
+        total = float(pathways.shapley.sum())
+        out["shapley_total"] = total
+        out["metric_reverted"] = METRIC_FINAL - total
+        out["coverage_shapley"] = float(features.shapley.sum()) / total
+    return out
+
+
 def make_run(
-    root: Path, *, credit: bool | str = True, button: str = "none", artifacts: bool = True
+    root: Path,
+    *,
+    credit: bool | str = True,
+    button: str = "none",
+    artifacts: bool = True,
+    validation: bool | str = True,
 ) -> Path:
-    """A run directory: manifest.json and (unless artifacts=False) every demo artifact."""
+    """A run directory: manifest.json and (unless artifacts=False) every demo artifact;
+    validation: True (full), "partial" (no Shapley, no ablation on the return) or False."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "manifest.json").write_text(json.dumps({"format_version": 1}))
     if artifacts:
@@ -203,4 +364,8 @@ def make_run(
         probes_frame().to_parquet(root / "probes.parquet")
         (root / "demo.json").write_text(json.dumps(demo(button)))
         (root / "causal.json").write_text(json.dumps(CAUSAL))
+    if artifacts and validation:
+        partial = validation == "partial"
+        validation_frame(partial).to_parquet(root / "validation.parquet")
+        (root / "validation.json").write_text(json.dumps(validation_summary(partial)))
     return root

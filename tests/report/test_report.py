@@ -16,10 +16,12 @@ from chisel.report import sections as S
 from chisel.report import tables as T
 from tests.report import synthetic as syn
 
-FIGURES = ["timeline", "probes", "circuits", "credit", "completeness"]
+FIGURES = ["timeline", "validation", "coverage", "probes", "circuits", "credit", "completeness"]
 SECTIONS = [
     "summary",
     "timeline",
+    "validation",
+    "coverage",
     "probes",
     "circuits",
     "credit",
@@ -135,8 +137,8 @@ def test_credit_tables_match_a_brute_force_sum(run_dir):
 
 def test_credit_tables_read_credit_by_groups(tmp_path):
     """Rows summed by `credit_by` (sample null, group tags set) give the same totals as the
-    per-sample rows; sample counts are unknown there and shown as a dash."""
-    grouped = load_artifacts(syn.make_run(tmp_path / "grouped", credit="grouped")).ledger
+    per-sample rows; without a count column the sample counts are unknown: a dash."""
+    grouped = load_artifacts(syn.make_run(tmp_path / "grouped", credit="uncounted")).ledger
     assert grouped[grouped.family == "credit"]["sample"].isna().all()
     raw = syn.credit_samples()
     whole = raw[raw.feature == ""].dropna(subset=["sample"])
@@ -175,7 +177,14 @@ def test_missing_artifacts_degrade_to_notes(tmp_path):
     page = write_report(bare).read_text()
     for anchor in SECTIONS:
         assert f'<section id="{anchor}">' in page
-    for name in ("ledger.parquet", "probes.parquet", "demo.json", "causal.json"):
+    for name in (
+        "ledger.parquet",
+        "probes.parquet",
+        "demo.json",
+        "causal.json",
+        "validation.parquet",
+        "validation.json",
+    ):
         assert f"{name} is not in the run directory" in page
     assert "data:image/png" not in page
 
