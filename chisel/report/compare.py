@@ -10,6 +10,7 @@ import pandas as pd
 from chisel.report import figures as F
 from chisel.report import html as H
 from chisel.report import sections as S
+from chisel.report import validation as V
 from chisel.report.artifacts import COMPARE_FILE, FIGURES_DIR, RunArtifacts, load_artifacts
 from chisel.report.summary import TOP_K, Summary, feature_timeline, summarize
 from chisel.report.write import resolve_out
@@ -41,6 +42,16 @@ def _summary_rows(sa: Summary, sb: Summary) -> list[tuple[str, str, str]]:
     rows.append(_row("features attributed", len(sa.features), len(sb.features)))
     rows.append(_row("Σ feature attribution", H.num(sa.feature_sum), H.num(sb.feature_sum)))
     rows.append(_row("Δ metric", H.num(sa.delta_metric), H.num(sb.delta_metric)))
+    rows.append(
+        _paired("features' share of Δm", sa.coverage, sb.coverage, lambda c: H.pct(c.share()))
+    )
+    rows.append(_row("headline ranking", sa.headline_by, sb.headline_by))
+    for x in V.PREDICTORS:
+        for y in V.EFFECTS:
+            pair = [s.validation.agreement(x, y) if s.validation else None for s in (sa, sb)]
+            if any(pair):
+                name = f"Spearman: {V.PREDICTORS[x]} vs {V.EFFECTS[y]}"
+                rows.append(_paired(name, *pair, lambda a: f"{H.num(a.rho, 3)} (n = {H.num(a.n)})"))
     for group in {g.group: None for s in (sa, sb) for g in s.groups}:
         ga, gb = (_find(s.groups, "group", group) for s in (sa, sb))
         rows.append(

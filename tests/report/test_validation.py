@@ -17,7 +17,7 @@ import pytest
 from chisel.attribution import ledger as L
 from chisel.report import figures as F
 from chisel.report import html as H
-from chisel.report import load_artifacts, summarize, write_report
+from chisel.report import load_artifacts, summarize, write_comparison, write_report
 from chisel.report import tables as T
 from chisel.report import validation as V
 from chisel.report.coverage import DICTIONARY, FEATURES, UNSPLIT, coverage
@@ -311,3 +311,23 @@ def test_momentum_unresolved_share(full, tmp_path):
     led = load_artifacts(root).ledger
     led[led.quantity != L.MOMENTUM_UNRESOLVED_SHARE].to_parquet(root / "ledger.parquet")
     assert "Momentum horizon" not in write_report(root).read_text()
+
+
+def test_comparison_shows_coverage_and_agreement(tmp_path):
+    a = syn.make_run(tmp_path / "a")
+    b = syn.make_run(tmp_path / "b", validation="partial")
+    page = html.unescape(write_comparison(a, b, tmp_path / "cmp").read_text())
+    rho = syn.validation_summary()["spearman"]
+    both = H.num(rho["attribution_vs_removal"]["rho"], 3) + " (n = 7)"
+    assert (
+        f"<td>Spearman: training-path attribution vs pathway removal (metric)</td><td>{both}</td><td>{both}</td>"
+        in page
+    )
+    shapley = H.num(rho["shapley_vs_removal"]["rho"], 3) + " (n = 7)"
+    assert f"vs pathway removal (metric)</td><td>{shapley}</td><td>n/a</td>" in page
+    assert (
+        "<td>headline ranking</td><td>Shapley importance</td><td>training-path attribution</td>"
+        in page
+    )
+    share = H.pct(coverage(syn.ledger()).share())
+    assert f"<td>features' share of Δm</td><td>{share}</td><td>{share}</td>" in page
