@@ -26,6 +26,14 @@ from chisel.errors import (
 from chisel.recorder import Recorder, record
 from chisel.report import write_comparison, write_report
 from chisel.store.reader import Run, Step, load
+from chisel.validation import (
+    ValidationError,
+    ablation_effects,
+    agreement,
+    pathway_effects,
+    pathway_shapley,
+    validation_table,
+)
 
 __version__ = "0.1.0"
 
@@ -46,14 +54,20 @@ __all__ = [
     "TagError",
     "TrainModeWarning",
     "UnknownModuleError",
+    "ValidationError",
     "WriterError",
     "__version__",
+    "ablation_effects",
+    "agreement",
     "attribute",
     "load",
     "load_ledger",
     "metrics",
+    "pathway_effects",
+    "pathway_shapley",
     "record",
     "timeline",
+    "validation_table",
     "write_comparison",
     "write_report",
 ]

@@ -1,4 +1,4 @@
-"""Imports point downstream only: probes → capture → store → attribute → report.
+"""Imports point downstream only: probes → capture → store → attribute → validation → report.
 
 `probes` never imports `chisel`; within chisel a stage never imports a later one.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # chisel stages, upstream first; modules outside these folders (recorder, cli, …) are glue
-STAGES = ["capture", "store", "attribution", "report"]
+STAGES = ["capture", "store", "attribution", "validation", "report"]
 
 
 def _imports(path: Path) -> set[str]:

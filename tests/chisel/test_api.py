@@ -37,6 +37,12 @@ PUBLIC = {
     "load_ledger",
     "write_report",
     "write_comparison",
+    "ValidationError",
+    "pathway_effects",
+    "pathway_shapley",
+    "ablation_effects",
+    "validation_table",
+    "agreement",
 }
 
 
