@@ -72,7 +72,7 @@ class TrainedSAE(SAE):
     """An :class:`SAE` from :func:`train_sae`, with its fit in :attr:`stats`.
 
     :meth:`features` adds to each latent's metadata its ``frequency`` on the training data and
-    the SAE's ``variance_explained`` and ``l0``.
+    the SAE's ``variance_explained``, ``l0`` and ``dead_latents`` (indices).
     """
 
     stats: SAEStats = field(kw_only=True)
@@ -90,6 +90,7 @@ class TrainedSAE(SAE):
                     "frequency": s.frequency[f.metadata["latent"]],
                     "variance_explained": s.variance_explained,
                     "l0": s.l0,
+                    "dead_latents": list(s.dead),
                 },
             )
             for f in feats
@@ -200,11 +201,12 @@ def _fit(
         torch.zeros(d, requires_grad=True),  # b_dec [d] (data is centred)
     ]
     w_enc, b_enc, w_dec, b_dec = params
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=lr, foreach=True)
     fired = torch.zeros(n_latents, dtype=torch.bool)
     resampled = 0
+    rows = torch.randint(n, (steps, batch_size), generator=gen)  # [steps, B]
     for step in range(steps):
-        batch = x[torch.randint(n, (batch_size,), generator=gen)]  # [B, d]
+        batch = x[rows[step]]  # [B, d]
         codes = torch.relu((batch - b_dec) @ w_enc + b_enc)  # [B, d_sae]
         recon = codes @ w_dec + b_dec
         loss = (recon - batch).pow(2).sum(1).mean() + l1 * codes.sum(1).mean()

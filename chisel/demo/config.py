@@ -68,6 +68,10 @@ class DemoConfig:
     """Steps of each probe rollout (probe dataset: probe_rooms * probe_steps states)."""
     probe_checkpoints: int = 5
     """Checkpoints of the run (evenly spaced, incl. the first and the last) for the probe table."""
+    dictionary_latents: int = 16
+    """Latents of the sparse dictionary (ReLU SAE) trained on the probe states at each actor
+    input site; each latent, labelled by its best-matching concept, joins the features after the
+    probes (0: no dictionary)."""
     reward_k: int = 8
     """reward_within_k: a reward arrives within this many steps."""
     causal_k: int = 3
@@ -107,6 +111,10 @@ class DemoConfig:
                 raise DemoConfigError(f"DemoConfig.{name}={getattr(self, name)!r}: must be >= 1.")
         if self.horizon < 0:
             raise DemoConfigError(f"DemoConfig.horizon={self.horizon}: must be >= 0.")
+        if self.dictionary_latents < 0:
+            raise DemoConfigError(
+                f"DemoConfig.dictionary_latents={self.dictionary_latents}: must be >= 0 (0: none)."
+            )
         if self.probe_checkpoints < 2:
             raise DemoConfigError(
                 f"DemoConfig.probe_checkpoints={self.probe_checkpoints}: need >= 2 (start and end)."

@@ -86,6 +86,7 @@ def test_features_read_the_encoder_and_write_the_decoder(data, sae):
         assert f.metadata["frequency"] == sae.stats.frequency[i]
         assert f.metadata["variance_explained"] == sae.stats.variance_explained
         assert f.metadata["l0"] == sae.stats.l0
+        assert f.metadata["dead_latents"] == list(sae.stats.dead)
         pre = f.score(acts.float()[:64]) * f.metadata["encoder_norm"]
         assert torch.allclose(pre, sae.pre_activations(acts[:64])[:, i], atol=1e-4)
     assert sae.stats.to_json()["frequency"] == list(sae.stats.frequency)
