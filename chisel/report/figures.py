@@ -244,25 +244,26 @@ def _short(s: object) -> str:
     return text(s)
 
 
-def _scatter(ax: plt.Axes, rows: pd.DataFrame, x: str, y: str, xerr: str | None) -> None:
+def _scatter(
+    ax: plt.Axes, rows: pd.DataFrame, x: str, y: str, xerr: str | None, absolute: bool
+) -> None:
     keep = rows[np.isfinite(rows[x]) & np.isfinite(rows[y])]
     if keep.empty:
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
         return
+    xs = keep[x].abs() if absolute else keep[x]
     err = keep[xerr].to_numpy() if xerr and np.isfinite(keep[xerr]).any() else None
-    ax.errorbar(
-        keep[x], keep[y], xerr=err, fmt="o", ms=4, color="#4c72b0", ecolor="0.6", elinewidth=0.8
-    )
+    ax.errorbar(xs, keep[y], xerr=err, fmt="o", ms=4, color="#4c72b0", ecolor="0.6", elinewidth=0.8)
     ax.axhline(0.0, color="0.75", lw=0.8)
     ax.axvline(0.0, color="0.75", lw=0.8)
     # name the extreme points only (largest |y| and |x|), short, so long names stay readable
     named = set(keep[y].abs().nlargest(3).index) | set(keep[x].abs().nlargest(2).index)
-    middle = 0.5 * (keep[x].min() + keep[x].max())
+    middle = 0.5 * (xs.min() + xs.max())
     for i in named:
-        right = keep.at[i, x] > middle  # labels point inwards, so they stay inside the panel
+        right = xs[i] > middle  # labels point inwards, so they stay inside the panel
         ax.annotate(
             _short(keep.at[i, "label"]),
-            (keep.at[i, x], keep.at[i, y]),
+            (xs[i], keep.at[i, y]),
             xytext=(-4 if right else 4, 3),
             textcoords="offset points",
             ha="right" if right else "left",
@@ -273,27 +274,29 @@ def _scatter(ax: plt.Axes, rows: pd.DataFrame, x: str, y: str, xerr: str | None)
 
 def validation_figure(
     rows: pd.DataFrame,
-    panels: list[tuple[str, str, str]],
+    panels: list[tuple[str, str, str, bool]],
     names: dict[str, str],
     xerr: dict[str, str] | None = None,
 ) -> Figure:
-    """Scatter panels of the feature pathways, one per (x column, y column, title); rows are
-    the x columns in order, columns the y columns. `rows` needs a "label" column."""
-    xs = list(dict.fromkeys(x for x, _, _ in panels))
-    ys = list(dict.fromkeys(y for _, y, _ in panels))
+    """Scatter panels of the feature pathways, one per (x column, y column, title, |x|?):
+    rows of panels are the x columns in order, columns the y columns. `rows` needs "label"."""
+    xs = list(dict.fromkeys(p[0] for p in panels))
+    ys = list(dict.fromkeys(p[1] for p in panels))
     fig, axes = plt.subplots(
         len(xs), len(ys), figsize=(4.1 * len(ys), 3.5 * len(xs)), squeeze=False
     )
-    titles = {(x, y): t for x, y, t in panels}
+    spec = {(x, y): (title, absolute) for x, y, title, absolute in panels}
     for i, x in enumerate(xs):
         for j, y in enumerate(ys):
             ax = axes[i, j]
-            if (x, y) not in titles:
+            if (x, y) not in spec:
                 ax.axis("off")
                 continue
-            _scatter(ax, rows, x, y, (xerr or {}).get(x))
-            ax.set_title(text(titles[x, y]), fontsize=9)
-            ax.set_xlabel(text(names.get(x, x)), fontsize=8)
+            title, absolute = spec[x, y]
+            _scatter(ax, rows, x, y, (xerr or {}).get(x), absolute)
+            xname = names.get(x, x)
+            ax.set_title(text(title), fontsize=9)
+            ax.set_xlabel(text(f"|{xname}|" if absolute else xname), fontsize=8)
             ax.set_ylabel(text(names.get(y, y)), fontsize=8)
             ax.tick_params(labelsize=7)
     fig.tight_layout()

@@ -91,7 +91,7 @@ def _headline_paras(s: Summary) -> list[str]:
             )
         )
         agree = [
-            f"{V.PREDICTORS[a.predictor]} ρ = {H.num(a.rho, 2)} (n = {H.num(a.n)})"
+            f"{a.predictor_name} ρ = {H.num(a.rho, 2)} (n = {H.num(a.n)})"
             for a in (v.agreement(x, V.REMOVAL) for x in V.PREDICTORS)
             if a is not None
         ]
@@ -358,8 +358,8 @@ def validation_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Secti
                 ["predictor", "measured effect", "Spearman ρ", "n", "from"],
                 [
                     (
-                        V.PREDICTORS[a.predictor],
-                        V.EFFECTS[a.effect],
+                        a.predictor_name,
+                        a.effect_name,
                         H.num(a.rho, 3),
                         H.num(a.n),
                         a.source,
@@ -370,7 +370,7 @@ def validation_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Secti
             )
         )
     panels = [
-        (a.predictor, a.effect, f"ρ = {H.num(a.rho, 2)}, n = {H.num(a.n)}")
+        (a.predictor, a.effect, f"ρ = {H.num(a.rho, 2)}, n = {H.num(a.n)}", a.transform == V.ABS)
         for a in v.agreements
         if v.has(a.predictor) and v.has(a.effect)
     ]

@@ -54,6 +54,12 @@ SHORT = {
     ABLATION_METRIC: "ablation (metric)",
     ABLATION_RETURN: "ablation (return)",
 }
+# the pairs shown, in order: each predictor against each effect, and the two predictors
+PAIRS = [*((x, y) for x in PREDICTORS for y in EFFECTS), (ATTRIBUTION, SHAPLEY)]
+# as chisel.validation.agreement: importance against removal (or the other importance) signed,
+# |importance| against the signed ablation effect (a pathway whose change lowered the metric a
+# lot is still one the computation runs through)
+SIGNED, ABS = "signed", "abs"
 SPEARMAN_KEY = "spearman"
 
 
@@ -78,7 +84,8 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
         out[column] = out[column].fillna("").astype(str)
     out[PATHWAY] = out[PATHWAY].where(out[PATHWAY] != "", out[FEATURE] + " → " + out[PARAM])
     repeated = out[FEATURE].duplicated(keep=False) & (out[PARAM] != "")
-    out[LABEL] = out[FEATURE].where(~repeated, out[FEATURE] + " → " + out[PARAM])
+    label = out[FEATURE].where(~repeated, out[FEATURE] + " → " + out[PARAM])
+    out[LABEL] = label.where(out[FEATURE] != "", out[PATHWAY])  # groups: their pathway id
     return out.reset_index(drop=True)
 
 
@@ -105,6 +112,16 @@ class Agreement:
     rho: float
     n: int | None
     source: str  # "validation.json" or "validation.parquet" (computed by the report)
+    transform: str = SIGNED  # "abs": |predictor| against the effect
+
+    @property
+    def predictor_name(self) -> str:
+        name = PREDICTORS[self.predictor]
+        return f"|{name}|" if self.transform == ABS else name
+
+    @property
+    def effect_name(self) -> str:
+        return EFFECTS.get(self.effect) or PREDICTORS[self.effect]
 
 
 @dataclass(frozen=True)
@@ -124,26 +141,33 @@ def _number(value: Any) -> float:
         return float("nan")
 
 
+def default_transform(effect: str) -> str:
+    return ABS if effect.startswith("ablation_") else SIGNED
+
+
 def agreements(
     table: pd.DataFrame, summary: dict[str, Any] | None, source_file: str
 ) -> list[Agreement]:
-    """Each (predictor, effect) pair the artifacts have: ρ and n from validation.json where it
-    holds the pair, else computed over the feature pathways of the table (≥ 3 finite pairs)."""
+    """Each pair of PAIRS the artifacts have: ρ and n from validation.json where it holds the
+    pair, else computed over the feature pathways of the table (≥ 3 finite pairs)."""
     given = (summary or {}).get(SPEARMAN_KEY)
     given = given if isinstance(given, dict) else {}
     features = table[table[KIND] == KIND_FEATURE]
     out = []
-    for x in PREDICTORS:
-        for y in EFFECTS:
-            entry = given.get(f"{x}_vs_{y}")
-            if isinstance(entry, dict):
-                n = entry.get("n")
-                n = int(n) if isinstance(n, int | float) and math.isfinite(n) else None
-                out.append(Agreement(x, y, _number(entry.get("rho")), n, "validation.json"))
-                continue
-            rho, n = spearman(features[x], features[y])
-            if n >= 3:
-                out.append(Agreement(x, y, rho, n, source_file))
+    for x, y in PAIRS:
+        entry = given.get(f"{x}_vs_{y}")
+        if isinstance(entry, dict):
+            n = entry.get("n")
+            n = int(n) if isinstance(n, int | float) and math.isfinite(n) else None
+            how = entry.get("transform")
+            how = how if how in (SIGNED, ABS) else default_transform(y)
+            out.append(Agreement(x, y, _number(entry.get("rho")), n, "validation.json", how))
+            continue
+        how = default_transform(y)
+        xs = features[x].abs() if how == ABS else features[x]
+        rho, n = spearman(xs, features[y])
+        if n >= 3:
+            out.append(Agreement(x, y, rho, n, source_file, how))
     return out
 
 

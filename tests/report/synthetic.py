@@ -323,12 +323,18 @@ def validation_summary(partial: bool = False) -> dict:
     features = validation_frame()
     features = features[features.kind == "feature"]
     spearman = {}
-    for x in ("attribution", "shapley"):
-        for y in ("removal", "ablation_metric", "ablation_return"):
-            if partial and (x == "shapley" or y == "ablation_return"):
-                continue
-            rho = spearman_no_ties(list(features[x]), list(features[y]))
-            spearman[f"{x}_vs_{y}"] = {"rho": rho, "n": len(features)}
+    pairs = [
+        (x, y)
+        for x in ("attribution", "shapley")
+        for y in ("removal", "ablation_metric", "ablation_return")
+    ]
+    for x, y in [*pairs, ("attribution", "shapley")]:
+        if partial and ("shapley" in (x, y) or y == "ablation_return"):
+            continue
+        how = "abs" if y.startswith("ablation") else "signed"  # as chisel.validation.agreement
+        xs = features[x].abs() if how == "abs" else features[x]
+        rho = spearman_no_ties(list(xs), list(features[y]))
+        spearman[f"{x}_vs_{y}"] = {"rho": rho, "n": len(features), "transform": how}
     out = {
         "spearman": spearman,
         "delta_metric": delta_metric(),

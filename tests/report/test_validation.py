@@ -58,12 +58,15 @@ def test_agreements_computed_when_validation_json_lacks_them():
     table = V.normalize(syn.validation_frame())
     features = table[table.kind == "feature"]
     got = {(a.predictor, a.effect): a for a in V.agreements(table, {}, "validation.parquet")}
-    assert len(got) == 6
+    assert len(got) == 7 and ("attribution", "shapley") in got
+    expected = syn.validation_summary()["spearman"]  # |x| against ablation effects
     for (x, y), a in got.items():
         assert a.source == "validation.parquet" and a.n == len(syn.INTERVENTIONS)
-        assert a.rho == pytest.approx(
-            syn.spearman_no_ties(list(features[x]), list(features[y])), abs=1e-12
-        )
+        xs = features[x].abs() if y.startswith("ablation") else features[x]
+        rho = syn.spearman_no_ties(list(xs), list(features[y]))
+        assert a.rho == pytest.approx(rho, abs=1e-12)
+        assert a.rho == pytest.approx(expected[f"{x}_vs_{y}"]["rho"], abs=1e-12)
+        assert a.transform == expected[f"{x}_vs_{y}"]["transform"]
     # validation.json wins where it has the pair
     given = {"spearman": {"attribution_vs_removal": {"rho": 0.123, "n": 18}}}
     a = next(a for a in V.agreements(table, given, "validation.parquet") if a.effect == "removal")
@@ -122,10 +125,13 @@ def test_full_validation_section(full):
     png = (root / "figures" / "validation.png").read_bytes()
     assert png.startswith(b"\x89PNG") and H.img(png, "x").split("src=")[1] in body
     summary = syn.validation_summary()
+    assert len(summary["spearman"]) == 7
     for key, entry in summary["spearman"].items():
         x, y = key.split("_vs_")
+        xname = V.PREDICTORS[x] if entry["transform"] == "signed" else f"|{V.PREDICTORS[x]}|"
+        yname = V.EFFECTS.get(y) or V.PREDICTORS[y]
         row = (
-            f"<td>{html.escape(V.PREDICTORS[x])}</td><td>{html.escape(V.EFFECTS[y])}</td>"
+            f"<td>{html.escape(xname)}</td><td>{html.escape(yname)}</td>"
             f'<td class="n">{H.num(entry["rho"], 3)}</td><td class="n">{entry["n"]}</td>'
             "<td>validation.json</td>"
         )
@@ -216,7 +222,7 @@ def test_long_names_are_cut_in_the_middle(tmp_path):
     assert len(label) <= 28 and label.endswith("hidden1") and "…" in label
     rows = V.normalize(pd.DataFrame({"feature": [long, "b", "c"], "attribution": [1.0, 2, 3]}))
     rows["removal"] = [3.0, 1, 2]
-    fig = F.validation_figure(rows, [("attribution", "removal", "ρ")], {})
+    fig = F.validation_figure(rows, [("attribution", "removal", "ρ", True)], {})
     assert F.to_png(fig).startswith(b"\x89PNG")
 
 
