@@ -294,9 +294,12 @@ def validation_figure(
                 continue
             title, absolute = spec[x, y]
             _scatter(ax, rows, x, y, (xerr or {}).get(x), absolute)
-            xname = names.get(x, x)
+            xname = f"|{names.get(x, x)}|" if absolute else names.get(x, x)
+            err = (xerr or {}).get(x)
+            if err and err in rows and np.isfinite(rows[err]).any():
+                xname += " (± se)"
             ax.set_title(text(title), fontsize=9)
-            ax.set_xlabel(text(f"|{xname}|" if absolute else xname), fontsize=8)
+            ax.set_xlabel(text(xname), fontsize=8)
             ax.set_ylabel(text(names.get(y, y)), fontsize=8)
             ax.tick_params(labelsize=7)
     fig.tight_layout()

@@ -376,7 +376,6 @@ def validation_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Secti
     ]
     if panels and len(v.features):
         names = {**V.PREDICTORS, **V.EFFECTS}
-        names[V.SHAPLEY] += " (± se)" if v.has(V.SHAPLEY_SE) else ""
         fig = F.validation_figure(v.features, panels, names, {V.SHAPLEY: V.SHAPLEY_SE})
         body.append(figs.put("validation", fig, "attribution and Shapley vs interventions"))
         body.append(

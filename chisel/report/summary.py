@@ -5,6 +5,11 @@ A feature's total is its integrated attribution summed over the attributed steps
 log-probability of the chosen actions. Group shares divide group sums by the sum over all
 features (signed), and the sums of |total| likewise (`abs_share`), so a large signed share built
 from cancelling features is visible.
+
+The headline ranks pathways by their Shapley importance (validation.parquet: the value of each
+pathway's learned change in the final network, what the agent now relies on) when the run has
+it, and by the training-path attribution otherwise (`Summary.headline_by` says which). "<mean>"
+and the other labels of `L.NOT_FEATURES` are never ranked as features.
 """
 
 from __future__ import annotations
