@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from chisel.report import figures as F
@@ -18,8 +17,6 @@ from chisel.report.artifacts import (
     DEMO_FILE,
     LEDGER_FILE,
     PROBES_FILE,
-    VALIDATION_FILE,
-    VALIDATION_SUMMARY_FILE,
     RunArtifacts,
 )
 from chisel.report.coverage import PARTS
@@ -48,7 +45,7 @@ class FigureSink:
         return H.img(png, alt)
 
 
-def _absent(art: RunArtifacts, artifact: str, what: str) -> str:
+def absent(art: RunArtifacts, artifact: str, what: str) -> str:
     why = art.why_missing(artifact) or f"{artifact} has no rows for it"
     return H.missing(f"Not shown: {what}. {why}.")
 
@@ -146,7 +143,7 @@ def summary_section(art: RunArtifacts, s: Summary) -> Section:
         out.append(H.para("Returns: " + ", ".join(f"{k} {H.num(v)}" for k, v in s.returns.items())))
     if not s.features:
         out.append(
-            _absent(art, LEDGER_FILE, "which pathways were chiseled (no integrated feature rows)")
+            absent(art, LEDGER_FILE, "which pathways were chiseled (no integrated feature rows)")
         )
         return "summary", "Summary", "".join(out)
     out.extend(_headline_paras(s))
@@ -228,13 +225,13 @@ def summary_section(art: RunArtifacts, s: Summary) -> Section:
 def timeline_section(art: RunArtifacts, figs: FigureSink) -> Section:
     title = "Chisel timeline"
     if art.ledger is None:
-        return "timeline", title, _absent(art, LEDGER_FILE, "the chisel timeline")
+        return "timeline", title, absent(art, LEDGER_FILE, "the chisel timeline")
     tl = feature_timeline(art.ledger)
     if tl.empty or not tl.shape[1]:
         return (
             "timeline",
             title,
-            _absent(art, LEDGER_FILE, "the chisel timeline (no integrated rows)"),
+            absent(art, LEDGER_FILE, "the chisel timeline (no integrated rows)"),
         )
     body = H.para(
         f"The {min(TOP_K, tl.shape[1])} features with the largest |cumulative integrated attribution|: "
@@ -245,196 +242,15 @@ def timeline_section(art: RunArtifacts, figs: FigureSink) -> Section:
         "timeline", F.timeline_figure(tl, training_curve(art), k=TOP_K), "chisel timeline"
     )
     if training_curve(art) is None:
-        body += _absent(art, DEMO_FILE, "the reward curve")
+        body += absent(art, DEMO_FILE, "the reward curve")
     return "timeline", title, body
-
-
-def _absent_any(art: RunArtifacts, artifacts: tuple[str, ...], what: str) -> str:
-    reasons = [r for a in artifacts if (r := art.why_missing(a))]
-    why = "; ".join(reasons) or f"{' and '.join(artifacts)} have no rows for it"
-    return H.missing(f"Not shown: {what}. {why}.")
-
-
-VALIDATION_INTRO = (
-    "The training-path attribution says when, and from which experience, each pathway (a "
-    "feature read by a weight) was reinforced. Here it is held against interventions on the "
-    "final network: pathway removal = m(final) − m(final with this pathway's learned change "
-    "reverted), on the same metric; feature ablation = the effect of projecting the feature out "
-    "of its site (mean kept), on the metric and on the return; the Shapley importance = the "
-    "value of each pathway's learned change with the others' interactions averaged in, which "
-    "sums exactly to m(final) − m(all reverted): what the agent now relies on. Positive: the "
-    "pathway helps the metric now. Spearman ρ over the feature pathways."
-)
-
-
-def _sentence_misranked(v: V.Validation, effect: str) -> str | None:
-    over, under, n = V.misranked(v.table, effect)
-    if n < 3:
-        return None
-    what = V.EFFECTS[effect]
-
-    def names(gaps: list[V.RankGap]) -> str:
-        return ", ".join(
-            f"{g.label} (|attribution| rank {g.rank_predictor}, {V.SHORT[effect]} rank "
-            f"{g.rank_effect})"
-            for g in gaps
-        )
-
-    head = f"Against {what} (ranks of {n} feature pathways, 1 = largest)"
-    if not over and not under:
-        return f"{head}, no feature is in the top third by one and the bottom half by the other."
-    parts = []
-    if over:
-        parts.append(f"the training-path attribution over-states {names(over)}")
-    if under:
-        parts.append(f"it under-states {names(under)}")
-    return f"{head}: " + "; ".join(parts) + "."
-
-
-def _plus_minus(value: float, se: float) -> str:
-    if not np.isfinite(value):
-        return "n/a"
-    return H.num(value) if not np.isfinite(se) else f"{H.num(value)} ± {H.num(se, 2)}"
-
-
-def _pathway_table(v: V.Validation, rows: pd.DataFrame, first: str) -> str:
-    columns = [
-        (c, name)
-        for c, name in (
-            (V.ATTRIBUTION, "attribution (cumulative)"),
-            (V.SHAPLEY, "Shapley ± se"),
-            (V.REMOVAL, "removal"),
-            (V.ABLATION_METRIC, "ablation: metric"),
-            (V.ABLATION_RETURN, "ablation: return"),
-        )
-        if v.has(c)
-    ]
-    header = ["#", first, "site", "param", *[n for _, n in columns]]
-    body = []
-    for i, r in enumerate(rows.itertuples(index=False), start=1):
-        r = r._asdict()
-        cells = [
-            _plus_minus(r[c], r[V.SHAPLEY_SE]) if c == V.SHAPLEY else H.num(r[c])
-            for c, _ in columns
-        ]
-        body.append((i, r[V.LABEL], r[V.SITE], r[V.PARAM], *cells))
-    return H.table(header, body, numeric=(0, *range(4, 4 + len(columns))))
-
-
-def _validation_numbers(v: V.Validation) -> str | None:
-    keys = (
-        ("delta_metric", "Δm over the attributed steps"),
-        ("metric_final", "m(final)"),
-        ("metric_reverted", "m(all pathways reverted)"),
-        ("shapley_total", "Σ Shapley"),
-        ("coverage_attribution", "named features' share of Δm (attribution)"),
-        ("coverage_shapley", "named pathways' share (Shapley)"),
-        ("evaluations", "metric evaluations"),
-        ("wall_time_s", "wall time (s)"),
-    )
-    parts = [
-        f"{name} {H.pct(x) if key.startswith('coverage') else H.num(x)}"
-        for key, name in keys
-        if (x := v.number(key)) is not None
-    ]
-    return H.para("; ".join(parts) + ".") if parts else None
-
-
-def validation_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Section:
-    anchor, title = "validation", "Does the attribution hold?"
-    v = s.validation
-    if v is None:
-        return (
-            anchor,
-            title,
-            _absent_any(
-                art, (VALIDATION_FILE, VALIDATION_SUMMARY_FILE), "the validation by intervention"
-            ),
-        )
-    body = [H.para(VALIDATION_INTRO)]
-    if v.agreements:
-        body.append(
-            H.table(
-                ["predictor", "measured effect", "Spearman ρ", "n", "from"],
-                [
-                    (
-                        a.predictor_name,
-                        a.effect_name,
-                        H.num(a.rho, 3),
-                        H.num(a.n),
-                        a.source,
-                    )
-                    for a in v.agreements
-                ],
-                numeric=(2, 3),
-            )
-        )
-    panels = [
-        (a.predictor, a.effect, f"ρ = {H.num(a.rho, 2)}, n = {H.num(a.n)}", a.transform == V.ABS)
-        for a in v.agreements
-        if v.has(a.predictor) and v.has(a.effect)
-    ]
-    if panels and len(v.features):
-        names = {**V.PREDICTORS, **V.EFFECTS}
-        fig = F.validation_figure(v.features, panels, names, {V.SHAPLEY: V.SHAPLEY_SE})
-        body.append(figs.put("validation", fig, "attribution and Shapley vs interventions"))
-        body.append(
-            H.para(
-                "One dot per feature pathway; the most extreme ones are named. The weights' "
-                "<mean>, <residual> and <bias> pathways and the groups are in the tables only."
-            )
-        )
-    sentences = [t for e in V.EFFECTS if v.has(e) and (t := _sentence_misranked(v, e))]
-    body.extend(H.para(t, "answer") for t in sentences)
-    if (numbers := _validation_numbers(v)) is not None:
-        body.append(numbers)
-    if len(v.pathways):
-        by = {V.SHAPLEY: "|Shapley|", V.REMOVAL: "|removal|"}.get(v.ranking, "|attribution|")
-        body.append(H.para(f"Pathways ranked by {by}:"))
-        body.append(_pathway_table(v, v.ranked(), "pathway"))
-    if len(v.groups):
-        body.append(H.para("Groups of pathways (all features of a concept, of a site):"))
-        body.append(_pathway_table(v, v.ranked(v.groups), "group"))
-    if v.table.empty:
-        body.append(_absent(art, VALIDATION_FILE, "the per-pathway measures"))
-    return anchor, title, "".join(body)
-
-
-def coverage_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Section:
-    anchor, title = "coverage", "Coverage: how much of Δm the named features carry"
-    cov = s.coverage
-    if cov is None:
-        return anchor, title, _absent(art, LEDGER_FILE, "coverage (no integrated attribution rows)")
-    body = [
-        H.para(
-            "The metric's change Δm of every attributed step splits exactly into the named "
-            "features' pathways, each split weight's <mean> (the change acting on the mean "
-            "input), <residual> (off the features' span) and <bias>, and the params without "
-            "features. Left: each part's share of that step's Δm; right: of Δm cumulated up to "
-            "the step."
-        ),
-        figs.put(
-            "coverage",
-            F.coverage_figure(cov.step_shares(), cov.cumulative_shares(), PARTS),
-            "coverage of Δm",
-        ),
-    ]
-    totals = cov.totals
-    rows = [(PARTS[p], H.num(float(totals[p])), H.pct(cov.share(p))) for p in cov.parts]
-    rows.append(("Δm (all)", H.num(cov.delta_metric), H.pct(1.0)))
-    v = s.validation
-    shapley = v.number("coverage_shapley") if v is not None else None
-    if shapley is not None:
-        rows.append(("named pathways by Shapley (validation.json)", "", H.pct(shapley)))
-    body.append(H.table(["part", "Σ over steps", "share of Δm"], rows, numeric=(1, 2)))
-    return anchor, title, "".join(body)
 
 
 def probes_section(art: RunArtifacts, figs: FigureSink) -> Section:
     title = "Probe scores (concept × site × step)"
     scores = None if art.probes is None else art.probes.dropna(subset=["score"])
     if scores is None or scores.empty:
-        return "probes", title, _absent(art, PROBES_FILE, "probe scores (no finite score)")
+        return "probes", title, absent(art, PROBES_FILE, "probe scores (no finite score)")
     return "probes", title, figs.put("probes", F.probes_figure(scores), "probe scores")
 
 
@@ -442,7 +258,7 @@ def circuits_section(art: RunArtifacts, figs: FigureSink) -> Section:
     title = "Strengthened and weakened circuits"
     circ = T.circuits(art.ledger, (art.demo or {}).get("action_names"))
     if circ.totals.empty:
-        return "circuits", title, _absent(art, LEDGER_FILE, "circuits (no geometry circuit rows)")
+        return "circuits", title, absent(art, LEDGER_FILE, "circuits (no geometry circuit rows)")
     body = figs.put("circuits", F.circuits_figure(circ), "circuits")
     rows = [("strengthened", n, H.num(v)) for n, v in circ.strengthened().items()]
     rows += [("weakened", n, H.num(v)) for n, v in circ.weakened().items()]
@@ -472,7 +288,7 @@ def credit_section(art: RunArtifacts, figs: FigureSink) -> Section:
         return (
             "credit",
             title,
-            _absent(art, LEDGER_FILE, "credit (no tagged per-sample credit rows)"),
+            absent(art, LEDGER_FILE, "credit (no tagged per-sample credit rows)"),
         )
     by_next = T.credit_by_reward_source(art.ledger, T.NEXT_REWARD_SOURCE_TAG)
     body = [
@@ -537,7 +353,7 @@ def completeness_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Sec
         return (
             "completeness",
             title,
-            _absent(art, LEDGER_FILE, "completeness (no completeness_rel rows)"),
+            absent(art, LEDGER_FILE, "completeness (no completeness_rel rows)"),
         )
     body = figs.put("completeness", F.completeness_figure(comp), "completeness errors")
     body += H.para(
@@ -550,7 +366,7 @@ def completeness_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Sec
 def causal_section(art: RunArtifacts, s: Summary) -> Section:
     title = "Causal check"
     if s.causal_baseline is None:
-        return "causal", title, _absent(art, CAUSAL_FILE, "the causal check")
+        return "causal", title, absent(art, CAUSAL_FILE, "the causal check")
     c = art.causal or {}
     head = H.para(
         f"Projecting out k = {c.get('k', '?')} feature directions at site "

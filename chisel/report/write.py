@@ -6,6 +6,7 @@ from pathlib import Path
 
 from chisel.report import html as H
 from chisel.report import sections as S
+from chisel.report import validation_sections as VS
 from chisel.report.artifacts import FIGURES_DIR, REPORT_FILE, load_artifacts
 from chisel.report.summary import summarize
 
@@ -43,8 +44,8 @@ def write_report(
     sections = [
         S.summary_section(art, s),
         S.timeline_section(art, figs),
-        S.validation_section(art, s, figs),
-        S.coverage_section(art, s, figs),
+        VS.validation_section(art, s, figs),
+        VS.coverage_section(art, s, figs),
         S.probes_section(art, figs),
         S.circuits_section(art, figs),
         S.credit_section(art, figs),
