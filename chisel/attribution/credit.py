@@ -12,9 +12,9 @@ c) stays as `gradient (unresolved)` / `momentum (unresolved)`. Everything closes
          + Σ samples(momentum) + momentum (unresolved) + residual
 
 Attribution to the metric is ⟨part, ḡ⟩; for a sample term ⟨K_coef ⊙ g xᵀ, ḡ⟩ = gᵀ(coef ⊙ ḡ)x,
-computed for all samples at once without per-sample gradients. Over features at the input
-(read directions D [F, in], E = Dᵀ(DDᵀ)⁺, c = Eᵀx so that Σ_j c_j d_j = Πx) a sample's share
-splits exactly into c_ij·gᵀ(coef ⊙ ḡ)d_j per feature plus the off-span gᵀ(coef ⊙ ḡ)(I − Π)x.
+computed for all samples at once without per-sample gradients. Over features, a sample's term
+gets ⟨term, R_k⟩ for the kernels R_k of `splits` (the same kernels as the integrated family, so
+a feature's credit rows sum to its integrated row for any optimizer).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from chisel.attribution.optim_replay import (
     ReplayError,
     UpdateSplit,
 )
+from chisel.attribution.splits import Kernels, read_kernels
 from chisel.errors import ChiselError
 from chisel.store.reader import Run
 
@@ -48,8 +49,12 @@ GRADIENT_UNRESOLVED = "gradient (unresolved)"
 MOMENTUM_UNRESOLVED = "momentum (unresolved)"
 # the leaves of the split: each sample-less part once, samples under GRADIENT / MOMENTUM
 LEAVES = (WEIGHT_DECAY, GRADIENT, GRADIENT_UNRESOLVED, MOMENTUM, MOMENTUM_UNRESOLVED, RESIDUAL)
-MAX_HORIZON = 50
-MIN_WEIGHT = 1e-3
+# default horizon: the earlier steps that hold 99% of the momentum buffer's mass. For a constant
+# decay β the steps older than s hold a fraction β^(t−1−s) of it, so that is "decay ≥ 1%":
+# 44 steps for Adam's β1 = 0.9, 459 for SGD momentum 0.99 (each step's factors are kept in
+# memory while within reach; pass `horizon` to bound it). What lies beyond is reported per step.
+MAX_HORIZON = 500
+MIN_WEIGHT = 1e-2
 
 
 class CreditError(ChiselError, ValueError):
@@ -111,29 +116,40 @@ class SampleBlock:
             return self.g.sum(1) @ (self.coef * gbar)
         return (self.reads(gbar) * self.x).sum((1, 2))
 
+    def kernel_shares(self, gbar: Tensor, kernels: Kernels) -> Tensor:
+        """[n, K]: ⟨term_i, R_k⟩ for every sample and kernel (they sum to `attribution`)."""
+        if self.is_bias:
+            return kernels.sample_bias_shares(self.g, self.coef)
+        self.check_width(kernels.weight)
+        coef = self.coef if not isinstance(self.coef, Tensor) else self._as_matrix(self.coef)
+        return kernels.sample_shares(self.g, self.x, coef)
+
+    def check_width(self, directions: Tensor) -> None:
+        """Refuse features whose width is not this block's input width."""
+        if directions.shape[-1] != self.x.shape[-1]:
+            raise CreditError(
+                f"feature directions of width {directions.shape[-1]} do not fit {self.param}, "
+                f"whose factor input has width {self.x.shape[-1]} (module {self.module!r}, "
+                f"{self.kind}); give directions at this module's input (conv2d: in unfolded "
+                "C·kh·kw space)."
+            )
+
     def feature_shares(
         self, gbar: Tensor, directions: Tensor, dual: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """([n, F] shares, [n] off-span share); they sum to `attribution` exactly.
+        """([n, F] shares, [n] off-span share), uncentred; they sum to `attribution` exactly.
 
-        directions: [F, in] read directions at the module's input (unit rows); dual: their
-        least-squares dual Dᵀ(DDᵀ)⁺ [in, F] if already computed.
+        directions: [F, in] unit read directions at the module's input (`dual` is ignored; kept
+        for callers of the earlier signature).
         """
         if self.is_bias:
             raise CreditError(f"{self.param} is a bias: it reads no input features.")
-        if directions.shape[-1] != self.x.shape[-1]:
-            raise CreditError(
-                f"feature directions of width {directions.shape[-1]} do not fit {self.param}, whose "
-                f"factor input has width {self.x.shape[-1]} (module {self.module!r}, {self.kind}); "
-                "give directions at this module's input (conv2d: in unfolded C·kh·kw space)."
-            )
-        d = directions.to(torch.float64)
-        dual = d.T @ torch.linalg.pinv(d @ d.T) if dual is None else dual  # [in, F]
-        h = self.reads(gbar)  # [n, T, in]
-        coeffs = self.x @ dual  # [n, T, F]
-        shares = (coeffs * (h @ d.T)).sum(1)  # [n, F]
-        off = (h * (self.x - coeffs @ d)).sum((1, 2))  # [n]
-        return shares, off
+        self.check_width(directions)
+        names = tuple(str(i) for i in range(directions.shape[0]))
+        kernels = read_kernels(names, ("",) * len(names), directions.to(torch.float64),
+                               self._as_matrix(gbar))
+        shares = self.kernel_shares(gbar, kernels)
+        return shares[:, :-1], shares[:, -1]
 
 
 @dataclass(frozen=True)
@@ -178,7 +194,9 @@ class CreditSession:
     """The optimizer replay plus a window of earlier steps' factors, kept for consecutive steps.
 
     horizon: earlier steps whose samples get momentum credit. None (default): every step whose
-    weight has not decayed below `min_weight` (β^{t−1−s} ≥ 1e-3), at most `max_horizon` steps.
+    weight has not decayed below `min_weight` (β^{t−1−s} ≥ 1e-2: 99% of the buffer's mass), at
+    most `max_horizon` steps. The momentum left beyond the horizon is the `momentum (unresolved)`
+    part; its share of ‖Δθ‖ is a ledger row per step (quantity "momentum_unresolved_share").
     """
 
     def __init__(
@@ -207,6 +225,10 @@ class CreditSession:
 
     def __repr__(self) -> str:
         return f"CreditSession({self.run!r}, horizon={self.horizon}, reach={self.reach})"
+
+    def kind(self, module: str) -> str:
+        """The factor layout of a module: "linear", "conv1d" (HF, in × out) or "conv2d"."""
+        return self._kinds.get(module, "linear")
 
     # -- factors ---------------------------------------------------------------------------
     def factors(self, s: int) -> _StepFactors | None:
@@ -346,6 +368,7 @@ def _rows(
     sample: np.ndarray | None = None,
     origin: int | None = None,
     tags: dict[str, np.ndarray] | None = None,
+    quantity: str = L.ATTRIBUTION,
 ) -> dict[str, np.ndarray]:
     """Columns of n rows as numpy arrays (one DataFrame is built per step, not per block)."""
     n = len(value)
@@ -360,7 +383,7 @@ def _rows(
         L.PARAM: full(param),
         L.SITE: full(site),
         L.FEATURE: full(feature),
-        L.QUANTITY: full(L.ATTRIBUTION),
+        L.QUANTITY: full(quantity),
         L.VALUE: np.asarray(value, dtype=np.float64),
         L.SAMPLE: np.asarray(sample, dtype=np.float64) if sample is not None else np.full(n, np.nan),
         L.ORIGIN_STEP: np.full(n, np.nan if origin is None else float(origin)),
@@ -380,49 +403,69 @@ def _frame(chunks: list[dict[str, np.ndarray]]) -> pd.DataFrame:
             parts.append(c[name] if name in c else np.full(n, np.nan))
         data[name] = np.concatenate(parts) if parts else np.zeros(0)
     frame = pd.DataFrame(data)
-    for col in (L.SAMPLE, L.ORIGIN_STEP):
+    for col in (L.SAMPLE, L.ORIGIN_STEP, L.COUNT):
         if col in frame:
             frame[col] = frame[col].astype("Int64")
     return frame
 
 
 def _block_rows(
-    t: int, b: SampleBlock, gbar: Tensor, feats: ModuleFeatures | None, tags: dict, mode: str
+    t: int, b: SampleBlock, gbar: Tensor, sides: list[Kernels], tags: dict, mode: str
 ) -> list[dict[str, np.ndarray]]:
-    """A block's whole-sample rows and, with features, their exact split over features."""
+    """A block's whole-sample rows and, per side's kernels, their exact split over features."""
     idx = np.arange(b.n)
-    site = feats.sites[0] if feats is not None else ""
+    site = sides[0].sites[-1] if sides else ""
     out = [
         _rows(
             t, b.part, b.param, site, L.WHOLE, b.attribution(gbar).numpy(), idx, b.origin_step, tags
         )
     ]
-    if feats is None or b.is_bias or mode == "none":
+    if mode == "none":
         return out
-    shares, off = b.feature_shares(gbar, feats.directions, feats.dual)  # [n, F], [n]
-    names = np.array([*feats.names, L.RESIDUAL], dtype=object)
-    sites = np.array([*feats.sites, site], dtype=object)
-    values = torch.cat([shares, off[:, None]], 1)  # [n, F+1]
-    if mode == "summed":
+    for kernels in sides:
+        if b.is_bias and kernels.bias is None:
+            continue
+        values = b.kernel_shares(gbar, kernels)  # [n, K]
+        names = np.array(kernels.labels, dtype=object)
+        sites = np.array(kernels.sites, dtype=object)
+        if mode == "summed":
+            summed = _rows(t, b.part, b.param, sites, names, values.sum(0).numpy(), None,
+                           b.origin_step, quantity=kernels.quantity)
+            summed[L.COUNT] = np.full(len(names), float(b.n))
+            out.append(summed)
+            continue
+        k = values.shape[1]
+        per_row = {c: np.repeat(v, k) for c, v in tags.items()}
         out.append(
-            _rows(t, b.part, b.param, sites, names, values.sum(0).numpy(), None, b.origin_step)
+            _rows(
+                t,
+                b.part,
+                b.param,
+                np.tile(sites, b.n),
+                np.tile(names, b.n),
+                values.reshape(-1).numpy(),
+                np.repeat(idx, k),
+                b.origin_step,
+                per_row,
+                kernels.quantity,
+            )
         )
-        return out
-    k = values.shape[1]
-    per_row = {c: np.repeat(v, k) for c, v in tags.items()}
-    out.append(
-        _rows(
-            t,
-            b.part,
-            b.param,
-            np.tile(sites, b.n),
-            np.tile(names, b.n),
-            values.reshape(-1).numpy(),
-            np.repeat(idx, k),
-            b.origin_step,
-            per_row,
-        )
-    )
+    return out
+
+
+def _module_kernels(
+    split: CreditSplit, gbar: Params, features_by_module: dict[str, Any]
+) -> dict[str, list[Kernels]]:
+    """Uncentred input-side kernels from plain read directions (the direct API)."""
+    out = {}
+    for module, value in features_by_module.items():
+        feats = ModuleFeatures.of(value)
+        weight = next((b for b in split.blocks if b.module == module and not b.is_bias), None)
+        if weight is None:
+            continue
+        weight.check_width(feats.directions)
+        g = weight._as_matrix(gbar[weight.param])
+        out[module] = [read_kernels(feats.names, feats.sites, feats.directions, g)]
     return out
 
 
@@ -432,6 +475,7 @@ def credit_rows(
     gbar: Params,
     *,
     features_by_module: dict[str, Any] | None = None,
+    kernels_by_module: dict[str, list[Kernels]] | None = None,
     session: CreditSession | None = None,
     horizon: int | None = None,
     feature_rows: str = "sample",
@@ -441,7 +485,10 @@ def credit_rows(
     Args:
         gbar: {param: float64 tensor}, the path-averaged gradient of the metric at step t.
         features_by_module: {module: (site, names, D [F, in])} (or a FeatureBlock / ModuleFeatures)
-            read directions at the module's input; each sample's share is split over them.
+            read directions at the module's input; each sample's share is split over them
+            (uncentred).
+        kernels_by_module: {module: [Kernels, …]} as `chisel.attribute` builds them (centred
+            input side, output side); overrides `features_by_module`.
         session: a `CreditSession` kept across consecutive steps (made here if None).
         horizon: earlier steps given momentum credit (see `CreditSession`).
         feature_rows: "sample" (one row per sample and feature), "summed" (feature rows summed
@@ -462,22 +509,62 @@ def credit_rows(
             f"gbar lacks {missing[:5]}; give ḡ for every recorded param ({len(split.base.update)})."
         )
     gbar = {n: v.to(torch.float64) for n, v in gbar.items()}
-    feats = {m: ModuleFeatures.of(v) for m, v in (features_by_module or {}).items()}
+    if kernels_by_module is None:
+        kernels_by_module = _module_kernels(split, gbar, features_by_module or {})
     owner = {b.param: b.module for b in split.blocks}
     frames = []
     for leaf in (WEIGHT_DECAY, GRADIENT_UNRESOLVED, MOMENTUM_UNRESOLVED, RESIDUAL):
         parts = split.unresolved[leaf] if leaf in split.unresolved else split.base.parts[leaf]
         for param, value in parts.items():
-            f = feats.get(owner.get(param, ""))
-            site = f.sites[0] if f is not None else ""
+            sides = kernels_by_module.get(owner.get(param, ""), [])
+            site = sides[0].sites[-1] if sides else ""
             frames.append(
                 _rows(t, leaf, param, site, L.WHOLE, np.array([float((value * gbar[param]).sum())]))
             )
+            if feature_rows != "none":
+                frames += _leaf_feature_rows(t, leaf, param, value, kernels_by_module, session)
     for b in split.blocks:
         step_factors = session.factors(b.origin_step)
         tags = _tag_columns(step_factors.tags if step_factors else {}, b.n)
-        frames += _block_rows(t, b, gbar[b.param], feats.get(b.module), tags, feature_rows)
+        sides = kernels_by_module.get(b.module, [])
+        frames += _block_rows(t, b, gbar[b.param], sides, tags, feature_rows)
+    frames.append(_unresolved_share_row(t, split))
     return _frame(frames)
+
+
+def _leaf_feature_rows(
+    t: int, leaf: str, param: str, value: Tensor, kernels_by_module: dict, session: CreditSession
+) -> list[dict[str, np.ndarray]]:
+    """A sample-less part (weight decay, unresolved, residual) split by the same kernels, so a
+    feature's credit rows over all parts sum to its integrated row."""
+    module, _, kind_of = param.rpartition(".")
+    out = []
+    for kernels in kernels_by_module.get(module, []):
+        if kind_of == "bias":
+            if kernels.bias is None:
+                continue
+            shares = kernels.bias_shares(value)
+        else:
+            transposed = session.kind(module) == "conv1d"
+            shares = kernels.shares(value.T if transposed else value)
+        out.append(
+            _rows(t, leaf, param, np.array(kernels.sites, dtype=object),
+                  np.array(kernels.labels, dtype=object), shares.numpy(), quantity=kernels.quantity)
+        )
+    return out
+
+
+def _unresolved_share_row(t: int, split: CreditSplit) -> dict[str, np.ndarray]:
+    """‖momentum (unresolved)‖ / ‖Δθ‖ over all params: how much of the update the samples within
+    the horizon leave unexplained (0 without momentum)."""
+    flat = lambda parts: torch.cat([v.reshape(-1) for v in parts.values()])  # noqa: E731
+    update = float(flat(split.base.update).norm())
+    left = float(flat(split.unresolved[MOMENTUM_UNRESOLVED]).norm())
+    value = left / update if update else 0.0
+    return _rows(
+        t, MOMENTUM_UNRESOLVED, "", "", L.DIAGNOSTIC, np.array([value]),
+        quantity=L.MOMENTUM_UNRESOLVED_SHARE,
+    )
 
 
 # -- aggregation and the engine's hook ---------------------------------------------------------
@@ -516,32 +603,26 @@ def credit_by(
             raise CreditError(f"no tag {by!r} in the ledger; its tag columns are {tags}.")
         key = rows[column]
     name = key.name or "key"
-    grouped = rows.assign(**{name: key}).groupby([name, *also], dropna=False)[L.VALUE].sum()
-    return grouped.reset_index()
+    counts = rows[L.COUNT].fillna(1) if L.COUNT in rows else pd.Series(1, index=rows.index)
+    grouped = rows.assign(**{name: key, L.COUNT: counts}).groupby([name, *also], dropna=False)
+    return grouped[[L.VALUE, L.COUNT]].sum().reset_index()
 
 
 def engine(
-    run: Run,
-    blocks: dict[str, tuple[Any, Any]],
-    by_param: dict[str, Any],
-    horizon: int | None,
-    by: Sequence[str] | None = None,
-) -> Callable[[int, Params], pd.DataFrame]:
-    """For `chisel.attribute`: a callable (t, ḡ) -> credit rows, features from the input blocks.
-
-    blocks: {param: (input FeatureBlock | None, output FeatureBlock | None)}; by_param:
-    {param: LinearWeight} (its `.module` names the factor module).
-    """
+    run: Run, horizon: int | None, by: Sequence[str] | None = None
+) -> Callable[[int, Params, dict[str, list[Kernels]]], pd.DataFrame]:
+    """For `chisel.attribute`: a callable (t, ḡ, {module: kernels}) -> credit rows."""
     if not run.manifest.get("config", {}).get("grads"):
         raise CreditError(
             "credit needs the gradients the optimizer consumed; this run was recorded with "
             "grads=False. Record with grads=True (the default) or leave 'credit' out of families."
         )
-    features = {by_param[p].module: ins for p, (ins, _) in blocks.items() if ins is not None}
     session = CreditSession(run, horizon=horizon)
 
-    def rows(t: int, gbar: Params) -> pd.DataFrame:
-        frame = credit_rows(run, t, gbar, features_by_module=features, session=session, feature_rows="summed")
+    def rows(t: int, gbar: Params, kernels: dict[str, list[Kernels]]) -> pd.DataFrame:
+        frame = credit_rows(
+            run, t, gbar, kernels_by_module=kernels, session=session, feature_rows="summed"
+        )
         return frame if by is None else _aggregate_samples(frame, by)
 
     return rows
@@ -556,5 +637,8 @@ def _aggregate_samples(frame: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
                           f"{[c for c in frame.columns if c.startswith('tag/')]}.")
     per_sample = frame[frame[L.SAMPLE].notna()]
     keys = [L.STEP, L.FAMILY, L.PART, L.PARAM, L.SITE, L.FEATURE, L.QUANTITY, L.ORIGIN_STEP, *tag_cols]
-    summed = per_sample.groupby(keys, dropna=False, sort=False)[L.VALUE].sum().reset_index()
+    grouped = per_sample.groupby(keys, dropna=False, sort=False)[L.VALUE]
+    summed = grouped.agg(["sum", "size"]).reset_index()
+    summed = summed.rename(columns={"sum": L.VALUE, "size": L.COUNT})
+    summed[L.COUNT] = summed[L.COUNT].astype("Int64")
     return pd.concat([frame[frame[L.SAMPLE].isna()], summed], ignore_index=True)

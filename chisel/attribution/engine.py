@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ import probes
 from chisel.attribution import ledger as L
 from chisel.attribution.functional import ParamSpace, UpdatePath
 from chisel.attribution.geometry import FeatureBlock, geometry_rows
-from chisel.attribution.integrated import feature_split_rows, param_rows
+from chisel.attribution.integrated import bias_row, kernel_rows, param_rows
 from chisel.attribution.metrics import Metric
 from chisel.attribution.quadrature import integrate_path
+from chisel.attribution.splits import Kernels, mean_inputs, read_kernels, write_kernels
 from chisel.attribution.weights import LinearWeight, bind_sites, linear_weights
 from chisel.errors import ChiselError, StepOutOfRangeError
 from chisel.store.reader import Run, load
@@ -78,6 +80,13 @@ def _blocks(
             if not feats:
                 sides.append(None)
                 continue
+            norms = [float(f.read.to(torch.float64).norm()) for f in feats]
+            tiny = [f.name for f, n in zip(feats, norms) if not n > 1e-12 or n != n or n == float("inf")]
+            if tiny:
+                raise AttributionInputError(
+                    f"features {tiny[:5]} have a zero, near-zero (< 1e-12) or non-finite read "
+                    "vector: they name no direction. Drop them or give their read vectors."
+                )
             dirs = torch.stack([f.read.to(dtype) / f.read.to(dtype).norm() for f in feats])
             sides.append(FeatureBlock(tuple(f.name for f in feats), tuple(f.site for f in feats), dirs))
         if sides[0] is not None or sides[1] is not None:
@@ -110,6 +119,8 @@ def attribute(
     progress: bool | None = None,
     return_ledger: bool = True,
     batch_points: bool | None = None,
+    centred: bool = True,
+    reference: Any = None,
 ) -> pd.DataFrame | None:
     """Attribute every chosen update of `run` to `features`, as changes of `metric`.
 
@@ -128,7 +139,9 @@ def attribute(
         out: write the ledger as parquet, streaming step by step: True for
             `<run>/ledger.parquet`, or a path.
         horizon: how many earlier steps' samples receive credit through momentum (default:
-            while the momentum decay since that step is >= 1e-3, at most 50 steps).
+            the steps holding 99% of the buffer's mass, i.e. while the decay since that step is
+            >= 1e-2, at most 500 steps; what is left is reported per step as
+            "momentum_unresolved_share").
         credit_by: per-sample tag names; when given, credit rows of samples are summed within
             the groups of these tags (with `sample` null) instead of one row per sample.
         progress: show a progress bar (default: when stderr is a terminal).
@@ -136,10 +149,20 @@ def attribute(
             (default: on accelerators; on CPU a loop of backward passes is faster).
         return_ledger: with `out`, False keeps nothing in memory across steps (rows go
             straight to the parquet file) and returns None; read it with `chisel.load_ledger`.
+        centred: split each weight's input around its mean over the metric's states: features
+            get the share of their variation, the mean input its own "<mean>" row (integrated
+            and credit; a weight without a bias cannot be centred and is split uncentred, with a
+            warning). False: the plain split (no "<mean>" rows). A feature constant over the
+            metric's states (a metric on states where a cue is present) has no variation there
+            and gets no share: centre on a `reference` that contains its contrast instead.
+        reference: model inputs (a tensor or a tuple of positional inputs) whose mean input
+            per weight centres the split, instead of the metric's own states.
 
     Returns:
         The ledger: columns step, family, param, site, feature, quantity, value, part, sample,
-        origin_step and one `tag/<name>` column per tag (credit rows).
+        origin_step, count and one `tag/<name>` column per tag (credit rows). Quantity
+        "attribution" splits each weight's share by its input features, "attribution_write" by
+        its output features (both close to the same share; see docs/concepts.md).
     """
     run = run if isinstance(run, Run) else load(run)
     unknown = set(families) - set(L.FAMILIES)
@@ -156,10 +179,12 @@ def attribute(
     )
     blocks = _blocks(weights, features, dtype)
     by_param = {w.param: w for w in weights}
+    if centred:
+        _warn_uncentred(blocks, by_param)
     tag_columns = _tag_columns(run, chosen) if L.CREDIT in families else []
     path = Path(run.path / "ledger.parquet") if out is True else Path(out) if out else None
     writer = L.LedgerWriter(path, tag_columns) if path else None
-    credit = _credit_engine(run, blocks, by_param, horizon, credit_by) if L.CREDIT in families else None
+    credit = _credit_engine(run, horizon, credit_by) if L.CREDIT in families else None
     frames = []
     show = sys.stderr.isatty() if progress is None else progress
     failed = True
@@ -167,7 +192,10 @@ def attribute(
         # in a log file (no terminal) a redraw is a new line: redraw rarely
         interval = 0.1 if sys.stderr.isatty() else 15.0
         for t in tqdm(chosen, desc="attributing", unit="step", disable=not show, mininterval=interval):
-            rows = _step_rows(run, t, space, families, blocks, by_param, points, split, dtype, device, credit)
+            rows = _step_rows(
+                run, t, space, families, blocks, by_param, points, split, dtype, device, credit,
+                centred, reference,
+            )
             frame = L.to_frame(rows, tag_columns)
             if writer is not None:
                 writer.write(frame)
@@ -196,6 +224,8 @@ def _step_rows(
     dtype: torch.dtype,
     device: str | torch.device,
     credit: Any,
+    centred: bool = True,
+    reference: Any = None,
 ) -> list[dict[str, Any]] | pd.DataFrame:
     theta = {n: v.to(device, dtype) for n, v in run.params(t).items()}
     delta = {n: v.to(device, dtype) for n, v in run.update(t).items()}
@@ -206,25 +236,72 @@ def _step_rows(
             rows += geometry_rows(t, param, w.matrix(theta[param]), w.matrix(delta[param]), ins, outs)
     if L.INTEGRATED not in families and L.CREDIT not in families:
         return rows
-    integral = integrate_path(UpdatePath(space, theta, delta), points=points, split=split)
+    path = UpdatePath(space, theta, delta)
+    integral = integrate_path(path, points=points, split=split)
+    kernels = _kernels(space, path, blocks, by_param, integral.gbar, centred, reference)
     if L.INTEGRATED in families:
         rows += param_rows(t, delta, integral)
-        for param, (ins, _) in blocks.items():
-            if ins is None:
-                continue
+        for param, sides in kernels.items():
             w = by_param[param]
-            bias_share = float((delta[w.bias] * integral.gbar[w.bias]).sum()) if w.bias else None
-            rows += feature_split_rows(
-                t, param, w.bias, w.matrix(delta[param]), w.matrix(integral.gbar[param]), bias_share, ins
-            )
+            for k in sides:
+                rows += kernel_rows(t, w, delta, k)
+            ins = blocks[param][0]
+            if ins is not None and w.bias is not None:
+                rows.append(bias_row(t, w, ins.sites[0], delta, integral.gbar))
     if credit is not None:
-        return pd.concat([pd.DataFrame(rows), credit(t, integral.gbar)], ignore_index=True)
+        by_module = {by_param[p].module: sides for p, sides in kernels.items()}
+        return pd.concat([pd.DataFrame(rows), credit(t, integral.gbar, by_module)], ignore_index=True)
     return rows
 
 
-def _credit_engine(run: Run, blocks: dict, by_param: dict[str, LinearWeight], horizon: int | None,
-                   by: Sequence[str] | None):
-    """A callable (t, ḡ) -> credit rows, or an error if the run cannot support credit."""
+def _kernels(
+    space: ParamSpace,
+    path: UpdatePath,
+    blocks: dict[str, tuple[FeatureBlock | None, FeatureBlock | None]],
+    by_param: dict[str, LinearWeight],
+    gbar: dict[str, torch.Tensor],
+    centred: bool,
+    reference: Any = None,
+) -> dict[str, list[Kernels]]:
+    """{weight param: [input-side kernels, output-side kernels]} for this step's ḡ.
+
+    Centred: x̄ is each weight's mean input over the metric's states at the middle of the
+    update path (one forward pass), and M = ḡ_b x̄ᵀ.
+    """
+    readers = [p for p, (ins, _) in blocks.items() if ins is not None and by_param[p].bias]
+    means = {}
+    if centred and readers:
+        modules = [by_param[p].module for p in readers]
+        means = mean_inputs(space, path.at(0.5), modules, reference)
+    out: dict[str, list[Kernels]] = {}
+    for param, (ins, outs) in blocks.items():
+        w = by_param[param]
+        g = w.matrix(gbar[param])  # [out, in]
+        g_bias = gbar[w.bias] if w.bias else None
+        sides = []
+        if ins is not None:
+            xbar = means.get(w.module)
+            mean_grad = torch.outer(g_bias, xbar) if xbar is not None else None
+            sides.append(read_kernels(ins.names, ins.sites, ins.directions, g, mean_grad))
+        if outs is not None:
+            sides.append(write_kernels(outs.names, outs.sites, outs.directions, g, g_bias))
+        out[param] = sides
+    return out
+
+
+def _warn_uncentred(blocks: dict, by_param: dict[str, LinearWeight]) -> None:
+    plain = [p for p, (ins, _) in blocks.items() if ins is not None and by_param[p].bias is None]
+    if plain:
+        warnings.warn(
+            f"chisel: {plain[:5]} have no recorded bias, so their input split cannot be centred "
+            "(the mean input's share needs the bias's gradient); they are split uncentred, with "
+            "no <mean> row. Pass centred=False to split every weight the same way.",
+            stacklevel=3,
+        )
+
+
+def _credit_engine(run: Run, horizon: int | None, by: Sequence[str] | None):
+    """A callable (t, ḡ, kernels) -> credit rows, or an error if the run cannot support credit."""
     from chisel.attribution import credit as credit_module
 
-    return credit_module.engine(run, blocks, by_param, horizon, by)
+    return credit_module.engine(run, horizon, by)

@@ -2,9 +2,8 @@
 
 Per parameter A = Σ Δθ ⊙ ḡ, with ḡ the path-averaged gradient; Σ A = m(θ_{t+1}) − m(θ_t) up to
 quadrature error (reported per step). A Linear weight's share ⟨ΔW, ḡ_W⟩ splits exactly over the
-features at its input: decompose every input x = Σ_j c_j d_j + r with least-squares coefficients
-on the feature span (c = Eᵀx, E = Dᵀ(DDᵀ)⁺), so the update splits as ΔW = Σ_j ΔW d_j e_jᵀ + ΔW(I − P)
-and each part gets ⟨part, ḡ_W⟩; features + residual + the bias's share = the layer's share.
+features at its input (features + <mean> + <residual> = the weight's share; the bias keeps its
+own <bias> row) and, separately, over the features at its output; see `splits` for the kernels.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ from typing import Any
 from torch import Tensor
 
 from chisel.attribution import ledger as L
-from chisel.attribution.geometry import FeatureBlock
 from chisel.attribution.quadrature import PathIntegral
+from chisel.attribution.splits import Kernels
+from chisel.attribution.weights import LinearWeight
 
 
 def param_rows(step: int, delta: dict[str, Tensor], path: PathIntegral) -> list[dict[str, Any]]:
@@ -41,25 +41,26 @@ def param_rows(step: int, delta: dict[str, Tensor], path: PathIntegral) -> list[
     return rows
 
 
-def feature_split_rows(
-    step: int,
-    param: str,
-    bias: str | None,
-    update: Tensor,
-    gbar: Tensor,
-    bias_share: float | None,
-    ins: FeatureBlock,
+def kernel_rows(
+    step: int, w: LinearWeight, delta: dict[str, Tensor], kernels: Kernels
 ) -> list[dict[str, Any]]:
-    """The layer's share split over its input features; `update`, `gbar` are [out, in]."""
-    dirs, dual = ins.directions, ins.dual()  # [F, in], [in, F]
-    shares = ((update @ dirs.T) * (gbar @ dual)).sum(0)  # [F]: ⟨ΔW d_j e_jᵀ, ḡ⟩
-    off_span = update - update @ ins.projector()
-    site = ins.sites[0]
+    """Rows of one side's split: ⟨ΔW, R_k⟩ per kernel (and ⟨Δb, r_k⟩ when the bias is split)."""
     rows = [
-        L.row(step, L.INTEGRATED, param, s, name, L.ATTRIBUTION, v)
-        for name, s, v in zip(ins.names, ins.sites, shares.tolist())
+        L.row(step, L.INTEGRATED, w.param, site, name, kernels.quantity, v)
+        for name, site, v in zip(
+            kernels.labels, kernels.sites, kernels.shares(w.matrix(delta[w.param])).tolist()
+        )
     ]
-    rows.append(L.row(step, L.INTEGRATED, param, site, L.RESIDUAL, L.ATTRIBUTION, float((off_span * gbar).sum())))
-    if bias is not None and bias_share is not None:
-        rows.append(L.row(step, L.INTEGRATED, bias, site, L.BIAS, L.ATTRIBUTION, bias_share))
+    if kernels.bias is not None and w.bias is not None:
+        values = kernels.bias_shares(delta[w.bias]).tolist()
+        rows += [
+            L.row(step, L.INTEGRATED, w.bias, site, name, kernels.quantity, v)
+            for name, site, v in zip(kernels.labels, kernels.sites, values)
+        ]
     return rows
+
+
+def bias_row(step: int, w: LinearWeight, site: str, delta: dict[str, Tensor], gbar: dict[str, Tensor]) -> dict:
+    """The bias's whole share as the input side's "<bias>" row."""
+    value = float((delta[w.bias] * gbar[w.bias]).sum())
+    return L.row(step, L.INTEGRATED, w.bias, site, L.BIAS, L.ATTRIBUTION, value)

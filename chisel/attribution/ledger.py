@@ -41,7 +41,10 @@ PIECES, EVALUATIONS = "pieces", "evaluations"
 RESIDUAL, BIAS, SPAN, WHOLE = "<residual>", "<bias>", "<span>", ""
 # centred splits: the part of a weight's share carried by the mean input over the metric's states
 MEAN = "<mean>"
-NOT_FEATURES = (WHOLE, RESIDUAL, BIAS, SPAN, MEAN)
+# the label of per-step diagnostic rows that are not shares of Δm (momentum_unresolved_share), so
+# that summing the rows with feature "" still gives the step's total
+DIAGNOSTIC = "<diagnostic>"
+NOT_FEATURES = (WHOLE, RESIDUAL, BIAS, SPAN, MEAN, DIAGNOSTIC)
 ARROW = "→"
 
 _BASE_SCHEMA = [

@@ -26,7 +26,7 @@ def timeline(
         by: "feature" sums each feature over the weights that read it; "pathway" keeps
             `feature @ param` apart.
         cumulative: running sums over steps (the timeline) or per-step values.
-        include_residual: keep the off-span residual and bias shares as pathways.
+        include_residual: keep the off-span residual, mean-input and bias shares as pathways.
     """
     quantity = quantity or (L.CIRCUIT if family == L.GEOMETRY else L.ATTRIBUTION)
     rows = ledger[(ledger[L.FAMILY] == family) & (ledger[L.QUANTITY] == quantity)]
@@ -34,7 +34,7 @@ def timeline(
     if family == L.CREDIT:
         rows = rows[rows[L.SAMPLE].isna()] if L.SAMPLE in rows else rows
     if not include_residual:
-        rows = rows[~rows[L.FEATURE].isin([L.RESIDUAL, L.BIAS, L.SPAN])]
+        rows = rows[~rows[L.FEATURE].isin(L.NOT_FEATURES)]
     if by == "pathway":
         key = rows[L.FEATURE] + " @ " + rows[L.PARAM]
     elif by == "feature":

@@ -256,10 +256,13 @@ def test_attributions_of_the_parts_sum_to_the_update_attribution(runs, name):
     for t in (0, 4, 7):
         gbar = random_like(run.update(t), seed=t)
         rows = C.credit_rows(run, t, gbar, features_by_module=FEATURES, session=session)
+        shares = rows[rows["quantity"] == "momentum_unresolved_share"]
+        rows = rows[rows["quantity"] == "attribution"]
         whole = rows[rows["feature"] == ""]
         want = sum(float((d * gbar[n]).sum()) for n, d in run.update(t).items())
         assert abs(whole["value"].sum() - want) <= 1e-12 * max(abs(want), 1.0)
-        assert set(rows["family"]) == {"credit"} and set(rows["quantity"]) == {"attribution"}
+        assert set(rows["family"]) == {"credit"} and len(shares) == 1
+        assert 0.0 <= float(shares["value"].iloc[0]) <= 1.0
 
 
 def test_sample_attribution_is_the_inner_product_with_gbar(runs):
