@@ -36,6 +36,10 @@ PARTS = {
 }
 
 
+def part_name(part: str) -> str:
+    return PARTS.get(part, part)
+
+
 @dataclass(frozen=True)
 class Coverage:
     """per_step: index step; one column per part present (see PARTS) and "delta_metric"."""
@@ -111,6 +115,8 @@ def coverage(ledger: pd.DataFrame | None) -> Coverage | None:
     columns = [
         c for c in PARTS if c in table and (c in (FEATURES, DICTIONARY, UNSPLIT) or table[c].any())
     ]
+    # a label this module does not know keeps its own part, so the parts still sum to Δm
+    columns += [c for c in table.columns if c not in PARTS and c != L.DELTA_METRIC]
     table.columns.name = None
     table.index.name = L.STEP
     return Coverage(table[[*columns, L.DELTA_METRIC]].astype("float64"))

@@ -19,7 +19,7 @@ from chisel.report.artifacts import (
     PROBES_FILE,
     RunArtifacts,
 )
-from chisel.report.coverage import PARTS
+from chisel.report.coverage import part_name
 from chisel.report.summary import (
     BY_ATTRIBUTION,
     BY_SHAPLEY,
@@ -121,10 +121,10 @@ def _coverage_para(s: Summary) -> str:
         )
     totals = cov.totals
     rest = "; ".join(
-        f"{PARTS[p]} {H.num(float(totals[p]))}" for p in cov.parts if p not in cov.features
+        f"{part_name(p)} {H.num(float(totals[p]))}" for p in cov.parts if p not in cov.features
     )
     carried = " and ".join(
-        f"{PARTS[p]} {H.num(float(totals[p]))} ({H.pct(cov.share(p))})" for p in cov.features
+        f"{part_name(p)} {H.num(float(totals[p]))} ({H.pct(cov.share(p))})" for p in cov.features
     )
     text = (
         f"Coverage: of Δm = {H.num(cov.delta_metric)} over the attributed steps, the "

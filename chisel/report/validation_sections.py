@@ -15,7 +15,7 @@ from chisel.report.artifacts import (
     VALIDATION_SUMMARY_FILE,
     RunArtifacts,
 )
-from chisel.report.coverage import PARTS
+from chisel.report.coverage import PARTS, part_name
 from chisel.report.sections import FigureSink, Section, absent
 from chisel.report.summary import Summary
 
@@ -194,7 +194,7 @@ def coverage_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Section
         ),
     ]
     totals = cov.totals
-    rows = [(PARTS[p], H.num(float(totals[p])), H.pct(cov.share(p))) for p in cov.parts]
+    rows = [(part_name(p), H.num(float(totals[p])), H.pct(cov.share(p))) for p in cov.parts]
     rows.append(("Δm (all)", H.num(cov.delta_metric), H.pct(1.0)))
     v = s.validation
     shapley = v.number("coverage_shapley") if v is not None else None

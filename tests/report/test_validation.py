@@ -263,20 +263,44 @@ def test_coverage_in_the_page(full):
     assert f"the 7 features carry {H.num(cov.totals[FEATURES])} ({H.pct(cov.share())})" in summary
 
 
+def test_a_new_not_feature_label_keeps_its_own_part(monkeypatch):
+    """A label added to L.NOT_FEATURES later is not a feature and not dropped: its own part."""
+    monkeypatch.setattr(L, "NOT_FEATURES", (*L.NOT_FEATURES, "<new label>"))
+    led = syn.ledger()
+    extra = L.row(8, L.INTEGRATED, "pi.W2", syn.SITE, "<new label>", L.ATTRIBUTION, -0.05)
+    led = L.to_frame(pd.concat([led, pd.DataFrame([extra])], ignore_index=True), [])
+    led.loc[(led.step == 8) & (led.param == "pi.W2") & (led.feature == ""), "value"] -= 0.05
+    led.loc[(led.step == 8) & (led.quantity == L.DELTA_METRIC), "value"] -= 0.05
+    cov = coverage(led)
+    assert cov.per_step.loc[8, "<new label>"] == pytest.approx(-0.05)
+    assert cov.share() == pytest.approx(
+        coverage(syn.ledger()).share() * syn.delta_metric() / (syn.delta_metric() - 0.05)
+    )
+    parts = cov.per_step[cov.parts].sum(axis=1)
+    assert list(parts) == pytest.approx(list(cov.per_step[L.DELTA_METRIC]), abs=1e-12)
+
+
 def test_dictionary_latents_and_mean_rows(tmp_path):
     """ "sae<i>@site" latents are features counted apart; "<mean>" is never ranked as one."""
     led = syn.ledger()
-    extra = L.row(8, L.INTEGRATED, "pi.W2", syn.SITE, "sae3@hook_pi_hidden2", L.ATTRIBUTION, 0.25)
-    led = L.to_frame(pd.concat([led, pd.DataFrame([extra])], ignore_index=True), [])
+    extra = [
+        L.row(8, L.INTEGRATED, "pi.W2", syn.SITE, "sae3@hook_pi_hidden2", L.ATTRIBUTION, 0.25),
+        L.row(8, L.INTEGRATED, "pi.W2", syn.SITE, "<new label>", L.ATTRIBUTION, -0.05),
+    ]
+    led = L.to_frame(pd.concat([led, pd.DataFrame(extra)], ignore_index=True), [])
+    led.loc[(led.step == 8) & (led.param == "pi.W2") & (led.feature == ""), "value"] += 0.2
+    led.loc[(led.step == 8) & (led.quantity == L.DELTA_METRIC), "value"] += 0.2
     cov = coverage(led)
     assert cov.per_step.loc[8, DICTIONARY] == pytest.approx(0.25)
     assert cov.per_step.loc[0, DICTIONARY] == 0.0
     assert cov.features == [FEATURES, DICTIONARY]
+    parts = cov.per_step[cov.parts].sum(axis=1)
+    assert list(parts) == pytest.approx(list(cov.per_step[L.DELTA_METRIC]), abs=1e-12)
     art = load_artifacts(syn.make_run(tmp_path / "run", artifacts=False))
     art.ledger = led
     s = summarize(art)
     assert L.MEAN not in [f.name for f in s.features]
-    assert len(s.features) == len(syn.FEATURES) + 1
+    assert len(s.features) == len(syn.FEATURES) + 2
     assert s.mean == pytest.approx(sum(syn.MEAN))
 
 
