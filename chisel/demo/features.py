@@ -3,6 +3,10 @@
 Features are linear probes fitted on the final agent (one per concept at each actor input
 site, named "<concept>@<site>") plus one unit per action at the logits ("<action>@hook_logits"),
 so geometry rows read as circuits "trash_adjacent@hook_pi_hidden2→pick_up@hook_logits".
+After them come the latents of a small sparse dictionary (a ReLU SAE, `probes.train_sae`)
+trained on the same probe states at each actor input site, named "sae<i>@<site>" and labelled
+by `probes.label_latents` with the concept they correlate with best (metadata["concept"], or
+"unlabelled"); latents never active on those states are left out.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from chisel.demo.config import ACTION_SITE, ACTOR_INPUT_SITES
 from chisel.demo.data import Rollout
 from chisel.envs import ACTION_NAMES
 from chisel.store.reader import Run
+
+SAE_NAME = "sae"  # latents are named "sae<i>@<site>"
 
 
 def feature_name(concept: str, site: str) -> str:
@@ -47,9 +53,15 @@ def _state_dict(agent: TrashAgent, params: dict[str, torch.Tensor]) -> dict[str,
 
 
 def build_features(
-    agent: TrashAgent, data: Rollout, seed: int, sites: Sequence[str] = ACTOR_INPUT_SITES
+    agent: TrashAgent,
+    data: Rollout,
+    seed: int,
+    sites: Sequence[str] = ACTOR_INPUT_SITES,
+    *,
+    dictionary_latents: int = 0,
 ) -> probes.FeatureSet:
-    """Probes of every usable concept at every actor input site, then the action units."""
+    """Probes of every usable concept at every actor input site, the action units, then
+    `dictionary_latents` SAE latents per site (0: none)."""
     concepts = data.usable_concepts()
     acts = probes.capture(agent, data.obs, list(sites))
     feats: list[probes.Feature] = []
@@ -71,7 +83,19 @@ def build_features(
         feats.append(
             dataclasses.replace(unit, name=feature_name(action, ACTION_SITE), metadata=meta)
         )
+    if dictionary_latents:
+        labels = {c: data.labels[c] for c in concepts}
+        for site in sites:
+            feats.extend(dictionary(acts[site], site, dictionary_latents, labels, seed))
     return probes.FeatureSet(feats)
+
+
+def dictionary(
+    acts: torch.Tensor, site: str, latents: int, labels: dict[str, torch.Tensor], seed: int
+) -> probes.FeatureSet:
+    """The live latents of an SAE trained on `acts` [N, d], each labelled by its best concept."""
+    sae = probes.train_sae(acts, latents, site=site, name=SAE_NAME, seed=seed)
+    return probes.label_latents(sae.features(), acts, labels)
 
 
 def feature_concepts(features: probes.FeatureSet) -> dict[str, str]:

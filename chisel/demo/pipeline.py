@@ -117,7 +117,9 @@ def _run(cfg: DemoConfig, watch: Stopwatch) -> Path:
         )
         table = Fe.probe_table(agent, run, data, PROBE_SITES, cfg.probe_checkpoints, cfg.seed)
         table.to_parquet(out / PROBES_FILE)
-        features = Fe.build_features(agent, data, cfg.seed)
+        features = Fe.build_features(
+            agent, data, cfg.seed, dictionary_latents=cfg.dictionary_latents
+        )
         _replace_dir(out / FEATURES_DIR)
         features.save(out / FEATURES_DIR)
     held_out = metric_states(agent, ppo.env, cfg, button_on)

@@ -22,7 +22,7 @@ import probes
 from chisel.agents.ppo import PPOConfig
 from chisel.cli import main
 from chisel.demo import DemoConfig, DemoConfigError
-from chisel.demo.config import QUICK
+from chisel.demo.config import ACTOR_INPUT_SITES, QUICK
 from chisel.envs import ACTION_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,6 +129,27 @@ def test_demo_json_is_sane(run_dir, demo):
     assert "reward_within_k@hook_obs" in features
 
 
+def test_dictionary_latents_join_the_features_with_concepts(run_dir, demo):
+    features = probes.FeatureSet.load(run_dir / "features")
+    latents = [f for f in features if f.source == "sae"]
+    n = demo["config"]["dictionary_latents"]
+    assert n == 16
+    usable = {f.metadata["concept"] for f in features if f.source == "probe"}
+    for site in ACTOR_INPUT_SITES:
+        at = [f for f in latents if f.site == site]
+        assert at, site
+        assert len(at) == n - len(at[0].metadata["dead_latents"])
+        assert all(f.name == f"sae{f.metadata['latent']}@{site}" for f in at)
+        assert at[0].metadata["variance_explained"] > 0.5
+    assert features.names[-len(latents) :] == [f.name for f in latents]  # after the probes
+    for f in latents:
+        concept = f.metadata["concept"]
+        assert concept in usable | {"unlabelled"}
+        assert demo["feature_concepts"][f.name] == concept
+        assert (concept == "unlabelled") == (f.metadata["concept_score"] < 0.5)
+    assert any(f.metadata["concept"] != "unlabelled" for f in latents)
+
+
 def test_probe_table_covers_checkpoints_sites_concepts(run_dir):
     table = pd.read_parquet(run_dir / "probes.parquet")
     assert list(table.columns) == ["step", "site", "concept", "metric", "score"]
@@ -140,14 +161,16 @@ def test_probe_table_covers_checkpoints_sites_concepts(run_dir):
 
 def test_causal_json_follows_the_contract(run_dir):
     causal = json.loads((run_dir / "causal.json").read_text())
-    names = set(probes.FeatureSet.load(run_dir / "features").names)
+    features = probes.FeatureSet.load(run_dir / "features")
+    names = set(features.names)
     assert [c["name"] for c in causal["conditions"]] == ["top", "bottom", "random"]
     top, bottom, rand = causal["conditions"]
     assert len(top["features"]) == len(bottom["features"]) == causal["k"] == 3
     assert set(top["features"]).isdisjoint(bottom["features"])
     assert set(top["features"] + bottom["features"] + rand["features"]) <= names
     assert rand["seeds"] == QUICK["causal_seeds"] and rand["std"] >= 0
-    assert len(causal["singles"]) == len({f for f in names if "hook_pi_hidden" in f})
+    probed = [f for f in features if f.source == "probe" and f.site.startswith("hook_pi_hidden")]
+    assert len(causal["singles"]) == len(probed)  # the causal check ablates probes only
 
 
 def test_notebook_executes_on_the_run(run_dir, monkeypatch):
@@ -193,4 +216,7 @@ def test_config_is_validated():
         DemoConfig(attribute_every=0)
     with pytest.raises(DemoConfigError, match="causal_sites"):
         DemoConfig(causal_sites=("hook_value",))
+    with pytest.raises(DemoConfigError, match="dictionary_latents=-1: must be >= 0"):
+        DemoConfig(dictionary_latents=-1)
+    assert DemoConfig(dictionary_latents=0).dictionary_latents == 0
     assert os.fspath(DemoConfig(out="x").out) == "x"
