@@ -85,6 +85,12 @@ class DemoConfig:
     eval_episodes: int = 8
     """Episodes per room of each return evaluation (64 x 8 = 512 episodes: the standard error
     of a mean return is about 0.03)."""
+    validation_permutations: int = 150
+    """Sampled permutations (each with its reverse) for the Shapley values of the
+    pathway-reversion game in the validation stage."""
+    ablation_episodes: int = 4
+    """Episodes per room of each return evaluation in the validation stage's ablation pass
+    (one evaluation per attributed feature; fewer than eval_episodes to keep the stage short)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -106,6 +112,8 @@ class DemoConfig:
             "causal_seeds",
             "eval_rooms",
             "eval_episodes",
+            "validation_permutations",
+            "ablation_episodes",
         ):
             if getattr(self, name) < 1:
                 raise DemoConfigError(f"DemoConfig.{name}={getattr(self, name)!r}: must be >= 1.")

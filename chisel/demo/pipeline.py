@@ -6,8 +6,10 @@ Stages (each timed into demo.json's wall_time_s):
 2. probes  probe scores over training (probes.parquet) and the FeatureSet (features/).
 3. attribute  geometry + integrated on every `attribute_every`-th update, all three families on
            the updates with factors; one ledger.parquet.
-4. causal  project out the top / bottom / random-k feature directions (causal.json).
-5. report  demo.json, then report.html and figures/.
+4. validate  pathway removal, Shapley values of the reversion game, and feature ablation on
+           the metric and the return (validation.parquet, validation.json).
+5. causal  project out the top / bottom / random-k feature directions (causal.json).
+6. report  demo.json, then report.html and figures/.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from chisel.demo.config import (
 )
 from chisel.demo.data import Rollout, rollout, subsample
 from chisel.demo.train import ppo_config, train_recorded
+from chisel.demo.validate import validation_stage
 from chisel.envs import ACTION_NAMES, TrashWorldConfig, VecTrashWorld, evaluate, oracle_return
 from chisel.report.artifacts import CAUSAL_FILE, DEMO_FILE, FEATURES_DIR, PROBES_FILE
 
@@ -49,6 +52,7 @@ CONCEPT_GROUPS = {
     "button": ["button_visible"],
     "spurious": ["wall_blue"],
 }
+STAGES = 6  # train, probes, attribute, validate, causal, report
 # seed offsets: each dataset its own stream, never the training rooms
 PROBE_SEED, METRIC_SEED, EVAL_SEED = 10_000, 20_000, 30_000
 
@@ -62,7 +66,7 @@ class Stopwatch:
     _start: float = field(default_factory=time.perf_counter)
 
     def stage(self, name: str, what: str) -> _Stage:
-        self.say(f"[{len(self.times) + 1}/5] {name}: {what}")
+        self.say(f"[{len(self.times) + 1}/{STAGES}] {name}: {what}")
         return _Stage(self, name)
 
     def total(self) -> dict[str, float]:
@@ -132,6 +136,8 @@ def _run(cfg: DemoConfig, watch: Stopwatch) -> Path:
     evaluator = C.Evaluator(
         ppo.env, cfg.eval_rooms, cfg.eval_episodes, cfg.seed + EVAL_SEED, button_on
     )
+    with watch.stage("validate", "pathway removal, Shapley values, ablation (metric, return)"):
+        validation_stage(run, agent, features, held_out, ledger, data, evaluator, cfg, watch.say)
     with watch.stage("causal", "project out top / bottom / random-k feature directions"):
         causal = causal_stage(agent, features, ledger, data, evaluator, cfg)
         returns = reference_returns(causal["baseline"], evaluator)

@@ -202,8 +202,10 @@ class ReversionGame:
             with torch.no_grad():
                 if data is None:
                     self.metric(self.copy)
+                elif isinstance(data, tuple | list):
+                    self.copy(*(_float64(x) for x in data))
                 else:
-                    self.copy(*data) if isinstance(data, tuple) else self.copy(data)
+                    self.copy(_float64(data))
         finally:
             for h in handles:
                 h.remove()
@@ -367,6 +369,10 @@ def _private_copy(run: Run, model: nn.Module) -> nn.Module:
             if name in final:
                 p.copy_(final[name].to(DTYPE))
     return copied
+
+
+def _float64(x: Any) -> Any:
+    return x.to(DTYPE) if isinstance(x, Tensor) and x.is_floating_point() else x
 
 
 def _describe(metric: Metric) -> str:

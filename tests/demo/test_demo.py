@@ -57,6 +57,8 @@ def test_every_artifact_exists(run_dir):
         "probes.parquet",
         "demo.json",
         "causal.json",
+        "validation.parquet",
+        "validation.json",
         "report.html",
     ):
         assert (run_dir / name).is_file(), name
@@ -111,7 +113,7 @@ def test_demo_json_is_sane(run_dir, demo):
     assert 1.0 < r["oracle"] <= 2.0 and 0.0 <= r["random"] < 0.2 * r["oracle"]
     assert r["agent"] >= 0.0 and r["ratio"] == pytest.approx(r["agent"] / r["oracle"])
     wall = demo["wall_time_s"]
-    assert {"train", "probes", "attribute", "causal", "report", "total"} <= set(wall)
+    assert {"train", "probes", "attribute", "validate", "causal", "report", "total"} <= set(wall)
     assert wall["total"] >= sum(v for k, v in wall.items() if k != "total") - 1e-6
     curve = pd.DataFrame(demo["training_curve"])
     assert list(curve["update"]) == [16 * (i + 1) for i in range(16)]
@@ -171,6 +173,35 @@ def test_causal_json_follows_the_contract(run_dir):
     assert rand["seeds"] == QUICK["causal_seeds"] and rand["std"] >= 0
     probed = [f for f in features if f.source == "probe" and f.site.startswith("hook_pi_hidden")]
     assert len(causal["singles"]) == len(probed)  # the causal check ablates probes only
+
+
+def test_validation_files_are_consistent(run_dir):
+    """validation.parquet / .json: every attributed feature validated, Shapley sums to its total."""
+    from chisel.demo.validate import ACTOR_WEIGHTS, COLUMNS
+
+    table = pd.read_parquet(run_dir / "validation.parquet")
+    summary = json.loads((run_dir / "validation.json").read_text())
+    assert list(table.columns) == COLUMNS and table.pathway.is_unique
+    players = table[table.kind != "group"]
+    assert set(players.kind) == {"feature", "<mean>", "<residual>", "<bias>"}
+    assert set(table.param) - {""} <= set(ACTOR_WEIGHTS) | {w.replace("weight", "bias") for w in ACTOR_WEIGHTS}
+    total = summary["metric_final"] - summary["metric_reverted"]
+    assert summary["shapley_total"] == pytest.approx(total, abs=1e-12)
+    assert players.shapley.sum() == pytest.approx(summary["shapley_total"], abs=1e-10)
+    assert len(players) == summary["players"] and players.shapley_se.notna().all()
+    # every feature at an actor input site has a pathway and both ablations
+    features = probes.FeatureSet.load(run_dir / "features")
+    attributed = {f.name for f in features if f.site in ACTOR_INPUT_SITES}
+    named = players[players.kind == "feature"]
+    assert set(named.feature) == attributed and {"hook_obs"} <= set(named.site)
+    assert named[["attribution", "removal", "ablation_metric", "ablation_return"]].notna().all().all()
+    assert summary["coverage_shapley"] == pytest.approx(named.shapley.sum() / total, rel=1e-9)
+    assert summary["ablation"]["features"] == len(attributed)
+    for key in ("attribution_vs_removal", "shapley_vs_removal", "attribution_vs_ablation_metric",
+                "attribution_vs_ablation_return", "shapley_vs_ablation_return"):
+        entry = summary["spearman"][key]
+        assert entry["n"] == len(named) and -1 <= entry["rho"] <= 1, key
+    assert summary["evaluations"] > summary["permutations"] * (summary["players"] - 1)
 
 
 def test_notebook_executes_on_the_run(run_dir, monkeypatch):

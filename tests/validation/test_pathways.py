@@ -193,3 +193,20 @@ def model_at(model, theta):
         for n, p in out.named_parameters():
             p.copy_(theta[n].double())
     return out.eval()
+
+
+def test_the_mean_input_can_come_from_other_data(setup):
+    """x̄ over `data` instead of the metric's states: only the compensation changes."""
+    run, obs, metric = setup
+    feats = features_at_input()
+    other = (states(seed=9) + 1.0).float()  # float32 inputs are cast to the copy's float64
+    table = chisel.pathway_effects(run, tanh_net(), feats, metric, data=other, groups=())
+    final = {n: _np(v) for n, v in run.params(len(run)).items()}
+    start = {n: _np(v) for n, v in run.params(0).items()}
+    d, e = _dual([_np(f.read) for f in feats])
+    dw, xbar = final["0.weight"] - start["0.weight"], _np(other).mean(0)
+    part = np.outer(dw @ d[1], e[:, 1])
+    theta = dict(final, **{"0.weight": final["0.weight"] - part, "0.bias": final["0.bias"] + part @ xbar})
+    actions = metric_actions(metric, obs)
+    want = _forward(final, _np(obs), actions) - _forward(theta, _np(obs), actions)
+    assert table.set_index("pathway").effect["b@in→0.weight"] == pytest.approx(want, abs=TOL)

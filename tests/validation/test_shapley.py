@@ -104,3 +104,16 @@ def test_an_additive_game_gives_shapley_equal_to_removal_equal_to_attribution(tm
     for pathway, row in removal.iterrows():
         assert totals[(row.param, row.feature)] == pytest.approx(row.effect, abs=1e-10), pathway
     assert {"feature", "<residual>", "<bias>"} <= set(removal.kind)
+
+
+def test_a_metric_vmap_cannot_trace_falls_back_to_a_loop(setup):
+    run, _obs, metric, feats = setup
+
+    def eager(model):  # .item() has no batching rule: vmap fails, the loop gives the same values
+        value = metric(model)
+        return value if value.item() < 0 else value.abs()  # the branch needs a Python number
+
+    plain = chisel.pathway_shapley(run, tanh_net(), feats, metric, permutations=4)
+    with pytest.warns(UserWarning, match="falling back to one evaluation per coalition"):
+        looped = chisel.pathway_shapley(run, tanh_net(), feats, eager, permutations=4)
+    np.testing.assert_allclose(looped.shapley, plain.shapley, rtol=0, atol=1e-13)
