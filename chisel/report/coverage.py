@@ -76,6 +76,13 @@ class Coverage:
         delta = self.per_step[L.DELTA_METRIC].where(self.per_step[L.DELTA_METRIC] != 0)
         return self.per_step[self.parts].div(delta, axis=0)
 
+    def step_mass(self) -> pd.DataFrame:
+        """|part_t| / Σ_parts |part_t| per step: which parts move the metric at that step,
+        bounded where a share of a Δm_t near 0 is not (0 where every part is 0)."""
+        mass = self.per_step[self.parts].abs()
+        total = mass.sum(axis=1)
+        return mass.div(total.where(total > 0), axis=0).fillna(0.0)
+
     def cumulative_shares(self) -> pd.DataFrame:
         """Σ_{s≤t} part_s / Σ_{s≤t} Δm_s: the share carried so far at each step."""
         cum = self.per_step.cumsum()

@@ -244,6 +244,25 @@ def _short(s: object) -> str:
     return text(s)
 
 
+def _extremes(xs: pd.Series, ys: pd.Series, k: int = 4) -> list:
+    """Up to k points to name, the most extreme in |y| and |x| in turn, skipping a point whose
+    label would overlap one already named (about the same height, within a label's width)."""
+    span_x = float(xs.max() - xs.min()) or 1.0
+    span_y = float(ys.max() - ys.min()) or 1.0
+    by_y = ys.abs().sort_values(ascending=False).index
+    by_x = xs.abs().sort_values(ascending=False).index
+    named: list = []
+    for i in dict.fromkeys(i for pair in zip(by_y, by_x) for i in pair):
+        near = any(
+            abs(xs[i] - xs[j]) < 0.4 * span_x and abs(ys[i] - ys[j]) < 0.07 * span_y for j in named
+        )
+        if not near:
+            named.append(i)
+        if len(named) == k:
+            break
+    return named
+
+
 def _scatter(
     ax: plt.Axes, rows: pd.DataFrame, x: str, y: str, xerr: str | None, absolute: bool
 ) -> None:
@@ -257,9 +276,8 @@ def _scatter(
     ax.axhline(0.0, color="0.75", lw=0.8)
     ax.axvline(0.0, color="0.75", lw=0.8)
     # name the extreme points only (largest |y| and |x|), short, so long names stay readable
-    named = set(keep[y].abs().nlargest(3).index) | set(keep[x].abs().nlargest(2).index)
     middle = 0.5 * (xs.min() + xs.max())
-    for i in named:
+    for i in _extremes(xs, keep[y]):
         right = xs[i] > middle  # labels point inwards, so they stay inside the panel
         ax.annotate(
             _short(keep.at[i, "label"]),
@@ -317,31 +335,42 @@ def _robust_limits(values: np.ndarray) -> tuple[float, float]:
 
 
 def coverage_figure(
-    step_shares: pd.DataFrame, cumulative: pd.DataFrame, names: dict[str, str]
+    step_mass: pd.DataFrame, cumulative: pd.DataFrame, names: dict[str, str]
 ) -> Figure:
-    """Each part's share of Δm per step (left; the central 96% of values sets the range, so a
-    step with Δm near 0 does not flatten the rest) and cumulated over steps (right)."""
+    """Left: each part's share of the step's movement, |part_t| / Σ_parts |part_t|, stacked
+    (bounded, where a share of a Δm_t near 0 is not); right: each part's share of Δm cumulated
+    over the steps up to t (the central 96% of values sets the range)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    for ax, frame, title in (
-        (axes[0], step_shares, "share of Δm_t, per step"),
-        (axes[1], cumulative, "cumulated: Σ part / Σ Δm over the steps up to t"),
-    ):
-        for part in frame.columns:
-            ax.plot(
-                frame.index,
-                frame[part].to_numpy(dtype=float),
-                lw=1.4,
-                marker="o" if len(frame) <= 40 else None,
-                ms=2.5,
-                color=_PART_COLORS.get(part),
-                label=text(names.get(part, part)),
-            )
-        ax.axhline(0.0, color="0.6", lw=0.8)
-        ax.set_ylim(*_robust_limits(frame.to_numpy(dtype=float).ravel()))
+    colors = [_PART_COLORS.get(p) for p in step_mass.columns]
+    axes[0].stackplot(
+        step_mass.index,
+        step_mass.to_numpy(dtype=float).T,
+        colors=colors,
+        labels=[text(names.get(p, p)) for p in step_mass.columns],
+        alpha=0.85,
+    )
+    axes[0].set_ylim(0.0, 1.0)
+    axes[0].set_ylabel("share of the step's |parts|")
+    axes[0].set_title("per step: |part_t| / Σ |parts_t|", fontsize=10)
+    for part in cumulative.columns:
+        axes[1].plot(
+            cumulative.index,
+            cumulative[part].to_numpy(dtype=float),
+            lw=1.4,
+            marker="o" if len(cumulative) <= 40 else None,
+            ms=2.5,
+            color=_PART_COLORS.get(part),
+        )
+    axes[1].axhline(0.0, color="0.6", lw=0.8)
+    axes[1].set_ylim(*_robust_limits(cumulative.to_numpy(dtype=float).ravel()))
+    axes[1].set_ylabel("share of Δm")
+    axes[1].set_title("cumulated: Σ part / Σ Δm over the steps up to t", fontsize=10)
+    for ax in axes:
         ax.set_xlabel("optimizer step")
-        ax.set_title(text(title), fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0].set_ylabel("share of Δm")
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[1].legend(
+        handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False
+    )
     fig.tight_layout()
     return fig

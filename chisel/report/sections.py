@@ -71,11 +71,18 @@ def _headline_paras(s: Summary) -> list[str]:
             neg = f"({H.num(reverted)})" if reverted < 0 else H.num(reverted)
             gap += f" = {H.num(final)} − {neg}"
         top = "; ".join(f"{n} ({H.num(x)})" for n, x in s.relied_on[:5])
+        kinds = v.shapley_by_kind()
+        split = ", ".join(
+            f"{'feature pathways' if k == V.KIND_FEATURE else k} {H.num(float(x))}"
+            + (f" ({H.pct(float(x) / total)})" if total else "")
+            for k, x in kinds.items()
+        )
         out.append(
             H.para(
                 f"What the agent now relies on (headline ranking: {BY_SHAPLEY}, the value of "
                 "each pathway's learned change in the final network, interactions included; "
-                f"the values of all pathways sum exactly to {gap}): {top}.",
+                f"the values of all pathways sum exactly to {gap}; negative: the change lowers "
+                f"the metric now): {top}. By kind: {split}.",
                 "answer",
             )
         )

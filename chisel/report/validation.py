@@ -235,6 +235,14 @@ class Validation:
         key = rows[self.ranking].abs().fillna(-1.0)
         return rows.loc[key.sort_values(ascending=False, kind="stable").index]
 
+    def shapley_by_kind(self) -> pd.Series:
+        """Σ Shapley of the pathways of each kind ("feature", "<mean>", "<residual>", "<bias>"),
+        features first."""
+        rows = self.pathways[np.isfinite(self.pathways[SHAPLEY])]
+        sums = rows.groupby(KIND, sort=False)[SHAPLEY].sum()
+        order = [KIND_FEATURE, *sorted(k for k in sums.index if k != KIND_FEATURE)]
+        return sums.reindex([k for k in order if k in sums.index])
+
     def agreement(self, predictor: str, effect: str) -> Agreement | None:
         return next(
             (a for a in self.agreements if a.predictor == predictor and a.effect == effect), None

@@ -38,6 +38,11 @@ VALIDATION_INTRO = (
 )
 
 
+MAX_NAMED = 5  # features named per over/under-stated list, largest rank gap first
+MAX_ROWS = 40  # pathways in the ranked table
+COUNTS = ("players", "permutations", "evaluations")
+
+
 def _sentence_misranked(v: V.Validation, effect: str) -> str | None:
     over, under, n = V.misranked(v.table, effect)
     if n < 3:
@@ -45,11 +50,13 @@ def _sentence_misranked(v: V.Validation, effect: str) -> str | None:
     what = V.EFFECTS[effect]
 
     def names(gaps: list[V.RankGap]) -> str:
-        return ", ".join(
+        text = ", ".join(
             f"{g.label} (|attribution| rank {g.rank_predictor}, {V.SHORT[effect]} rank "
             f"{g.rank_effect})"
-            for g in gaps
+            for g in gaps[:MAX_NAMED]
         )
+        more = len(gaps) - MAX_NAMED
+        return text + (f" and {more} more" if more > 0 else "")
 
     head = f"Against {what} (ranks of {n} feature pathways, 1 = largest)"
     if not over and not under:
@@ -106,11 +113,13 @@ def _validation_numbers(v: V.Validation) -> str | None:
         ("evaluations", "metric evaluations"),
         ("wall_time_s", "wall time (s)"),
     )
-    parts = [
-        f"{name} {H.pct(x) if key.startswith('coverage') else H.num(x)}"
-        for key, name in keys
-        if (x := v.number(key)) is not None
-    ]
+
+    def fmt(key: str, x: float) -> str:
+        if key.startswith("coverage"):
+            return H.pct(x)
+        return str(int(x)) if key in COUNTS and x == int(x) else H.num(x)
+
+    parts = [f"{name} {fmt(key, x)}" for key, name in keys if (x := v.number(key)) is not None]
     return H.para("; ".join(parts) + ".") if parts else None
 
 
@@ -164,8 +173,11 @@ def validation_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Secti
         body.append(numbers)
     if len(v.pathways):
         by = {V.SHAPLEY: "|Shapley|", V.REMOVAL: "|removal|"}.get(v.ranking, "|attribution|")
-        body.append(H.para(f"Pathways ranked by {by}:"))
-        body.append(_pathway_table(v, v.ranked(), "pathway"))
+        ranked = v.ranked()
+        more = len(ranked) - MAX_ROWS
+        shown = f"the first {MAX_ROWS} of {len(ranked)} " if more > 0 else ""
+        body.append(H.para(f"Pathways ranked by {by} ({shown}in {VALIDATION_FILE}):"))
+        body.append(_pathway_table(v, ranked.head(MAX_ROWS), "pathway"))
     if len(v.groups):
         body.append(H.para("Groups of pathways (all features of a concept, of a site):"))
         body.append(_pathway_table(v, v.ranked(v.groups), "group"))
@@ -184,12 +196,13 @@ def coverage_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Section
             "The metric's change Δm of every attributed step splits exactly into the named "
             "features' pathways, each split weight's <mean> (the change acting on the mean "
             "input), <residual> (off the features' span) and <bias>, and the params without "
-            "features. Left: each part's share of that step's Δm; right: of Δm cumulated up to "
-            "the step."
+            "features. Left: each part's share of the step's movement, |part| / Σ |parts| (a "
+            "share of a single step's Δm is unbounded where Δm_t is near 0); right: each part's "
+            "share of Δm cumulated up to the step. The table: over all attributed steps."
         ),
         figs.put(
             "coverage",
-            F.coverage_figure(cov.step_shares(), cov.cumulative_shares(), PARTS),
+            F.coverage_figure(cov.step_mass(), cov.cumulative_shares(), PARTS),
             "coverage of Δm",
         ),
     ]

@@ -140,7 +140,8 @@ def test_full_validation_section(full):
     frame = syn.validation_frame()
     pathways = frame[frame.kind != "group"]
     expected = list(pathways.loc[pathways.shapley.abs().sort_values(ascending=False).index].feature)
-    table = body.split("Pathways ranked by |Shapley|:")[1].split("</table>")[0]
+    table = body.split("Pathways ranked by |Shapley| (in validation.parquet):")[1]
+    table = table.split("</table>")[0]
     cells = re.findall(r"<tr><td class=\"n\">\d+</td><td>(.*?)</td>", table)
     assert [html.unescape(c) for c in cells] == expected
     assert "0.7 ± 0.01" in table and "ablation: return" in table
@@ -164,6 +165,11 @@ def test_summary_headline_uses_the_shapley_ranking(full):
     assert "What the agent now relies on (headline ranking: Shapley importance" in body
     assert f"sum exactly to m(final) − m(all reverted) = {H.num(total)}" in body
     assert f"): {syn.UNDER} (0.7); " in body  # the Shapley headline
+    kinds = frame[frame.kind != "group"].groupby("kind").shapley.sum()
+    assert (
+        f"By kind: feature pathways {H.num(kinds['feature'])} "
+        f"({H.pct(kinds['feature'] / total)}), <bias> {H.num(kinds['<bias>'])}" in body
+    )
     assert "When and from which experience (training-path attribution" in body
     assert f"attribution|): {syn.OVER} (1.25); " in body
     assert "by training-path attribution; best rank 1 of 7 pathways by Shapley importance" in body
@@ -361,3 +367,26 @@ def test_comparison_shows_coverage_and_agreement(tmp_path):
     )
     share = H.pct(coverage(syn.ledger()).share())
     assert f"<td>features' share of Δm</td><td>{share}</td><td>{share}</td>" in page
+
+
+def test_many_pathways_are_capped(tmp_path):
+    """60 feature pathways, the attribution ranking reversed against removal: the sentence names
+    the 5 largest rank gaps "and N more", the table shows the first 40 by |Shapley|."""
+    n = 60
+    frame = pd.DataFrame(
+        {
+            "feature": [f"f{i:02d}@site" for i in range(n)],
+            "attribution": np.arange(n, 0, -1, dtype=float),
+            "removal": np.arange(1, n + 1, dtype=float),
+            "shapley": np.arange(1, n + 1, dtype=float),
+        }
+    )
+    root = syn.make_run(tmp_path / "run", validation=False)
+    frame.to_parquet(root / "validation.parquet")
+    body = html.unescape(_section(write_report(root).read_text(), "validation"))
+    over, under, _ = V.misranked(V.normalize(frame), "removal")
+    assert len(over) == len(under) == 20  # top third by one, bottom half by the other
+    assert "f00@site (|attribution| rank 1, removal rank 60)" in body and "and 15 more" in body
+    assert "Pathways ranked by |Shapley| (the first 40 of 60 in validation.parquet):" in body
+    assert "<td>f59@site</td>" in body and "<td>f19@site</td>" not in body
+    assert "<td>validation.parquet</td>" in body
