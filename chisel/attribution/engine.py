@@ -16,21 +16,19 @@ from tqdm.auto import tqdm
 
 import probes
 from chisel.attribution import ledger as L
+from chisel.attribution.binding import AttributionInputError, feature_blocks
 from chisel.attribution.functional import ParamSpace, UpdatePath
 from chisel.attribution.geometry import FeatureBlock, geometry_rows
 from chisel.attribution.integrated import bias_row, kernel_rows, param_rows
 from chisel.attribution.metrics import Metric
 from chisel.attribution.quadrature import integrate_path
 from chisel.attribution.splits import Kernels, mean_inputs, read_kernels, write_kernels
-from chisel.attribution.weights import LinearWeight, bind_sites, linear_weights
-from chisel.errors import ChiselError, StepOutOfRangeError
+from chisel.attribution.transport import find_transports
+from chisel.attribution.weights import LinearWeight, bind_sites, check_bound, linear_weights
+from chisel.errors import StepOutOfRangeError
 from chisel.store.reader import Run, load
 
 Features = probes.FeatureSet | Iterable[probes.Feature] | probes.Feature | None
-
-
-class AttributionInputError(ChiselError, ValueError):
-    """The run, model, features or options given to `chisel.attribute` do not fit together."""
 
 
 def _feature_set(features: Features) -> probes.FeatureSet:
@@ -61,37 +59,6 @@ def _check_model(run: Run, model: nn.Module) -> None:
             f"the model does not match the run's parameters ({'; '.join(wrong[:4])}). Pass a model "
             "of the architecture that was trained; its parameter values do not matter."
         )
-
-
-def _blocks(
-    weights: list[LinearWeight], features: probes.FeatureSet, dtype: torch.dtype
-) -> dict[str, tuple[FeatureBlock | None, FeatureBlock | None]]:
-    out = {}
-    for w in weights:
-        sides = []
-        for sites, dim, where in ((w.in_sites, w.d_in, "input"), (w.out_sites, w.d_out, "output")):
-            feats = [f for site in sites for f in features.at(site)] if sites else []
-            for f in feats:
-                if f.dim != dim:
-                    raise probes.FeatureDimensionError(
-                        f"feature {f.name!r} at {f.site!r} has dimension {f.dim}, but {w.param} "
-                        f"{'reads' if where == 'input' else 'writes'} {dim}-dimensional activations there."
-                    )
-            if not feats:
-                sides.append(None)
-                continue
-            norms = [float(f.read.to(torch.float64).norm()) for f in feats]
-            tiny = [f.name for f, n in zip(feats, norms) if not n > 1e-12 or n != n or n == float("inf")]
-            if tiny:
-                raise AttributionInputError(
-                    f"features {tiny[:5]} have a zero, near-zero (< 1e-12) or non-finite read "
-                    "vector: they name no direction. Drop them or give their read vectors."
-                )
-            dirs = torch.stack([f.read.to(dtype) / f.read.to(dtype).norm() for f in feats])
-            sides.append(FeatureBlock(tuple(f.name for f in feats), tuple(f.site for f in feats), dirs))
-        if sides[0] is not None or sides[1] is not None:
-            out[w.param] = (sides[0], sides[1])
-    return out
 
 
 def _tag_columns(run: Run, steps: Sequence[int]) -> list[str]:
@@ -173,11 +140,13 @@ def attribute(
     _check_model(run, model)
     space = ParamSpace(model, metric, dtype, device, batch_points=batch_points)
     recorded = set(run.param_names)
+    sites = [f.site for f in features]
     weights = bind_sites(
-        space.model, linear_weights(space.model, recorded), [f.site for f in features],
-        space.run_metric,
+        space.model, linear_weights(space.model, recorded), sites, space.run_metric, check=False
     )
-    blocks = _blocks(weights, features, dtype)
+    carried = find_transports(space.model, weights, sites, space.run_metric)
+    check_bound(weights, sites, {t.site for t in carried})
+    blocks = feature_blocks(weights, features, dtype, carried)
     by_param = {w.param: w for w in weights}
     if centred:
         _warn_uncentred(blocks, by_param)
@@ -233,7 +202,9 @@ def _step_rows(
     if L.GEOMETRY in families:
         for param, (ins, outs) in blocks.items():
             w = by_param[param]
-            rows += geometry_rows(t, param, w.matrix(theta[param]), w.matrix(delta[param]), ins, outs)
+            outs = None if outs is not None and outs.carried else outs  # geometry: exact sites only
+            if ins is not None or outs is not None:
+                rows += geometry_rows(t, param, w.matrix(theta[param]), w.matrix(delta[param]), ins, outs)
     if L.INTEGRATED not in families and L.CREDIT not in families:
         return rows
     path = UpdatePath(space, theta, delta)
@@ -284,7 +255,8 @@ def _kernels(
             mean_grad = torch.outer(g_bias, xbar) if xbar is not None else None
             sides.append(read_kernels(ins.names, ins.sites, ins.directions, g, mean_grad))
         if outs is not None:
-            sides.append(write_kernels(outs.names, outs.sites, outs.directions, g, g_bias))
+            duals = outs.duals if outs.carried else None
+            sides.append(write_kernels(outs.names, outs.sites, outs.directions, g, g_bias, duals))
         out[param] = sides
     return out
 

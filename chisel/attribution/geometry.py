@@ -23,6 +23,13 @@ class FeatureBlock:
     names: tuple[str, ...]
     sites: tuple[str, ...]
     directions: Tensor  # [F, d], unit rows, float64
+    # set for output features carried back through an activation (see `transport`): the block's
+    # directions are then ũ (not unit) and its duals f̃ [d, F]; geometry leaves such blocks out
+    duals: Tensor | None = None
+
+    @property
+    def carried(self) -> bool:
+        return self.duals is not None
 
     def projector(self) -> Tensor:
         """Orthogonal projection onto the span of the directions: [d, d]."""
@@ -31,6 +38,8 @@ class FeatureBlock:
 
     def dual(self) -> Tensor:
         """E = Dᵀ (D Dᵀ)⁺ [d, F]: least-squares coefficients c = Eᵀ x, with Σ_j c_j d_j = P x."""
+        if self.duals is not None:
+            return self.duals
         d = self.directions
         return d.T @ torch.linalg.pinv(d @ d.T)
 

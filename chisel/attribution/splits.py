@@ -119,11 +119,16 @@ def write_kernels(
     directions: Tensor,
     gbar: Tensor,
     gbar_bias: Tensor | None = None,
+    duals: Tensor | None = None,
 ) -> Kernels:
-    """Output-side kernels: directions [K, out] at the weight's output, `gbar` [out, in]."""
+    """Output-side kernels: directions [K, out] at the weight's output, `gbar` [out, in].
+
+    duals: [out, K] biorthogonal to the directions (features carried through an activation,
+    see `transport`); default the least-squares dual, so that Σ_k u_k f_kᵀ = Q.
+    """
     u = directions.to(gbar.dtype)
-    f = dual(u)  # [out, K]
-    q = f @ u  # Σ_k f_k u_kᵀ = Q (symmetric)
+    f = dual(u) if duals is None else duals.to(gbar.dtype)  # [out, K]
+    q = f @ u  # Σ_k f_k u_kᵀ: Q (symmetric) or the transpose of an oblique projector
     features = torch.einsum("ok,ki->koi", f, u @ gbar)  # [K, out, in]
     weight = torch.cat([features, (gbar - q @ gbar)[None]])
     bias = None

@@ -105,7 +105,11 @@ def _watch(model: nn.Module, sites: list[Site], weights: list[LinearWeight], run
     try:
         for site in sites:
             target = hook_point_at(model, site) if site.kind == "hook" else module_at(model, site.target)
-            handles.append(target.register_forward_hook(on_site(site)))
+            if site.kind == "in":  # before the module runs: an in-place module overwrites it
+                hook = on_site(site)
+                handles.append(target.register_forward_pre_hook(lambda m, a, h=hook: h(m, a, None)))
+            else:
+                handles.append(target.register_forward_hook(on_site(site)))
         for w in weights:
             handles.append(module_at(model, w.module).register_forward_hook(on_weight(w)))
         with torch.no_grad():
@@ -117,9 +121,17 @@ def _watch(model: nn.Module, sites: list[Site], weights: list[LinearWeight], run
 
 
 def bind_sites(
-    model: nn.Module, weights: list[LinearWeight], feature_sites: list[str], run_forward
+    model: nn.Module,
+    weights: list[LinearWeight],
+    feature_sites: list[str],
+    run_forward,
+    *,
+    check: bool = True,
 ) -> list[LinearWeight]:
-    """Fill in, for every weight, the feature sites that carry its input or output tensor."""
+    """Fill in, for every weight, the feature sites that carry its input or output tensor.
+
+    check: raise `FeatureSiteError` for a site no weight reads or writes (see `check_bound`).
+    """
     resolved = [probes.resolve_site(model, s) for s in dict.fromkeys(feature_sites)]
     site_keys, weight_keys = _watch(model, resolved, weights, run_forward)
     bound = []
@@ -131,10 +143,17 @@ def bind_sites(
         ins = tuple(dict.fromkeys((*ins, *(s for s in feature_sites if s == w.in_site))))
         outs = tuple(dict.fromkeys((*outs, *(s for s in feature_sites if s == w.out_site))))
         bound.append(LinearWeight(w.module, w.param, w.bias, w.transposed, w.d_in, w.d_out, ins, outs))
-    covered = {s for w in bound for s in (*w.in_sites, *w.out_sites)}
+    if check:
+        check_bound(bound, feature_sites)
+    return bound
+
+
+def check_bound(bound: list[LinearWeight], feature_sites: list[str], carried: set[str] = frozenset()) -> None:
+    """Every feature site is read or written by a weight (or `carried` back through an activation)."""
+    covered = {s for w in bound for s in (*w.in_sites, *w.out_sites)} | set(carried)
     missing = [s for s in dict.fromkeys(feature_sites) if s not in covered]
     if missing:
-        usable = [s for w in weights for s in (w.in_site, w.out_site)]
+        usable = [s for w in bound for s in (w.in_site, w.out_site)]
         hints = {m: difflib.get_close_matches(m, usable, n=3, cutoff=0.0) for m in missing}
         raise FeatureSiteError(
             "No Linear weight reads or writes the features at "
@@ -142,4 +161,3 @@ def bind_sites(
             + f". Put features at a site that a weight reads or writes, e.g. one of {usable[:12]}; "
             "a site after a nonlinearity is read by the next Linear (its ':in')."
         )
-    return bound

@@ -87,9 +87,13 @@ def test_features_bind_to_every_site_carrying_the_same_tensor(tmp_path):
     metric = chisel.metrics.action_logit(obs, 1)
     by_hook = chisel.attribute(run, model, [probes.custom("f", "hook_hidden", d)], metric, families=("integrated",))
     by_module = chisel.attribute(run, model, [probes.custom("f", "head:in", d)], metric, families=("integrated",))
-    share = lambda led: led[(led.feature == "f")].value.item()  # noqa: E731
-    assert share(by_hook) == share(by_module)
-    assert by_hook[by_hook.feature == "f"].param.item() == "head.weight"
+    rows = lambda led, q: led[(led.feature == "f") & (led.quantity == q)]  # noqa: E731
+    assert rows(by_hook, "attribution").value.item() == rows(by_module, "attribution").value.item()
+    assert rows(by_hook, "attribution").param.item() == "head.weight"
+    # after tanh, f is also carried back to fc1's output: the write split of fc1 (weight, bias)
+    writes = rows(by_hook, "attribution_write")
+    assert list(writes.param) == ["fc1.weight", "fc1.bias"]
+    assert list(writes.value) == list(rows(by_module, "attribution_write").value)
 
 
 def test_bad_input_gets_clear_errors(tmp_path):
@@ -138,7 +142,8 @@ def test_ledger_streams_to_parquet_and_feeds_the_timeline(tmp_path):
     assert list(tl.columns) == ["a", "b"] and list(tl.index) == list(range(5))
     per_step = chisel.timeline(ledger, cumulative=False)
     torch.testing.assert_close(torch.tensor(tl.values), torch.tensor(per_step.cumsum().values))
-    expected = ledger[(ledger.feature == "a") & (ledger.family == L.INTEGRATED)].value.sum()
+    reads = (ledger.family == L.INTEGRATED) & (ledger.quantity == L.ATTRIBUTION)
+    expected = ledger[(ledger.feature == "a") & reads].value.sum()
     assert tl["a"].iloc[-1] == pytest.approx(expected)
 
 

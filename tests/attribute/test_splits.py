@@ -217,3 +217,79 @@ def test_the_default_horizon_covers_heavy_momentum(tmp_path):
     capped = C.credit_rows(run, 79, gbar, feature_rows="none", horizon=10)
     left = float(capped[capped[L.QUANTITY] == L.MOMENTUM_UNRESOLVED_SHARE][L.VALUE].iloc[0])
     assert left > 0.3  # with 10 steps most of a 0.99 buffer is left: said, not hidden
+
+
+class _Scaled(nn.Module):
+    """An elementwise map with a constant slope per unit: the transport is exact."""
+
+    def __init__(self, slope: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("slope", slope)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.slope
+
+
+def _detector_run(tmp_path, activation: nn.Module, u: torch.Tensor):
+    """fc1 → activation → frozen reader along u; fc1 is trained, the reader is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), activation, nn.Linear(4, 1)).double()
+    with torch.no_grad():
+        model[2].weight.copy_(u[None])
+    model[2].requires_grad_(False)
+    opt = torch.optim.Adam(model[0].parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(2)
+    with chisel.record(model, opt, tmp_path / "run", dtype="float64") as rec:
+        for _ in range(5):
+            x = torch.randn(32, 3, generator=gen, dtype=torch.float64)
+            ((model(x)[:, 0] - x[:, 0]) ** 2).mean().backward()
+            rec.tag()
+            opt.step()
+            opt.zero_grad()
+    x = torch.randn(64, 3, generator=gen, dtype=torch.float64)
+    metric = lambda m: -((m(chisel.metrics.as_input(x, m))[:, 0] - x[:, 0]) ** 2).mean()  # noqa: E731
+    return chisel.load(tmp_path / "run"), model, metric
+
+
+def test_a_detector_after_an_activation_is_carried_back_exactly_when_the_slope_is_constant(tmp_path):
+    u = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64) / 2**0.5
+    v = torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64) / 2**0.5
+    run, model, metric = _detector_run(tmp_path, _Scaled(torch.tensor([2.0, 0.5, 3.0, 1.0])), u)
+    features = [probes.custom("u", "1:out", u), probes.custom("v", "1:out", v)]
+    ledger = chisel.attribute(run, model, features, metric, families=("integrated",))
+    write = ledger[(ledger[L.QUANTITY] == L.WRITE_ATTRIBUTION) & (ledger[L.PARAM] == "0.weight")]
+    shares = write.groupby(L.FEATURE)[L.VALUE].sum()
+    whole = ledger[(ledger[L.QUANTITY] == L.ATTRIBUTION) & (ledger[L.FEATURE] == L.WHOLE)
+                   & (ledger[L.PARAM] == "0.weight")][L.VALUE].sum()
+    assert abs(whole) > 1e-3 and shares["u"] == pytest.approx(whole, rel=1e-10)
+    assert abs(shares["v"]) <= 1e-12 * abs(whole) and abs(shares[L.RESIDUAL]) <= 1e-12 * abs(whole)
+
+
+def test_a_detector_after_tanh_is_carried_back_to_first_order(tmp_path):
+    u = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64) / 2**0.5
+    run, model, metric = _detector_run(tmp_path, nn.Tanh(), u)
+    ledger = chisel.attribute(run, model, [probes.custom("u", "1:out", u)], metric, families=("integrated",))
+    write = ledger[(ledger[L.QUANTITY] == L.WRITE_ATTRIBUTION) & (ledger[L.PARAM] == "0.weight")]
+    shares = write.groupby(L.FEATURE)[L.VALUE].sum()
+    # the slope varies over states, so u's row is not the whole share, but it carries most of it
+    assert shares["u"] + shares[L.RESIDUAL] == pytest.approx(
+        ledger[(ledger[L.QUANTITY] == L.ATTRIBUTION) & (ledger[L.FEATURE] == L.WHOLE)
+               & (ledger[L.PARAM] == "0.weight")][L.VALUE].sum(), rel=1e-10)
+    assert abs(shares["u"]) > 5 * abs(shares[L.RESIDUAL]), shares
+
+
+def test_a_site_that_mixes_units_is_not_carried_back():
+    from chisel.attribution.transport import find_transports
+    from chisel.attribution.weights import bind_sites, linear_weights
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Softmax(-1), nn.Linear(4, 2)).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    names = {n for n, _ in model.named_parameters()}
+    weights = bind_sites(model, linear_weights(model, names), ["1:out"], lambda: model(x))
+    assert find_transports(model, weights, ["1:out"], lambda: model(x)) == []
+    tanh = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    weights = bind_sites(tanh, linear_weights(tanh, names), ["1:out"], lambda: tanh(x))
+    (carried,) = find_transports(tanh, weights, ["1:out"], lambda: tanh(x))
+    z = tanh[0](x)
+    torch.testing.assert_close(carried.slope, (1 - torch.tanh(z) ** 2).mean(0))
+    assert carried.param == "0.weight" and carried.site == "1:out"
