@@ -104,7 +104,8 @@ def _projected(model: nn.Module, site: Site, d: Tensor, mu: Tensor | None):
     """A hook that projects `d` out of the activation at `site`; removed on exit."""
 
     def project(x: Tensor) -> Tensor:
-        dd, centre = d.to(x.dtype), (x if mu is None else x - mu.to(x.dtype))
+        dd = d.to(device=x.device, dtype=x.dtype)
+        centre = x if mu is None else x - mu.to(device=x.device, dtype=x.dtype)
         return x - (centre @ dd)[..., None] * dd  # [..., dim]
 
     if site.kind == "in":

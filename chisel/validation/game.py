@@ -129,12 +129,13 @@ class ReversionGame:
         self.features = feature_set(features, what)
         self.start, self.end = window(run, steps)
         self.copy = _private_copy(run, model)
+        self.device = next((p.device for p in self.copy.parameters()), torch.device("cpu"))
         self.metric = metric
         self._call = _Call(self.copy, metric)
         self.evaluations = 0
         self.use_vmap = True
         self._offsets: dict[str, Tensor] = {}
-        with torch.no_grad():
+        with torch.no_grad(), _explain_dtype(what, metric):
             self.evaluations += 1
             scalar(metric(self.copy), f"{what}: the metric {_describe(metric)}")
         resolve_sites(self.copy, self.features.sites, what)
@@ -184,7 +185,7 @@ class ReversionGame:
 
     def _mean_inputs(self, weights: list[LinearWeight], data: Any) -> dict[str, Tensor]:
         """x̄ per weight: mean input over the metric's states (or `data`) at the final θ."""
-        sums = {w.module: torch.zeros(w.d_in, dtype=DTYPE) for w in weights}
+        sums = {w.module: torch.zeros(w.d_in, dtype=DTYPE, device=self.device) for w in weights}
         counts = dict.fromkeys(sums, 0)
         handles = []
 
@@ -215,10 +216,12 @@ class ReversionGame:
         self, w: LinearWeight, theta_s: dict, theta_e: dict, x_mean: Tensor, centred: bool
     ) -> list[Pathway]:
         feats = self._inputs(w)
-        d = torch.stack([f.read.to(DTYPE) / f.read.to(DTYPE).norm() for f in feats])  # [F, in]
+        vectors = [f.read.to(self.device, DTYPE) for f in feats]
+        d = torch.stack([v / v.norm() for v in vectors])  # [F, in]: unit read vectors
         dual = d.T @ torch.linalg.pinv(d @ d.T, hermitian=True)  # E [in, F]
         proj = dual @ d  # P [in, in], symmetric
-        delta = w.matrix(theta_e[w.param].to(DTYPE) - theta_s[w.param].to(DTYPE))  # ΔW [out, in]
+        dev = {"device": self.device, "dtype": DTYPE}
+        delta = w.matrix(theta_e[w.param].to(**dev) - theta_s[w.param].to(**dev))  # ΔW [out, in]
         reads = delta @ d.T  # [out, F]: column j is ΔW d_j
         as_param = (lambda m: m.T.contiguous()) if w.transposed else (lambda m: m)
         comp = self._compensation_key(w)
@@ -248,7 +251,7 @@ class ReversionGame:
                 {comp: delta @ x_mean},
             ))
         if w.bias is not None:
-            db = theta_e[w.bias].to(DTYPE) - theta_s[w.bias].to(DTYPE)
+            db = theta_e[w.bias].to(**dev) - theta_s[w.bias].to(**dev)
             out.append(Pathway(
                 f"{L.BIAS}{arrow}{w.bias}", L.BIAS, site, w.bias, "", L.BIAS, {w.bias: db}
             ))
@@ -270,7 +273,7 @@ class ReversionGame:
         for k in keys:
             if k.startswith(OFFSET):
                 shape = next(p.revert[k] for p in self.players if k in p.revert).shape
-                self.base[k] = torch.zeros(shape, dtype=DTYPE)
+                self.base[k] = torch.zeros(shape, dtype=DTYPE, device=self.device)
             else:
                 self.base[k] = own[k].detach()
             self.stacked[k] = torch.stack(
@@ -286,11 +289,11 @@ class ReversionGame:
 
     def params_at(self, masks: Tensor) -> dict[str, Tensor]:
         """θ_final − masks @ R for the touched tensors: {key: [B, *shape]}; masks [B, P]."""
-        masks = masks.to(DTYPE)
+        masks = masks.to(self.device, DTYPE)
         return {k: self.base[k] - torch.tensordot(masks, self.stacked[k], dims=1) for k in self.base}
 
     def values(self, masks: Tensor) -> Tensor:
-        """The metric for each row of `masks` [B, P] (1 = reverted): [B], float64."""
+        """The metric for each row of `masks` [B, P] (1 = reverted): [B], float64, on the CPU."""
         masks = torch.as_tensor(masks, dtype=DTYPE)
         parts = []
         with self._offset_hooks(), torch.no_grad():
@@ -298,7 +301,7 @@ class ReversionGame:
                 chunk = masks[start : start + self.chunk]
                 parts.append(self._run(self.params_at(chunk)))
                 self.evaluations += len(chunk)
-        out = torch.cat(parts) if parts else torch.zeros(0, dtype=DTYPE)
+        out = torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=DTYPE)
         if not torch.isfinite(out).all():
             raise ValidationError(
                 f"{self.what}: the metric {_describe(self.metric)} is not finite with some "
@@ -369,6 +372,20 @@ def _private_copy(run: Run, model: nn.Module) -> nn.Module:
             if name in final:
                 p.copy_(final[name].to(DTYPE))
     return copied
+
+
+@contextlib.contextmanager
+def _explain_dtype(what: str, metric: Metric):
+    try:
+        yield
+    except RuntimeError as err:
+        if "dtype" not in str(err) and "scalar type" not in str(err):
+            raise
+        raise ValidationError(
+            f"{what}: the metric {_describe(metric)} failed on the model in float64: {err}. "
+            "Interventions run a float64 copy of the model; move the metric's data to the "
+            "model's dtype with chisel.metrics.as_input(x, model)."
+        ) from err
 
 
 def _float64(x: Any) -> Any:

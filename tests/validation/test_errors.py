@@ -82,3 +82,10 @@ def test_other_misuses(run):
     with pytest.raises(chisel.StepOutOfRangeError):
         chisel.pathway_effects(run, tanh_net(), feats, metric, steps=range(5, 9))
     assert issubclass(chisel.ValidationError, chisel.ChiselError)
+
+
+def test_a_metric_that_keeps_float32_data_is_explained(run):
+    obs = states().float()
+    raw = lambda m: m(obs).mean()  # noqa: E731  float32 data into a float64 copy
+    with pytest.raises(chisel.ValidationError, match=r"float64.*chisel.metrics.as_input"):
+        chisel.pathway_effects(run, tanh_net(), features_at_input(), raw)

@@ -210,3 +210,31 @@ def test_the_mean_input_can_come_from_other_data(setup):
     actions = metric_actions(metric, obs)
     want = _forward(final, _np(obs), actions) - _forward(theta, _np(obs), actions)
     assert table.set_index("pathway").effect["b@in→0.weight"] == pytest.approx(want, abs=TOL)
+
+
+def test_a_transposed_conv1d_weight_gives_the_same_effects_as_its_linear_twin(tmp_path):
+    """Hugging Face Conv1D stores W as in × out: the reversion must transpose, not misread."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = torch.nn.Sequential(Conv1D(6, 5), torch.nn.Tanh(), Conv1D(3, 6)).double()
+    with torch.no_grad():  # the linear twin's initial weights, in Conv1D layout
+        for p, q in zip(conv.parameters(), tanh_net().parameters(), strict=True):
+            p.copy_(q.T if p.ndim == 2 else q)
+    runs = {}
+    for name, model in (("lin", tanh_net()), ("conv", conv)):
+        gen = torch.Generator().manual_seed(1)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        with chisel.record(model, opt, tmp_path / name, dtype="float64"):
+            for _ in range(3):
+                x = torch.randn(32, 5, generator=gen, dtype=torch.float64)
+                ((model(x) - x[:, :3]) ** 2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        runs[name] = chisel.load(tmp_path / name)
+    obs = states()
+    metric = logprob_metric(obs)
+    feats = features_at_input()
+    want = chisel.pathway_effects(runs["lin"], tanh_net(), feats, metric, groups=())
+    got = chisel.pathway_effects(runs["conv"], conv, feats, metric, groups=())
+    assert list(got.pathway) == list(want.pathway)
+    np.testing.assert_allclose(got.effect, want.effect, rtol=0, atol=1e-12)
