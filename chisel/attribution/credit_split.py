@@ -1,0 +1,294 @@
+"""The exact split of a recorded update over training samples: this step's, and through
+momentum, earlier steps' (see `credit` for the rows and the mathematics).
+
+    Δθ = weight_decay + Σ samples(gradient) + gradient (unresolved)
+         + Σ samples(momentum) + momentum (unresolved) + residual
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from chisel.attribution.optim_replay import (
+    GRADIENT,
+    MOMENTUM,
+    RESIDUAL,
+    WEIGHT_DECAY,
+    Coef,
+    OptimizerReplay,
+    Params,
+    ReplayError,
+    UpdateSplit,
+)
+from chisel.attribution.splits import Kernels, read_kernels
+from chisel.errors import ChiselError
+from chisel.store.reader import Run
+
+GRADIENT_UNRESOLVED = "gradient (unresolved)"
+MOMENTUM_UNRESOLVED = "momentum (unresolved)"
+# the leaves of the split: each sample-less part once, samples under GRADIENT / MOMENTUM
+LEAVES = (WEIGHT_DECAY, GRADIENT, GRADIENT_UNRESOLVED, MOMENTUM, MOMENTUM_UNRESOLVED, RESIDUAL)
+# default horizon: the earlier steps that hold 99% of the momentum buffer's mass. For a constant
+# decay β the steps older than s hold a fraction β^(t−1−s) of it, so that is "decay ≥ 1%":
+# 44 steps for Adam's β1 = 0.9, 459 for SGD momentum 0.99 (each step's factors are kept in
+# memory while within reach; pass `horizon` to bound it). What lies beyond is reported per step.
+MAX_HORIZON = 500
+MIN_WEIGHT = 1e-2
+
+
+class CreditError(ChiselError, ValueError):
+    """The run or the inputs cannot give the credit split asked for."""
+
+
+@dataclass(frozen=True)
+class SampleBlock:
+    """The terms of one param from the n samples of one step: term_i = coef ⊙ layout(g_i, x_i).
+
+    `g` already holds the step's coefficient c. For a weight, layout(g, x) = Σ_T g_T x_Tᵀ as
+    [out, in] ("linear"), its transpose ("conv1d", HF in × out) or reshaped to the conv weight
+    ("conv2d", unfolded input); for a bias, Σ_T g_T.
+    """
+
+    part: str  # GRADIENT (samples of this step) or MOMENTUM (samples of an earlier step)
+    origin_step: int
+    module: str
+    param: str
+    kind: str  # "linear" | "conv1d" | "conv2d"
+    is_bias: bool
+    x: Tensor  # [n, T, in] float64
+    g: Tensor  # [n, T, out] float64, times c
+    coef: Coef  # param shape or a number
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+    def _as_weight(self, m: Tensor, shape: torch.Size) -> Tensor:
+        """An [out, in] matrix in the param's own layout."""
+        return m.transpose(-1, -2) if self.kind == "conv1d" else m.reshape(*m.shape[:-2], *shape)
+
+    def _as_matrix(self, w: Tensor) -> Tensor:
+        """A param-shaped tensor as [out, in]."""
+        return w.T if self.kind == "conv1d" else w.reshape(w.shape[0], -1)
+
+    def total(self, shape: torch.Size) -> Tensor:
+        """Σ_i term_i, param-shaped: one matmul, no per-sample tensors."""
+        if self.is_bias:
+            return self.coef * self.g.sum((0, 1))
+        gx = self.g.flatten(0, 1).T @ self.x.flatten(0, 1)  # [out, in]
+        return self.coef * self._as_weight(gx, shape)
+
+    def terms(self, shape: torch.Size) -> Tensor:
+        """[n, *shape]: every sample's term (materialised; for tests and small layers)."""
+        if self.is_bias:
+            return self.coef * self.g.sum(1)
+        gx = torch.einsum("nto,nti->noi", self.g, self.x)
+        return self.coef * self._as_weight(gx, shape)
+
+    def reads(self, gbar: Tensor) -> Tensor:
+        """H = G (coef ⊙ ḡ) [n, T, in]: the metric's read of each input row; ⟨term_i, ḡ⟩ = Σ H⊙X."""
+        return self.g @ self._as_matrix(self.coef * gbar)
+
+    def attribution(self, gbar: Tensor) -> Tensor:
+        """[n]: ⟨term_i, ḡ⟩ for every sample."""
+        if self.is_bias:
+            return self.g.sum(1) @ (self.coef * gbar)
+        return (self.reads(gbar) * self.x).sum((1, 2))
+
+    def kernel_shares(self, gbar: Tensor, kernels: Kernels) -> Tensor:
+        """[n, K]: ⟨term_i, R_k⟩ for every sample and kernel (they sum to `attribution`)."""
+        if self.is_bias:
+            return kernels.sample_bias_shares(self.g, self.coef)
+        self.check_width(kernels.weight)
+        coef = self.coef if not isinstance(self.coef, Tensor) else self._as_matrix(self.coef)
+        return kernels.sample_shares(self.g, self.x, coef)
+
+    def check_width(self, directions: Tensor) -> None:
+        """Refuse features whose width is not this block's input width."""
+        if directions.shape[-1] != self.x.shape[-1]:
+            raise CreditError(
+                f"feature directions of width {directions.shape[-1]} do not fit {self.param}, "
+                f"whose factor input has width {self.x.shape[-1]} (module {self.module!r}, "
+                f"{self.kind}); give directions at this module's input (conv2d: in unfolded "
+                "C·kh·kw space)."
+            )
+
+    def feature_shares(
+        self, gbar: Tensor, directions: Tensor, dual: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """([n, F] shares, [n] off-span share), uncentred; they sum to `attribution` exactly.
+
+        directions: [F, in] unit read directions at the module's input (`dual` is ignored; kept
+        for callers of the earlier signature).
+        """
+        if self.is_bias:
+            raise CreditError(f"{self.param} is a bias: it reads no input features.")
+        self.check_width(directions)
+        names = tuple(str(i) for i in range(directions.shape[0]))
+        kernels = read_kernels(names, ("",) * len(names), directions.to(torch.float64),
+                               self._as_matrix(gbar))
+        shares = self.kernel_shares(gbar, kernels)
+        return shares[:, :-1], shares[:, -1]
+
+
+@dataclass(frozen=True)
+class CreditSplit:
+    """Step t's update split over samples: `base` (optim_replay), sample blocks, and what the
+    blocks do not cover. `leaves()` rebuilds the update exactly."""
+
+    step: int
+    base: UpdateSplit
+    blocks: list[SampleBlock]
+    unresolved: dict[str, Params]  # GRADIENT_UNRESOLVED, MOMENTUM_UNRESOLVED
+
+    def sample_total(self, part: str) -> Params:
+        """Σ of the sample terms of `part` (GRADIENT or MOMENTUM), per param."""
+        out = {n: torch.zeros_like(v) for n, v in self.base.update.items()}
+        for b in self.blocks:
+            if b.part == part:
+                out[b.param] = out[b.param] + b.total(out[b.param].shape)
+        return out
+
+    def leaves(self) -> dict[str, Params]:
+        """The six leaves (LEAVES), samples summed; Σ leaves == Δθ."""
+        return {
+            WEIGHT_DECAY: self.base.parts[WEIGHT_DECAY],
+            GRADIENT: self.sample_total(GRADIENT),
+            GRADIENT_UNRESOLVED: self.unresolved[GRADIENT_UNRESOLVED],
+            MOMENTUM: self.sample_total(MOMENTUM),
+            MOMENTUM_UNRESOLVED: self.unresolved[MOMENTUM_UNRESOLVED],
+            RESIDUAL: self.base.parts[RESIDUAL],
+        }
+
+
+@dataclass(frozen=True)
+class _StepFactors:
+    """One step's factors in float64, c folded into G, and its per-sample tags."""
+
+    modules: dict[str, tuple[str, Tensor, Tensor]]  # module -> (kind, X [n,T,in], c·G [n,T,out])
+    tags: dict[str, Any]  # name -> 1-D tensor (per sample) or a scalar
+
+
+class CreditSession:
+    """The optimizer replay plus a window of earlier steps' factors, kept for consecutive steps.
+
+    horizon: earlier steps whose samples get momentum credit. None (default): every step whose
+    weight has not decayed below `min_weight` (β^{t−1−s} ≥ 1e-2: 99% of the buffer's mass), at
+    most `max_horizon` steps. The momentum left beyond the horizon is the `momentum (unresolved)`
+    part; its share of ‖Δθ‖ is a ledger row per step (quantity "momentum_unresolved_share").
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        *,
+        horizon: int | None = None,
+        max_horizon: int = MAX_HORIZON,
+        min_weight: float = MIN_WEIGHT,
+        replay: OptimizerReplay | None = None,
+    ) -> None:
+        if horizon is not None and horizon < 0:
+            raise CreditError(
+                f"horizon={horizon} must be >= 0 (earlier steps given momentum credit)."
+            )
+        self.run = run
+        self.horizon = horizon
+        self.min_weight = min_weight if horizon is None else 0.0
+        self.reach = max_horizon if horizon is None else horizon
+        self.replay = replay if replay is not None else OptimizerReplay(run, history=self.reach)
+        if self.replay.run is not run:
+            raise ReplayError("the OptimizerReplay given belongs to another run; make one per run.")
+        self._factors: dict[int, _StepFactors | None] = {}
+        meta = run.manifest.get("factor_modules") or {}
+        self._kinds = {m: v.get("kind", "linear") for m, v in meta.items()}
+
+    def __repr__(self) -> str:
+        return f"CreditSession({self.run!r}, horizon={self.horizon}, reach={self.reach})"
+
+    def kind(self, module: str) -> str:
+        """The factor layout of a module: "linear", "conv1d" (HF, in × out) or "conv2d"."""
+        return self._kinds.get(module, "linear")
+
+    # -- factors ---------------------------------------------------------------------------
+    def factors(self, s: int) -> _StepFactors | None:
+        """Step s's factors (cached while s is within reach of the steps asked for)."""
+        if s not in self._factors:
+            self._factors[s] = self._read_factors(s)
+        return self._factors[s]
+
+    def _read_factors(self, s: int) -> _StepFactors | None:
+        record = self.run.record(s)
+        coef = record.get("grad_coef")
+        if record.get("skipped") or coef is None:
+            return None
+        coef = float(coef) / float(record.get("grads_scaled_by") or 1.0)
+        modules = {}
+        for module, (x, g) in self.run.factors(s).items():
+            n = x.shape[0]
+            x64 = x.to(torch.float64).reshape(n, -1, x.shape[-1])  # [n, T, in]
+            g64 = g.to(torch.float64).reshape(n, -1, g.shape[-1]) * coef  # [n, T, out]
+            modules[module] = (self._kinds.get(module, "linear"), x64, g64)
+        return _StepFactors(modules, self.run.tags(s))
+
+    def _evict(self, t: int) -> None:
+        for s in [s for s in self._factors if s < t - self.reach or s > t]:
+            del self._factors[s]
+
+    # -- the split -------------------------------------------------------------------------
+    def split(self, t: int) -> CreditSplit:
+        """Step t's update over samples of step t and, through momentum, of earlier steps."""
+        base = self.replay.split(t)
+        self._evict(t)
+        blocks = self._blocks(t, GRADIENT, base.kappa) if base.kappa else []
+        for s, weights in self._origins(base).items():
+            coefs = {p: base.carry[p] * w for p, w in weights.items()}
+            blocks += self._blocks(s, MOMENTUM, coefs)
+        split = CreditSplit(t, base, blocks, {})
+        grad_sum, mom_sum = split.sample_total(GRADIENT), split.sample_total(MOMENTUM)
+        unresolved = {
+            GRADIENT_UNRESOLVED: {n: v - grad_sum[n] for n, v in base.parts[GRADIENT].items()},
+            MOMENTUM_UNRESOLVED: {n: v - mom_sum[n] for n, v in base.parts[MOMENTUM].items()},
+        }
+        return CreditSplit(t, base, blocks, unresolved)
+
+    def _origins(self, base: UpdateSplit) -> dict[int, dict[str, float]]:
+        """{s: {param: ω_s}} for the earlier steps within the horizon."""
+        out: dict[int, dict[str, float]] = {}
+        for param, entries in base.backflow.items():
+            for s, omega, decay in entries:
+                if base.step - s > self.reach or decay < self.min_weight:
+                    break
+                out.setdefault(s, {})[param] = omega
+        return out
+
+    def _blocks(self, s: int, part: str, coefs: dict[str, Coef]) -> list[SampleBlock]:
+        factors = self.factors(s)
+        if factors is None:
+            return []
+        blocks = []
+        for module, (kind, x, g) in factors.modules.items():
+            prefix = f"{module}." if module else ""
+            for suffix, is_bias in (("weight", False), ("bias", True)):
+                param = prefix + suffix
+                if param in coefs:
+                    blocks.append(
+                        SampleBlock(part, s, module, param, kind, is_bias, x, g, coefs[param])
+                    )
+        return blocks
+
+
+def split_update(
+    run: Run, t: int, session: CreditSession | None = None, *, horizon: int | None = None
+) -> CreditSplit:
+    """The exact split of Δθ_t over weight decay, samples, momentum-carried samples and the rest.
+
+    Pass one `session` for consecutive steps (it keeps the replayed optimizer state).
+    """
+    session = session if session is not None else CreditSession(run, horizon=horizon)
+    if session.run is not run:
+        raise CreditError("this CreditSession belongs to another run; make one per run.")
+    return session.split(t)
