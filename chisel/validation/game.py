@@ -152,6 +152,7 @@ class ReversionGame:
                 f"{self.features.sites}, so there is no pathway to revert. Put features at the "
                 "input of a recorded Linear (its ':in' site, or the HookPoint feeding it)."
             )
+        self._batch_bytes = batch_bytes
         self._prepare(batch_bytes)
 
     # -- construction ----------------------------------------------------------------------------
@@ -282,6 +283,14 @@ class ReversionGame:
         per = sum(v.numel() for v in self.base.values()) * 8 * 3
         # small batches measured as fast as large ones on CPU (a tiny MLP: cache-bound)
         self.chunk = int(min(32, max(1, batch_bytes // max(per, 1))))
+
+    def restrict(self, kinds: Iterable[str]) -> None:
+        """Keep only the players of these kinds; the others stay at their final values."""
+        kinds = set(kinds)
+        self.players = [p for p in self.players if p.kind in kinds]
+        if not self.players:
+            raise ValidationError(f"{self.what}: no pathway of kinds {sorted(kinds)}.")
+        self._prepare(self._batch_bytes)
 
     # -- evaluation --------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,8 @@ from torch import nn
 from chisel.store.reader import Run
 from chisel.validation import _common as C
 from chisel.validation.game import Metric, ReversionGame
+
+PLAYERS = ("all", "features")
 
 
 def pathway_shapley(
@@ -38,6 +40,7 @@ def pathway_shapley(
     steps: Iterable[int] | None = None,
     data: Any = None,
     params: Sequence[str] | None = None,
+    players: Literal["all", "features"] = "all",
 ) -> pd.DataFrame:
     """Shapley value of every pathway in the game of reverting learned changes.
 
@@ -47,19 +50,27 @@ def pathway_shapley(
         permutations: sampled permutations, counting each one's reverse (rounded up to even).
             Cost: permutations × (players − 1) + 2 metric evaluations, batched with vmap.
         seed: seeds the permutations (numpy's default_rng).
+        players: "all" (default): every pathway is a player, so the values share out the whole
+            m(final) − m(θ_start of the bound weights); "features": only the feature pathways
+            play (`<mean>`, `<residual>`, `<bias>` stay learned), so the values share out
+            m(final) − m(all feature pathways reverted).
 
     Returns:
         One row per player: pathway, feature, site, param, concept, kind, shapley,
         shapley_se (standard error over antithetic pairs; NaN with a single pair).
-        `.attrs`: "total" (= m(final) − m(all reverted) = Σ shapley), "metric_final",
+        `.attrs`: "total" (= m(final) − m(all players reverted) = Σ shapley), "metric_final",
         "metric_all_reverted", "evaluations", "permutations", "window".
     """
+    if players not in PLAYERS:
+        raise C.ValidationError(f"pathway_shapley: players={players!r}; use one of {PLAYERS}.")
     if not isinstance(permutations, int) or permutations < 1:
         raise C.ValidationError(f"pathway_shapley: permutations={permutations!r}; need an int >= 1.")
     game = ReversionGame(
         run, model, features, metric, steps=steps, centred=centred, data=data, params=params,
         what="pathway_shapley",
     )
+    if players == "features":
+        game.restrict([C.KIND_FEATURE])
     n_players, pairs = len(game), math.ceil(permutations / 2)
     rng = np.random.default_rng(seed)
     orders = np.stack([rng.permutation(n_players) for _ in range(pairs)])  # [pairs, P]

@@ -117,3 +117,14 @@ def test_a_metric_vmap_cannot_trace_falls_back_to_a_loop(setup):
     with pytest.warns(UserWarning, match="falling back to one evaluation per coalition"):
         looped = chisel.pathway_shapley(run, tanh_net(), feats, eager, permutations=4)
     np.testing.assert_allclose(looped.shapley, plain.shapley, rtol=0, atol=1e-13)
+
+
+def test_features_only_players_share_out_the_feature_pathways_reverted_together(setup):
+    run, _obs, metric, feats = setup
+    table = chisel.pathway_shapley(run, tanh_net(), feats, metric, permutations=6, players="features")
+    assert set(table.kind) == {"feature"} and len(table) == 3
+    groups = {"all features": list(feats.names)}
+    effects = chisel.pathway_effects(run, tanh_net(), feats, metric, groups=groups).set_index("pathway")
+    assert table.shapley.sum() == pytest.approx(effects.effect["all features"], abs=1e-13)
+    with pytest.raises(chisel.ValidationError, match="players"):
+        chisel.pathway_shapley(run, tanh_net(), feats, metric, players="some")
