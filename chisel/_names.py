@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-FORMAT_VERSION = 2
+# 3: step and keyframe files carry CRC32 checksums (CHECKSUM_KEY); 2 is read without verification
+FORMAT_VERSION = 3
+CHECKSUMS_SINCE = 3
+OLDEST_READABLE_VERSION = 2  # version 1 stored one tensor per parameter
 
 # files and folders of a run directory
 MANIFEST = "manifest.json"
@@ -28,6 +31,9 @@ FACTOR_G = "G/"
 
 # the safetensors metadata key holding a step's JSON record
 RECORD_KEY = "record"
+# the safetensors metadata key holding the checksums: {"algorithm", "record", "tensors": {key: crc}}
+CHECKSUM_KEY = "checksums"
+CHECKSUM_ALGORITHM = "crc32"
 
 # parameter encodings in a step file
 EXACT = "after"

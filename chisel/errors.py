@@ -19,6 +19,15 @@ class NotARunError(ChiselError, FileNotFoundError):
     """A directory given as a run has no chisel manifest."""
 
 
+class ManifestError(NotARunError):
+    """The run's manifest.json is unreadable, not JSON, from a newer chisel, or has a field
+    missing or wrong; the message names the field and the fix."""
+
+
+class StepTypeError(ChiselError, TypeError):
+    """A step index that is not an integer (a bool, a string, a float, a tensor of many values)."""
+
+
 class ResumeMismatchError(ChiselError, ValueError):
     """`resume=True` on a run whose parameters differ from the model's."""
 
@@ -48,3 +57,11 @@ class UnknownModuleError(ChiselError, KeyError):
 
 class WriterError(ChiselError, RuntimeError):
     """The background writer failed (disk full, permissions); earlier steps are on disk."""
+
+
+class MissingStepsWarning(UserWarning):
+    """Step files are missing from the middle of a run: it reads only up to the gap."""
+
+
+class UnverifiedRunWarning(UserWarning):
+    """A run written before chisel stored checksums: its files are read without verification."""

@@ -18,6 +18,7 @@ from chisel.capture.hooks import StepCapture
 from chisel.capture.optim import hook_target
 from chisel.errors import ResumeMismatchError, RunExistsError
 from chisel.store.layout import RunLayout, read_manifest, write_json
+from chisel.store.manifest import check_manifest
 from chisel.store.reader import complete_steps
 from chisel.store.writer import RunWriter
 
@@ -89,7 +90,7 @@ class Recorder:
             raise RunExistsError("Give either overwrite=True or resume=True, not both.")
         if root.is_dir() and any(root.iterdir()):
             if resume and is_run:
-                manifest = read_manifest(root)
+                manifest = check_manifest(read_manifest(root), self.layout.manifest)
                 self._check_resume(manifest, model, optimizer)
                 for tmp in root.glob(f"*/{N.TMP_PREFIX}*"):
                     tmp.unlink()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from chisel import _names as N
-from chisel.errors import CorruptStepError, NotARunError
+from chisel.errors import CorruptStepError, ManifestError, NotARunError
 
 _STEP_FILE = re.compile(rf"^(\d{{{N.STEP_DIGITS}}})\.safetensors$")
 
@@ -65,13 +66,29 @@ def _commit(tmp: Path, path: Path, fsync: bool) -> None:
     os.replace(tmp, path)
 
 
+def checksum(tensor: torch.Tensor) -> int:
+    """CRC32 of a tensor's bytes (zlib releases the GIL on large buffers: cheap off the
+    training thread)."""
+    data = tensor.detach()
+    if data.device.type != "cpu":
+        data = data.cpu()
+    return zlib.crc32(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def write_tensors(
     path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, fsync: bool = False
 ) -> None:
-    """Write a safetensors file under a temporary name, then rename it into place."""
+    """Write a safetensors file under a temporary name, then rename it into place. The record
+    and every tensor carry a CRC32 (metadata key `checksums`), verified on read."""
     tmp = _atomic_target(path)
     flat = {k: v.detach().contiguous() for k, v in tensors.items()}
-    save_file(flat, str(tmp), metadata={N.RECORD_KEY: json.dumps(meta)})
+    record = json.dumps(meta)
+    sums = {
+        "algorithm": N.CHECKSUM_ALGORITHM,
+        "record": zlib.crc32(record.encode()),
+        "tensors": {k: checksum(v) for k, v in flat.items()},
+    }
+    save_file(flat, str(tmp), metadata={N.RECORD_KEY: record, N.CHECKSUM_KEY: json.dumps(sums)})
     _commit(tmp, path, fsync)
 
 
@@ -82,40 +99,135 @@ def write_json(path: Path, obj: Any, *, fsync: bool = False) -> None:
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest as a JSON object (not yet checked field by field: see `store.manifest`).
+    A missing, unreadable or non-JSON manifest, or one from a newer chisel, is a `ManifestError`
+    / `NotARunError`."""
     path = Path(root) / N.MANIFEST
     if not path.is_file():
         raise NotARunError(
             f"{root} is not a chisel run: {N.MANIFEST} is missing. Give the directory that "
             "`chisel.record(..., run_dir)` wrote."
         )
-    return json.loads(path.read_text())
+    try:
+        text = path.read_bytes().decode()
+    except OSError as err:
+        raise ManifestError(
+            f"{path} cannot be read ({err.strerror or err}). Check the file's permissions."
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path} is not text ({err}). " + MANIFEST_FIX) from None
+    if not text.strip():
+        raise ManifestError(f"{path} is empty. " + MANIFEST_FIX)
+    try:
+        obj = json.loads(text)
+    except ValueError as err:
+        raise ManifestError(f"{path} is not valid JSON ({err}). " + MANIFEST_FIX) from None
+    if not isinstance(obj, dict):
+        raise ManifestError(
+            f"{path} holds a JSON {type(obj).__name__}, not an object. " + MANIFEST_FIX
+        )
+    version = obj.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > N.FORMAT_VERSION:
+        raise ManifestError(
+            f"{path} has format_version {version}: it was written by a newer chisel; this one "
+            f"reads versions up to {N.FORMAT_VERSION}. Upgrade chisel (pip install -U chisel-rl)."
+        )
+    return obj
 
 
-def _corrupt(path: Path, step: int, what: str, err: Exception) -> CorruptStepError:
-    return CorruptStepError(
-        f"The {what} file of step {step} cannot be read: {path} ({err}). The file is truncated "
-        "or corrupted; the other steps of the run stay readable."
+MANIFEST_FIX = (
+    "The manifest was damaged or edited by hand: restore it from a copy of the run (the step "
+    "files do not depend on it being rewritten) or re-record; `chisel verify RUN_DIR` lists every "
+    "problem."
+)
+
+
+def _fix(what: str) -> str:
+    return (
+        f"The {what} file was damaged after it was written (disk, copy or edit): restore it from "
+        "a copy or re-record the run; `chisel verify RUN_DIR` lists every damaged file, and "
+        "`chisel.load(run_dir, verify=False)` reads the rest without checking."
     )
 
 
-def read_meta(path: Path, step: int, what: str) -> dict[str, Any]:
-    """The JSON record stored in a safetensors file's metadata."""
+def _corrupt(path: Path, step: int, what: str, err: Exception | str) -> CorruptStepError:
+    return CorruptStepError(
+        f"The {what} file of step {step} cannot be read: {path} ({err}); the other steps of the "
+        "run stay readable. " + _fix(what)
+    )
+
+
+def _mismatch(path: Path, step: int, what: str, part: str, stored: Any, found: int) -> CorruptStepError:
+    return CorruptStepError(
+        f"Step {step}: {part} of the {what} file {path} does not match its checksum "
+        f"({N.CHECKSUM_ALGORITHM} stored {stored!r}, read {found}). " + _fix(what)
+    )
+
+
+def _checksums(path: Path, step: int, what: str, meta: dict[str, str]) -> dict[str, Any] | None:
+    """The checksums stored in a file's metadata; None when the file has none."""
+    raw = meta.get(N.CHECKSUM_KEY)
+    if raw is None:
+        return None
+    try:
+        sums = json.loads(raw)
+    except ValueError as err:
+        raise _corrupt(path, step, what, f"its checksums are not JSON: {err}") from None
+    if (
+        not isinstance(sums, dict)
+        or sums.get("algorithm") != N.CHECKSUM_ALGORITHM
+        or not isinstance(sums.get("tensors"), dict)
+    ):
+        raise _corrupt(path, step, what, f"its checksums are not {N.CHECKSUM_ALGORITHM} checksums")
+    return sums
+
+
+def read_meta(path: Path, step: int, what: str, *, verify: bool = False) -> dict[str, Any]:
+    """The JSON record stored in a safetensors file's metadata (checked against its CRC32
+    when `verify` and the file has one)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return json.loads(meta[N.RECORD_KEY])
-    except (SafetensorError, OSError, KeyError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise _corrupt(path, step, what, err) from err
+    raw = meta.get(N.RECORD_KEY)
+    if raw is None:
+        raise _corrupt(path, step, what, "its record is missing")
+    if verify:
+        sums = _checksums(path, step, what, meta)
+        if sums is not None and zlib.crc32(raw.encode()) != sums.get("record"):
+            raise _mismatch(path, step, what, "the record", sums.get("record"), zlib.crc32(raw.encode()))
+    try:
+        record = json.loads(raw)
+    except ValueError as err:
+        raise _corrupt(path, step, what, f"its record is not JSON: {err}") from err
+    if not isinstance(record, dict):
+        raise _corrupt(path, step, what, f"its record is a JSON {type(record).__name__}, not an object")
+    return record
 
 
 def read_tensors(
-    path: Path, step: int, what: str, prefix: str = ""
+    path: Path, step: int, what: str, prefix: str = "", *, verify: bool = False, require: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file whose key starts with `prefix` (prefix stripped)."""
+    """Tensors of a safetensors file whose key starts with `prefix` (prefix stripped). With
+    `verify`, each is checked against its CRC32; `require` makes a file without checksums an error."""
+    out = {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {
-                k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)  # noqa: SIM118
-            }
-    except (SafetensorError, OSError, ValueError) as err:
+            sums = _checksums(path, step, what, f.metadata() or {}) if verify else None
+            if verify and require and sums is None:
+                raise _corrupt(path, step, what, "it has no checksums, though its run's format has them")
+            for key in f.keys():  # noqa: SIM118
+                if not key.startswith(prefix):
+                    continue
+                value = f.get_tensor(key)
+                if sums is not None:
+                    stored, found = sums["tensors"].get(key), checksum(value)
+                    if stored != found:
+                        raise _mismatch(path, step, what, f"tensor {key!r}", stored, found)
+                out[key[len(prefix) :]] = value
+    except CorruptStepError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
         raise _corrupt(path, step, what, err) from err
+    return out

@@ -16,24 +16,31 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 
 from chisel import _names as N
 from chisel.capture.buffers import FlatLayout
 from chisel.capture.config import torch_dtype
-from chisel.errors import ChiselError, CorruptStepError, SkippedStepError, StepOutOfRangeError
-from chisel.store.layout import RunLayout, read_manifest, read_meta, read_tensors
+from chisel.errors import (
+    ChiselError,
+    CorruptStepError,
+    ManifestError,
+    MissingStepsWarning,
+    NotARunError,
+    SkippedStepError,
+    StepOutOfRangeError,
+    UnverifiedRunWarning,
+)
+from chisel.store.index import as_step, gap_message, visible_steps
+from chisel.store.layout import MANIFEST_FIX, RunLayout, read_manifest, read_meta, read_tensors
+from chisel.store.manifest import check_manifest, record_problems
 
 Tensors = dict[str, torch.Tensor]
 
 
 def complete_steps(layout: RunLayout) -> int:
     """Number of visible steps 0, 1, 2, … without a gap (a step file is renamed in last)."""
-    n = 0
-    for number in layout.numbers(N.STEPS_DIR):
-        if number != n:
-            break
-        n += 1
-    return n
+    return visible_steps(layout)[0]
 
 
 @dataclass(frozen=True)
@@ -67,10 +74,24 @@ class Step:
 class Run:
     """A recorded training run. `run.params(t)` is θ before step t; `run.update(t)` is Δθ_t."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise NotARunError(f"run_dir must be a path (str or Path), not {type(path).__name__}.")
         self.path = Path(path)
         self.layout = RunLayout(self.path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = check_manifest(read_manifest(self.path), self.layout.manifest)
+        version = self.manifest["format_version"]
+        self.verify = verify
+        """Step and keyframe files are checked against their CRC32 on every read."""
+        self._require_sums = verify and version >= N.CHECKSUMS_SINCE
+        if verify and not self._require_sums:
+            warnings.warn(
+                f"{self.path} has format_version {version}, written before chisel stored "
+                "checksums: its files are read without verification.",
+                UnverifiedRunWarning,
+                stacklevel=3,
+            )
+        self._gap_warned = False
         self.param_names = [p["name"] for p in self.manifest["params"]]
         self._dtypes = {p["name"]: torch_dtype(p["dtype"]) for p in self.manifest["params"]}
         self._encodings = {p["name"]: p["encoding"] for p in self.manifest["params"]}
@@ -81,10 +102,36 @@ class Run:
         )
         self._record = lru_cache(maxsize=4096)(self._read_record)
         self._lossy_cache: tuple[int, Tensors] | None = None
+        self._check_keyframe_shapes()
+
+    def _check_keyframe_shapes(self) -> None:
+        """The manifest's shapes and names against the first keyframe's tensors (headers only):
+        a shape edited by hand would otherwise give parameters back in the wrong shape."""
+        keyframes = self.keyframes
+        if not keyframes:
+            return
+        path = self.layout.keyframe_file(keyframes[0])
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if k.startswith(N.PARAM)}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError, RuntimeError):
+            return  # a damaged keyframe is reported when it is read (and by `chisel verify`)
+        for i, p in enumerate(self.manifest["params"]):
+            have = shapes.get(N.PARAM + p["name"])
+            if have is None or list(have) != list(p["shape"]):
+                found = "no such tensor" if have is None else f"shape {list(have)}"
+                raise ManifestError(
+                    f"{self.layout.manifest}: params[{i}] says {p['name']!r} has shape "
+                    f"{p['shape']}, the keyframe {path.name} has {found}. {MANIFEST_FIX}"
+                )
 
     # -- index ----------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return complete_steps(self.layout)
+        n, later = visible_steps(self.layout)
+        if later and not self._gap_warned:
+            self._gap_warned = True
+            warnings.warn(gap_message(self.path, n, later), MissingStepsWarning, stacklevel=2)
+        return n
 
     def __iter__(self) -> Iterator[Step]:
         for t in range(len(self)):
@@ -94,13 +141,15 @@ class Run:
         return f"Run({str(self.path)!r}, steps={len(self)}, params={len(self.param_names)})"
 
     def _check_step(self, t: int, *, allow_end: bool = False) -> int:
-        n = len(self)
+        what = "θ index" if allow_end else "step"
+        t = as_step(t, what)
+        n, later = visible_steps(self.layout)
         hi = n if allow_end else n - 1
-        if not isinstance(t, int) or not 0 <= t <= hi:
-            what = "θ index" if allow_end else "step"
+        if not 0 <= t <= hi:
+            gap = f" {gap_message(self.path, n, later)}" if later and t >= n else ""
             raise StepOutOfRangeError(
                 f"{what} {t} is outside this run: it has {n} complete steps "
-                f"(valid: 0..{hi}). A run still being written grows; reload `len(run)`."
+                f"(valid: 0..{hi}). A run still being written grows; reload `len(run)`.{gap}"
             )
         return t
 
@@ -110,7 +159,15 @@ class Run:
 
     # -- records --------------------------------------------------------------------------------
     def _read_record(self, t: int) -> dict[str, Any]:
-        return read_meta(self.layout.step_file(t), t, "step")
+        path = self.layout.step_file(t)
+        record = read_meta(path, t, "step", verify=self.verify)
+        problems = record_problems(record, t)
+        if problems:
+            raise CorruptStepError(
+                f"The record of step {t} in {path} is damaged: {'; '.join(problems[:3])}. "
+                "Restore the file or re-record; `chisel verify RUN_DIR` lists every problem."
+            )
+        return record
 
     def record(self, t: int) -> dict[str, Any]:
         """The JSON metadata of step t (lr, norms, optimizer hyper-parameters, tags, …)."""
@@ -130,22 +187,59 @@ class Run:
 
     # -- tensors --------------------------------------------------------------------------------
     def _step_tensors(self, t: int, prefix: str) -> Tensors:
-        return read_tensors(self.layout.step_file(t), t, "step", prefix)
+        return read_tensors(
+            self.layout.step_file(t), t, "step", prefix, verify=self.verify, require=self._require_sums
+        )
 
-    def _flat(self, t: int, prefix: str) -> Tensors:
-        """Per-parameter views of the flat per-dtype vectors stored under `prefix`."""
+    def _flat(self, t: int, prefix: str, names: list[str] | None = None) -> Tensors:
+        """Per-parameter views of the flat per-dtype vectors stored under `prefix` (of `names`,
+        each of which must be there; default: every parameter whose dtype vector is stored)."""
         flats = self._step_tensors(t, prefix)
         layout = self.flat
-        return {
+        for dtype, value in flats.items():
+            # the key names the parameters' dtype; deltas and gradients are in the storage dtype
+            if layout.sizes.get(dtype) != value.numel() or value.dim() != 1:
+                raise CorruptStepError(
+                    f"Step {t}: {prefix}{dtype} in {self.layout.step_file(t)} holds "
+                    f"{value.numel()} values; the manifest's layout says "
+                    f"{layout.sizes.get(dtype)}. The step file or the manifest was "
+                    "damaged: restore it or re-record; `chisel verify RUN_DIR` lists every problem."
+                )
+        out = {
             name: flats[dtype][offset : offset + shape.numel()].view(shape)
             for name, shape, dtype, offset in zip(
                 layout.names, map(torch.Size, layout.shapes), layout.dtypes, layout.offsets
             )
             if dtype in flats
         }
+        missing = [n for n in names or [] if n not in out]
+        if missing:
+            raise CorruptStepError(
+                f"Step {t}: {self.layout.step_file(t)} has no {prefix}… vector for {missing[:3]}; "
+                "the file is damaged: restore it or re-record."
+            )
+        return out
 
     def _keyframe(self, t: int, prefix: str = N.PARAM) -> Tensors:
-        return read_tensors(self.layout.keyframe_file(t), t, "keyframe", prefix)
+        return read_tensors(
+            self.layout.keyframe_file(t), t, "keyframe", prefix, verify=self.verify,
+            require=self._require_sums,
+        )
+
+    def _keyframe_params(self, t: int, names: list[str]) -> Tensors:
+        kf = self._keyframe(t)
+        shapes = dict(zip(self.flat.names, self.flat.shapes))
+        for n in names:
+            value = kf.get(n)
+            if value is None or tuple(value.shape) != shapes[n]:
+                found = "no such tensor" if value is None else f"shape {list(value.shape)}"
+                raise CorruptStepError(
+                    f"The keyframe before step {t} ({self.layout.keyframe_file(t)}) has {found} "
+                    f"for parameter {n!r}, which the manifest lists with shape "
+                    f"{list(shapes[n])}. The keyframe or the manifest was damaged: restore it "
+                    "or re-record."
+                )
+        return {n: kf[n] for n in names}
 
     def params(self, t: int) -> Tensors:
         """θ before step t, in each parameter's own dtype; `params(len(run))` is the final θ."""
@@ -164,13 +258,12 @@ class Run:
         s = t
         while True:
             if s in keyframes:
-                kf = self._keyframe(s)
-                return {n: kf[n] for n in names}
+                return self._keyframe_params(s, names)
             s -= 1
             if s < 0:
                 raise ChiselError(f"{self.path}: no keyframe at or before step {t}; the run is damaged.")
             if not self.record(s).get("skipped"):
-                after = self._flat(s, N.AFTER)
+                after = self._flat(s, N.AFTER, names)
                 return {n: after[n] for n in names}
 
     def _lossy_params(self, t: int, keyframes: set[int]) -> Tensors:
@@ -182,11 +275,12 @@ class Run:
         if cached is not None and start <= cached[0] <= t:
             s, recon = cached[0], {n: v.clone() for n, v in cached[1].items()}
         else:
-            kf = self._keyframe(start)
-            s, recon = start, {n: kf[n].double() for n in self._encodings if self._encodings[n] == N.LOSSY}
+            lossy = [n for n in self._encodings if self._encodings[n] == N.LOSSY]
+            kf = self._keyframe_params(start, lossy)
+            s, recon = start, {n: kf[n].double() for n in lossy}
         while s < t:
             if not self.record(s).get("skipped"):
-                delta = self._flat(s, N.DELTA)
+                delta = self._flat(s, N.DELTA, list(recon))
                 for n in recon:
                     recon[n] += delta[n].double()
             s += 1
@@ -206,10 +300,10 @@ class Run:
         exact = [n for n in self.param_names if self._encodings[n] == N.EXACT]
         if exact:  # only the exact params' θ_t: the lossy ones come straight from the delta
             before = self._exact_params(t, set(self.keyframes), exact)
-            after = self._flat(t, N.AFTER)
+            after = self._flat(t, N.AFTER, exact)
             out.update({n: after[n].double() - before[n].double() for n in exact})
         if len(exact) < len(self.param_names):
-            delta = self._flat(t, N.DELTA)
+            delta = self._flat(t, N.DELTA, [n for n in self.param_names if n not in exact])
             out.update({n: delta[n].double() for n in self.param_names if self._encodings[n] == N.LOSSY})
         return {n: out[n] for n in self.param_names}
 
@@ -218,7 +312,7 @@ class Run:
         t = self._check_step(t)
         if not self.manifest["config"].get("grads"):
             raise ChiselError("This run was recorded with grads=False; no gradients are stored.")
-        grads = self._flat(t, N.GRAD)
+        grads = self._flat(t, N.GRAD, self.param_names)
         scale = self.record(t).get("grads_scaled_by")
         return {n: grads[n] / scale if scale else grads[n] for n in self.param_names}
 
@@ -246,6 +340,12 @@ class Run:
         t = self._check_step(t)
         stored = self.record(t).get("tags", {})
         arrays = self._step_tensors(t, N.TAG) if any(isinstance(v, dict) for v in stored.values()) else {}
+        missing = [k for k, v in stored.items() if isinstance(v, dict) and k not in arrays]
+        if missing:
+            raise CorruptStepError(
+                f"Step {t}: {self.layout.step_file(t)} lists per-sample tags {missing} but holds "
+                "no tensor for them; the file is damaged: restore it or re-record."
+            )
         return {k: arrays[k] if isinstance(v, dict) else v for k, v in stored.items()}
 
     def factors(self, t: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -264,7 +364,13 @@ class Run:
 
         def get(key: str) -> torch.Tensor:
             dtype, offset, shape = layout[aliases.get(key, key)]
-            return flats[dtype][offset : offset + torch.Size(shape).numel()].view(shape)
+            end = offset + torch.Size(shape).numel()
+            if dtype not in flats or flats[dtype].dim() != 1 or end > len(flats[dtype]):
+                raise CorruptStepError(
+                    f"Step {t}: the factor {key} of {self.layout.step_file(t)} lies outside its "
+                    "stored vector; the file is damaged: restore it or re-record."
+                )
+            return flats[dtype][offset:end].view(shape)
 
         meta = self.manifest.get("factor_modules", {})
         out = {}
@@ -324,6 +430,10 @@ def _unfold(x: torch.Tensor, g: torch.Tensor, meta: dict[str, Any]) -> tuple[tor
     return cols.transpose(1, 2), g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
 
 
-def load(run_dir: str | os.PathLike) -> Run:
-    """Open a run directory written by `chisel.record` (also while it is written, or after a crash)."""
-    return Run(run_dir)
+def load(run_dir: str | os.PathLike, *, verify: bool = True) -> Run:
+    """Open a run directory written by `chisel.record` (also while it is written, or after a crash).
+
+    Every step and keyframe file read is checked against the CRC32 stored in it (a damaged file
+    is a `CorruptStepError`); `verify=False` skips the check for speed. The manifest is checked
+    against its schema either way (`ManifestError`, a `NotARunError`)."""
+    return Run(run_dir, verify=verify)
