@@ -1,4 +1,9 @@
-"""The `chisel` command line: `chisel demo`, `chisel report RUN_DIR`, `chisel info RUN_DIR`."""
+"""The `chisel` command line: `chisel demo`, `chisel report RUN_DIR`, `chisel info RUN_DIR`,
+`chisel verify RUN_DIR`.
+
+A user error (a `ChiselError`, a `probes` error, a path that cannot be read or written) is one
+line `chisel: error: …` on stderr and exit code 2, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import sys
 
 from chisel.errors import ChiselError
 
+USER_ERROR = 2
+
 
 def _info(args: argparse.Namespace) -> int:
     from chisel.store.reader import load
@@ -14,6 +21,16 @@ def _info(args: argparse.Namespace) -> int:
 
     print(summarize(load(args.run_dir)))
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from chisel.store.verify import verify_run
+
+    result = verify_run(args.run_dir)
+    for problem in result.problems:
+        print(problem)
+    print(result.summary(), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else USER_ERROR
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -38,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="summarize a recorded run")
     info.add_argument("run_dir", help="a directory written by chisel.record")
     info.set_defaults(func=_info)
+    verify = sub.add_parser(
+        "verify",
+        help="check every file of a run: checksums, manifest schema, keyframes, step numbering",
+        description="Check every step file and keyframe of a run against its checksums and the "
+        "manifest, the manifest against its schema and the steps table. Prints one line per "
+        "problem and a summary; exit code 0 when the run is sound, 2 when it is not.",
+    )
+    verify.add_argument("run_dir", help="a directory written by chisel.record")
+    verify.set_defaults(func=_verify)
     demo = sub.add_parser(
         "demo",
         help="train PPO on TrashWorld with recording, probe, attribute and write report.html",
@@ -63,13 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and not isinstance(err, ChiselError) and err.strerror:
+        where = f" {err.filename}" if err.filename else ""
+        return f"cannot use{where}: {err.strerror}."
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user error is one line on stderr and exit code 2."""
+    from probes.errors import ProbesError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ChiselError as err:
-        print(f"chisel: error: {err}", file=sys.stderr)
-        return 2
+    except (ChiselError, ProbesError, OSError) as err:
+        print(f"chisel: error: {_one_line(err)}", file=sys.stderr)
+        return USER_ERROR
 
 
 if __name__ == "__main__":
