@@ -27,7 +27,7 @@ from chisel.envs import ACTION_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "01_trashworld.ipynb"
-FIGURES = {"timeline", "probes", "circuits", "credit", "completeness"}
+FIGURES = {"timeline", "probes", "circuits", "credit", "completeness", "coverage", "validation"}
 EVIL = "<script>alert(1)</script>"
 
 pytestmark = pytest.mark.slow
