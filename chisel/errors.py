@@ -65,3 +65,7 @@ class MissingStepsWarning(UserWarning):
 
 class UnverifiedRunWarning(UserWarning):
     """A run written before chisel stored checksums: its files are read without verification."""
+
+
+class FactorsSkippedWarning(UserWarning):
+    """factors=True found layers with weights whose per-sample factors chisel does not take."""

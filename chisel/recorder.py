@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import os
 import shutil
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,15 @@ from chisel import _names as N
 from chisel.capture.config import RecordConfig, StorageDtype, dtype_name
 from chisel.capture.hooks import StepCapture
 from chisel.capture.optim import hook_target
-from chisel.errors import ResumeMismatchError, RunExistsError
+from chisel.errors import (
+    ChiselError,
+    NotARunError,
+    RecordConfigError,
+    ResumeMismatchError,
+    RunExistsError,
+    TagError,
+    WriterError,
+)
 from chisel.store.layout import RunLayout, read_manifest, write_json
 from chisel.store.manifest import check_manifest
 from chisel.store.reader import complete_steps
@@ -48,35 +59,79 @@ class Recorder:
         resume: bool = False,
         metadata: dict[str, Any] | None = None,
     ) -> None:
+        _check_arguments(model, run_dir, metadata)
         self.run_dir = Path(run_dir)
         self.config = config
         self.layout = RunLayout(self.run_dir)
         self._closed = False
-        first_step, manifest = self._prepare_dir(model, optimizer, overwrite, resume)
-        self._capture = StepCapture(
-            model,
-            optimizer,
-            config,
-            sink=self._submit,
-            check=self._check,
-            first_step=first_step,
-            scaler=scaler,
-        )
-        self._writer = RunWriter(self.layout, self._capture.layout, config)
+        self._first_step = 0
+        existed = self.run_dir.exists()
+        try:
+            first_step, manifest = self._prepare_dir(model, optimizer, overwrite, resume)
+        except OSError as err:
+            if isinstance(err, (RunExistsError, NotARunError)):
+                raise
+            raise WriterError(
+                f"chisel cannot set up the run directory {self.run_dir}: "
+                f"{err.strerror or err}. Choose a writable run_dir (or fix its permissions)."
+            ) from err
+        self._first_step = first_step
+        # the hooks reach the writer through this box, not through `self`: a Recorder dropped
+        # without close() can then be collected, and its finalizer removes the hooks
+        box: dict[str, RunWriter] = {}
+        try:
+            self._capture = StepCapture(
+                model,
+                optimizer,
+                config,
+                sink=lambda item: box["writer"].submit(item),
+                check=lambda: box["writer"].check(),
+                first_step=first_step,
+                scaler=scaler,
+            )
+            self._writer = box["writer"] = RunWriter(self.layout, self._capture.layout, config)
+        except BaseException:
+            if manifest is None:
+                self._undo_start(existed)
+            raise
         try:
             # θ_0 is on disk before the manifest makes the run visible: a visible run always
             # has the parameters its first step starts from
             self._writer.write_keyframe_now(self._capture.keyframe("resume" if resume else "start"))
             if manifest is None:
                 manifest = self._new_manifest(model, metadata)
+                new = True
+            else:
+                new = False
             manifest.setdefault("starts", []).append(
                 {"step": first_step, "time": _dt.datetime.now().isoformat(), "resumed": resume}
             )
             write_json(self.layout.manifest, manifest)
             self._capture.attach()
-        except BaseException:
+        except BaseException as err:
             self._writer.close()
+            if not resume and (manifest is None or new):
+                self._undo_start(existed)
+            if isinstance(err, OSError) and not isinstance(err, ChiselError):
+                raise WriterError(
+                    f"chisel cannot start the run in {self.run_dir}: {err.strerror or err}. "
+                    "Nothing was left behind; fix the cause (disk space, permissions) and retry."
+                ) from err
             raise
+        self._finalizer = weakref.finalize(
+            self, _abandon, self._capture, self._writer, str(self.run_dir)
+        )
+
+    def _undo_start(self, existed: bool) -> None:
+        """Remove what a failed start made (the folders and θ_0), so a retry starts clean."""
+        for folder in (N.STEPS_DIR, N.KEYFRAMES_DIR):
+            path = self.run_dir / folder
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+        (self.run_dir / N.MANIFEST).unlink(missing_ok=True)
+        if not existed:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()
 
     # -- set-up ---------------------------------------------------------------------------------
     def _prepare_dir(
@@ -88,14 +143,30 @@ class Recorder:
             raise RunExistsError(f"run_dir {root} is a file; give a directory path.")
         if overwrite and resume:
             raise RunExistsError("Give either overwrite=True or resume=True, not both.")
+        if root.is_dir() and not is_run and _failed_start(root):
+            self._undo_start(existed=True)  # left by a start that was killed: nothing recorded
+        if resume and not is_run:
+            raise NotARunError(
+                f"resume=True, but {root} holds no chisel run to continue ({N.MANIFEST} is "
+                "missing). Drop resume=True to start a new run there."
+            )
         if root.is_dir() and any(root.iterdir()):
             if resume and is_run:
                 manifest = check_manifest(read_manifest(root), self.layout.manifest)
                 self._check_resume(manifest, model, optimizer)
-                for tmp in root.glob(f"*/{N.TMP_PREFIX}*"):
-                    tmp.unlink()
+                for folder in (N.STEPS_DIR, N.KEYFRAMES_DIR):
+                    path = root / folder
+                    if path.is_dir() and not path.is_symlink():  # never sweep through a link
+                        for tmp in path.glob(f"{N.TMP_PREFIX}*"):
+                            tmp.unlink()
                 return complete_steps(self.layout), manifest
             if overwrite and is_run:
+                if root.is_symlink():
+                    raise RunExistsError(
+                        f"run_dir {root} is a symbolic link (to {os.path.realpath(root)}); chisel "
+                        "will not delete a run through a link. Give the real path, or remove the "
+                        "old run yourself."
+                    )
                 shutil.rmtree(root)
             elif overwrite or resume:
                 raise RunExistsError(
@@ -123,6 +194,13 @@ class Recorder:
                 f"resume=True, but the model's parameters differ from the run in {self.run_dir}: "
                 f"the model has {only_model}, the run has {only_run}. Resume with the same "
                 "architecture and optimizer, or start a new run."
+            )
+        kind = type(hook_target(optimizer)).__name__
+        if manifest["optimizer"]["class"] != kind:
+            raise ResumeMismatchError(
+                f"resume=True with a {kind} optimizer, but the run in {self.run_dir} was recorded "
+                f"with {manifest['optimizer']['class']}: its updates could not be split "
+                "consistently. Resume with the same optimizer class, or start a new run."
             )
 
     def _new_manifest(self, model: nn.Module, metadata: dict[str, Any] | None) -> dict[str, Any]:
@@ -155,23 +233,39 @@ class Recorder:
         }
 
     # -- while training -------------------------------------------------------------------------
-    def _submit(self, item: Any) -> None:
-        self._writer.submit(item)
-
-    def _check(self) -> None:
-        self._writer.check()
-
     @property
     def step(self) -> int:
         """Index the next optimizer step will get."""
         return self._capture.step
 
+    @property
+    def durable_steps(self) -> int:
+        """Steps 0 … durable_steps − 1 are on disk (renamed into place; fsynced with
+        fsync=True). Later steps acknowledged by `optimizer.step()` may still wait in the
+        writer's queue (at most queue_size + 1): a SIGKILL loses those. See `flush()`."""
+        return self._first_step + self._writer.steps_written
+
+    def flush(self) -> int:
+        """Wait until every step handed to the writer is on disk; return `durable_steps`.
+
+        Call it before a checkpoint so the run and the checkpoint agree. Raises `WriterError`
+        if the writer failed."""
+        self._writer.flush()
+        return self.durable_steps
+
     def tag(self, **values: Any) -> None:
         """Attach values to the coming optimizer step: a scalar, or one value per sample.
 
         Several calls before one step concatenate per name (micro-batches of gradient
-        accumulation). A length that matches no batch of this step raises `TagError`.
+        accumulation). A length that matches no batch of this step raises `TagError`, and so
+        does a tag given after the recorder was closed (it would belong to no step).
         """
+        if self._closed:
+            raise TagError(
+                f"rec.tag({', '.join(values)}) after the recorder for {self.run_dir} was closed: "
+                "the tag belongs to no recorded step. Tag inside the `with chisel.record(...)` "
+                "block, before optimizer.step()."
+            )
         self._capture.tags.add(**values)
 
     # -- closing --------------------------------------------------------------------------------
@@ -180,6 +274,7 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
+        self._finalizer.detach()
         try:
             self._capture.detach()
             if self._writer._error is None:
@@ -210,6 +305,62 @@ class Recorder:
             f"factors of {len(factors)} modules [{shown}]; optimizer state at "
             f"{self.config.optim_state}; keyframe every {self.config.keyframe_every} steps)"
         )
+
+
+def _check_arguments(model: Any, run_dir: Any, metadata: Any) -> None:
+    """What can be refused before anything is created on disk."""
+    if not isinstance(model, nn.Module):
+        raise RecordConfigError(
+            f"model must be the torch nn.Module the optimizer trains, not a {type(model).__name__} "
+            "(chisel names parameters and hooks layers through it)."
+        )
+    if not isinstance(run_dir, (str, os.PathLike)) or not str(run_dir):
+        raise RecordConfigError(
+            f"run_dir must be a directory path (str or pathlib.Path), not {run_dir!r}."
+        )
+    try:
+        json.dumps(metadata or {}, allow_nan=True)
+    except (TypeError, ValueError) as err:
+        raise RecordConfigError(
+            f"metadata must be JSON-able (numbers, strings, lists, dicts): {err}. Convert tensors "
+            "with .tolist() and other objects with str()."
+        ) from None
+
+
+def _failed_start(root: Path) -> bool:
+    """True for what a start killed before the manifest was written leaves: `steps/` (empty
+    but for temporary files) and `keyframes/` (at most θ_0), nothing else."""
+    try:
+        entries = {p.name: p for p in root.iterdir()}
+    except OSError:
+        return False
+    if not entries or set(entries) - {N.STEPS_DIR, N.KEYFRAMES_DIR}:
+        return False
+    allowed = {
+        N.STEPS_DIR: set(),
+        N.KEYFRAMES_DIR: {RunLayout(root).keyframe_file(0).name},
+    }
+    for name, path in entries.items():
+        if not path.is_dir() or path.is_symlink():
+            return False
+        for child in path.iterdir():
+            if not (child.name.startswith(N.TMP_PREFIX) or child.name in allowed[name]):
+                return False
+    return True
+
+
+def _abandon(capture: StepCapture, writer: RunWriter, run_dir: str) -> None:
+    """Finalizer of a Recorder dropped without close(): remove its hooks, stop its writer."""
+    with contextlib.suppress(Exception):
+        capture.detach()
+    with contextlib.suppress(Exception):
+        writer.close()
+    warnings.warn(
+        f"a chisel Recorder for {run_dir} was dropped without close(): its hooks were removed "
+        "and its writer stopped, but no final keyframe was written. Use `with chisel.record(...)`.",
+        ResourceWarning,
+        stacklevel=2,
+    )
 
 
 def record(
@@ -250,7 +401,9 @@ def record(
         >>> with chisel.record(model, optimizer, "runs/x", factors=True) as rec:  # doctest: +SKIP
         ...     loss.backward(); rec.tag(advantage=adv); optimizer.step()
     """
-    factors_opt: bool | tuple[str, ...] = factors if isinstance(factors, bool) else tuple(factors)
+    factors_opt: bool | tuple[str, ...] = (
+        factors if isinstance(factors, bool) else (factors,) if isinstance(factors, str) else tuple(factors)
+    )
     config = RecordConfig(
         factors=factors_opt,
         dtype=dtype,

@@ -8,13 +8,14 @@ when the module runs several times per step or a forward pass is never back-prop
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from chisel.errors import UnknownModuleError
+from chisel.errors import FactorsSkippedWarning, UnknownModuleError
 
 LINEAR, CONV1D, CONV2D = "linear", "conv1d", "conv2d"
 
@@ -29,6 +30,41 @@ def factor_kind(module: nn.Module) -> str | None:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight"):
         return CONV1D
     return None
+
+
+# layers with a weight matrix whose factors chisel does not take (updates are still recorded)
+_NO_FACTORS = (
+    nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.MultiheadAttention, nn.Bilinear,
+)
+
+
+def _inside_attention(named: dict[str, nn.Module]) -> set[str]:
+    """Linear children of nn.MultiheadAttention: its forward uses their weights directly and
+    never calls them, so a hook on them never fires."""
+    return {
+        f"{name}.{child}" if name else child
+        for name, module in named.items()
+        if isinstance(module, nn.MultiheadAttention)
+        for child, _ in module.named_children()
+    }
+
+
+def _skipped_note(named: dict[str, nn.Module], attention: set[str]) -> str | None:
+    skipped = [
+        f"{n} ({type(m).__name__})"
+        for n, m in named.items()
+        if n and (isinstance(m, _NO_FACTORS) or (isinstance(m, nn.Conv2d) and factor_kind(m) is None))
+    ]
+    if not skipped:
+        return None
+    return (
+        f"factors=True: no per-sample factors for {', '.join(skipped[:8])}"
+        + (f" and {len(skipped) - 8} more" if len(skipped) > 8 else "")
+        + " (chisel takes factors of nn.Linear, Hugging Face Conv1D and nn.Conv2d with groups=1; "
+        + ("the projections inside nn.MultiheadAttention are never called as modules; " if attention else "")
+        + "their updates are still recorded, and credit for them is reported as residual)."
+    )
 
 
 def _module_meta(module: nn.Module, kind: str) -> dict[str, Any]:
@@ -71,8 +107,14 @@ class FactorCapture:
 
     def __post_init__(self) -> None:
         named = dict(self.model.named_modules())
+        attention = _inside_attention(named)
         if self.selection is True:
-            chosen = [(n, m) for n, m in named.items() if factor_kind(m) is not None]
+            chosen = [
+                (n, m) for n, m in named.items() if factor_kind(m) is not None and n not in attention
+            ]
+            note = _skipped_note(named, attention)
+            if note:
+                warnings.warn(note, FactorsSkippedWarning, stacklevel=5)
         else:
             chosen = []
             for name in self.selection or ():
@@ -81,6 +123,12 @@ class FactorCapture:
                     raise UnknownModuleError(
                         f"factors: the model has no module {name!r}. Modules chisel can take "
                         f"factors of: {valid}."
+                    )
+                if name in attention:
+                    raise UnknownModuleError(
+                        f"factors: {name!r} is a projection inside nn.MultiheadAttention, which "
+                        "uses its weight directly and never calls it: no hook can see its input. "
+                        "Leave it out (its update is still recorded)."
                     )
                 if factor_kind(named[name]) is None:
                     raise UnknownModuleError(

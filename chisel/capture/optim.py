@@ -42,6 +42,12 @@ def named_optimizer_params(
             "The optimizer has no parameters to record. Build it from the model's parameters, "
             "e.g. torch.optim.Adam(model.parameters())."
         )
+    if not any(id(p) in by_id for p in params):
+        raise RecordConfigError(
+            f"None of the optimizer's {len(params)} parameters belongs to the model "
+            f"({type(model).__name__}): the optimizer trains another model. Pass the model whose "
+            "parameters the optimizer was built from."
+        )
     return names, params
 
 

@@ -92,6 +92,15 @@ class RunWriter:
         assert self._queue.empty()
         self._write_keyframe(keyframe)
 
+    def flush(self) -> None:
+        """Block until every queued item is written (or the writer failed: then raise)."""
+        while self._thread.is_alive() and self._queue.unfinished_tasks:
+            self.check()
+            with self._queue.all_tasks_done:
+                if self._queue.unfinished_tasks:
+                    self._queue.all_tasks_done.wait(timeout=0.05)
+        self.check()
+
     def close(self) -> None:
         """Write everything queued, stop the thread, raise a writer failure if there was one."""
         if self._thread.is_alive():
@@ -104,6 +113,7 @@ class RunWriter:
         while True:
             item = self._queue.get()
             if item is None:
+                self._queue.task_done()
                 return
             try:
                 if self._error is None:
@@ -114,6 +124,7 @@ class RunWriter:
             finally:
                 if isinstance(item, StepPacket):
                     item.release()
+                self._queue.task_done()
 
     def _write(self, item: StepPacket | Keyframe) -> None:
         if isinstance(item, Keyframe):
