@@ -135,6 +135,11 @@ def _feature(path: Path, i: int, entry: Any, tensors: dict) -> Feature:
                 f"the tensor file has shape {tuple(vec.shape)} {vec.dtype}. The files disagree: "
                 "undo the hand edit or save again."
             )
+    if not bool(read.ne(0).any()):
+        raise FeatureFileError(
+            f"{where} ({entry['name']!r}): its read vector is all zeros, so it reads nothing; the "
+            "file was damaged or the feature was saved before it was fitted. Save it again."
+        )
     try:
         return Feature(
             name=entry["name"],
@@ -152,10 +157,14 @@ def _feature(path: Path, i: int, entry: Any, tensors: dict) -> Feature:
 def _read_bytes(file: Path) -> bytes:
     try:
         return file.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise FeatureFileError(
             f"{file} not found: a saved FeatureSet is a directory holding {JSON_FILE} and "
             f"{TENSOR_FILE}. Pass the directory given to FeatureSet.save."
+        ) from None
+    except OSError as err:
+        raise FeatureFileError(
+            f"{file} cannot be read ({err.strerror or err}). Check the path and its permissions."
         ) from None
 
 

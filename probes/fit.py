@@ -62,6 +62,16 @@ def fit_probe(
     kind = _resolve_kind(kind, y)
     if not 0 <= test_fraction < 1:
         raise ProbeFitError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if not isinstance(l2, (int, float)) or isinstance(l2, bool) or not 0 <= l2 < float("inf"):
+        raise ProbeFitError(f"l2 must be a finite number >= 0 (an L2 penalty), got {l2!r}")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ProbeFitError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if not _constant_dims(x).logical_not().any():
+        raise ProbeFitError(
+            f"acts are constant across all {x.shape[0]} samples (every dimension): the site "
+            "carries no signal to probe. Check that the inputs differ and the site is the one "
+            "meant (e.g. not after a saturated or dead layer)."
+        )
     base = {"kind": kind, "concept": concept or name, "l2": l2, "seed": seed}
     if kind == "ridge":
         train, test = _split(None, len(y), test_fraction, seed)
@@ -234,6 +244,7 @@ def _fit_ridge(x: Tensor, y: Tensor, l2: float) -> tuple[Tensor, Tensor]:
         gram += (xc.T @ xc).double()
         cross += (xc.T @ (ys - y_mean).to(xs.dtype)).double()
     sd = (gram.diagonal() / n).sqrt().clamp_min(1e-12)
+    sd = sd.masked_fill(_constant_dims(x).to(sd.device), float("inf"))
     gram_std = gram / (sd[:, None] * sd[None, :]) / n
     eye = torch.eye(d, dtype=torch.float64, device=x.device)
     w_std = torch.linalg.solve(gram_std + l2 * eye, cross / sd / n)
@@ -241,10 +252,21 @@ def _fit_ridge(x: Tensor, y: Tensor, l2: float) -> tuple[Tensor, Tensor]:
     return w, y_mean - mu @ w
 
 
-def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-dim mean and std of ``x [n, d]``; they only precondition the fit, so x's dtype is fine."""
+def _constant_dims(x: Tensor) -> Tensor:
+    """[d] bool: dims whose spread is rounding noise around their mean (a constant column)."""
+    if len(x) < 2:
+        return torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
     sd, mu = torch.std_mean(x, dim=0)
-    return mu, sd.clamp_min(1e-12)
+    return sd <= 64 * torch.finfo(x.dtype).eps * mu.abs()
+
+
+def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-dim mean and std of ``x [n, d]``; they only precondition the fit, so x's dtype is fine.
+    A constant dim gets an infinite std: its standardised column is 0, its weight exactly 0
+    (dividing rounding noise by a tiny std gave weights of norm ~700)."""
+    sd, mu = torch.std_mean(x, dim=0)
+    sd = sd.clamp_min(1e-12)
+    return mu, sd.masked_fill(_constant_dims(x).to(sd.device), float("inf"))
 
 
 def _unit_feature(name: str, site: str, w: Tensor, b: Tensor | float, meta: dict) -> Feature:

@@ -103,6 +103,10 @@ def read_manifest(root: Path) -> dict[str, Any]:
     A missing, unreadable or non-JSON manifest, or one from a newer chisel, is a `ManifestError`
     / `NotARunError`."""
     path = Path(root) / N.MANIFEST
+    if Path(root).is_dir() and not os.access(root, os.R_OK | os.X_OK):
+        raise ManifestError(
+            f"{root} cannot be read: permission denied. Fix the directory's permissions."
+        )
     if not path.is_file():
         raise NotARunError(
             f"{root} is not a chisel run: {N.MANIFEST} is missing. Give the directory that "
@@ -151,6 +155,11 @@ def _fix(what: str) -> str:
 
 
 def _corrupt(path: Path, step: int, what: str, err: Exception | str) -> CorruptStepError:
+    if isinstance(err, PermissionError) or (path.is_file() and not os.access(path, os.R_OK)):
+        return CorruptStepError(
+            f"The {what} file of step {step} cannot be read: {path}: permission denied. Fix the "
+            "file's permissions (e.g. chmod u+r); the file itself may be intact."
+        )
     return CorruptStepError(
         f"The {what} file of step {step} cannot be read: {path} ({err}); the other steps of the "
         "run stay readable. " + _fix(what)
