@@ -88,6 +88,11 @@ class DemoConfig:
     validation_permutations: int = 150
     """Sampled permutations (each with its reverse) for the Shapley values of the
     pathway-reversion game in the validation stage."""
+    shapley_players: Literal["features", "all"] = "features"
+    """Who plays the Shapley game: "features" (the feature pathways; the rest of the learned
+    change stays in place, so values sum to m(final) − m(every feature pathway reverted)) or
+    "all" (also each weight's <mean>, <residual> and <bias>: sums to m(final) − m(θ_0) of the
+    actor, but those large players interact with every feature and swamp the ranking)."""
     ablation_episodes: int = 4
     """Episodes per room of each return evaluation in the validation stage's ablation pass
     (one evaluation per attributed feature; fewer than eval_episodes to keep the stage short)."""
@@ -117,6 +122,10 @@ class DemoConfig:
         ):
             if getattr(self, name) < 1:
                 raise DemoConfigError(f"DemoConfig.{name}={getattr(self, name)!r}: must be >= 1.")
+        if self.shapley_players not in ("features", "all"):
+            raise DemoConfigError(
+                f"DemoConfig.shapley_players={self.shapley_players!r}: use 'features' or 'all'."
+            )
         if self.horizon < 0:
             raise DemoConfigError(f"DemoConfig.horizon={self.horizon}: must be >= 0.")
         if self.dictionary_latents < 0:

@@ -86,16 +86,38 @@ def build_features(
     if dictionary_latents:
         labels = {c: data.labels[c] for c in concepts}
         for site in sites:
-            feats.extend(dictionary(acts[site], site, dictionary_latents, labels, seed))
+            named = torch.stack([f.read for f in feats if f.site == site])
+            feats.extend(dictionary(acts[site], site, dictionary_latents, labels, seed, named))
     return probes.FeatureSet(feats)
 
 
 def dictionary(
-    acts: torch.Tensor, site: str, latents: int, labels: dict[str, torch.Tensor], seed: int
+    acts: torch.Tensor,
+    site: str,
+    latents: int,
+    labels: dict[str, torch.Tensor],
+    seed: int,
+    named: torch.Tensor | None = None,
 ) -> probes.FeatureSet:
-    """The live latents of an SAE trained on `acts` [N, d], each labelled by its best concept."""
-    sae = probes.train_sae(acts, latents, site=site, name=SAE_NAME, seed=seed)
-    return probes.label_latents(sae.features(), acts, labels)
+    """The live latents of an SAE trained on `acts` [N, d], each labelled by its best concept.
+
+    named: read vectors [F, d] of the probes at the site. The SAE is then trained on what they
+    leave unexplained (the activations with their span projected out) and its read vectors are
+    kept in the complement, so the dictionary adds directions instead of repeating the probes:
+    nearly collinear read vectors make the pathway split ill-conditioned (large, opposing
+    pathways that only cancel together), which the validation's reversion game then shows as
+    interactions. Codes, and so the labels, are those of the projected activations.
+    """
+    keep = torch.eye(acts.shape[1], dtype=torch.float64)
+    if named is not None and len(named):
+        d = named.double() / named.double().norm(dim=1, keepdim=True)
+        keep = keep - d.T @ torch.linalg.pinv(d @ d.T) @ d  # I − P, [d, d]
+    residual = (acts.double() @ keep).to(acts.dtype)  # P symmetric: x(I − P)
+    sae = probes.train_sae(residual, latents, site=site, name=SAE_NAME, seed=seed)
+    latents_ = probes.label_latents(sae.features(), residual, labels)
+    return probes.FeatureSet([
+        dataclasses.replace(f, read=(keep @ f.read.double()).to(f.read.dtype)) for f in latents_
+    ])
 
 
 def feature_concepts(features: probes.FeatureSet) -> dict[str, str]:

@@ -81,7 +81,7 @@ def validation_stage(
     removal = chisel.pathway_effects(run, agent, features, metric, **common)
     shapley = chisel.pathway_shapley(
         run, agent, features, metric, permutations=cfg.validation_permutations, seed=cfg.seed,
-        **common,
+        players=cfg.shapley_players, **common,
     )
     attributed = probes.FeatureSet(
         [features[n] for n in dict.fromkeys(removal[removal[C.KIND] == C.KIND_FEATURE][C.FEATURE])]
@@ -140,6 +140,7 @@ def _summary(
         for r in agreement(pathways).itertuples()
     }
     total = float(shapley.attrs["total"])
+    whole = float(removal[C.METRIC_FINAL].iloc[0] - removal[C.METRIC_REVERTED].iloc[0])
     named = pathways[pathways[C.KIND] == C.KIND_FEATURE]
     integrated = ledger[ledger[L.FAMILY] == L.INTEGRATED]
     delta = float(integrated[integrated[L.QUANTITY] == L.DELTA_METRIC][L.VALUE].sum())
@@ -157,11 +158,13 @@ def _summary(
         "shapley_total": total,
         "shapley_sum": float(pathways[C.SHAPLEY].sum()),
         "shapley_max_se": float(pathways[C.SHAPLEY_SE].max()),
-        "coverage_shapley": float(named[C.SHAPLEY].sum()) / total if total else math.nan,
+        # of the whole learned change of the actor, m(final) − m(every pathway reverted) = Δm
+        "coverage_shapley": float(named[C.SHAPLEY].sum()) / whole if whole else math.nan,
         "coverage_attribution": float(shares[L.VALUE].sum()) / delta if delta else math.nan,
         "evaluations": int(removal.attrs["evaluations"] + shapley.attrs["evaluations"]),
         "permutations": int(shapley.attrs["permutations"]),
         "players": len(shapley),
+        "shapley_players": "features" if set(shapley[C.KIND]) == {C.KIND_FEATURE} else "all",
         "params": list(ACTOR_WEIGHTS),
         "window": list(shapley.attrs["window"]),
         "centred": True,

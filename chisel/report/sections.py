@@ -66,7 +66,7 @@ def _headline_paras(s: Summary) -> list[str]:
         total = v.number("shapley_total")
         if total is None:
             total = float(v.pathways[V.SHAPLEY].sum())
-        gap = f"m(final) − m(all reverted) = {H.num(total)}"
+        gap = f"m(final) − m(all players reverted) = {H.num(total)}"
         if final is not None and reverted is not None:
             neg = f"({H.num(reverted)})" if reverted < 0 else H.num(reverted)
             gap += f" = {H.num(final)} − {neg}"

@@ -33,7 +33,7 @@ VALIDATION_INTRO = (
     "reverted), on the same metric; feature ablation = the effect of projecting the feature out "
     "of its site (mean kept), on the metric and on the return; the Shapley importance = the "
     "value of each pathway's learned change with the others' interactions averaged in, which "
-    "sums exactly to m(final) − m(all reverted): what the agent now relies on. Positive: the "
+    "sums exactly to m(final) − m(all its players reverted): what the agent now relies on. Positive: the "
     "pathway helps the metric now. Spearman ρ over the feature pathways."
 )
 
@@ -103,10 +103,10 @@ def _validation_numbers(v: V.Validation) -> str | None:
     keys = (
         ("delta_metric", "Δm over the attributed steps"),
         ("metric_final", "m(final)"),
-        ("metric_reverted", "m(all pathways reverted)"),
+        ("metric_reverted", "m(all players of the Shapley game reverted)"),
         ("shapley_total", "Σ Shapley"),
         ("coverage_attribution", "named features' share of Δm (attribution)"),
-        ("coverage_shapley", "named pathways' share (Shapley)"),
+        ("coverage_shapley", "named pathways' share of the whole learned change (Shapley)"),
         ("players", "pathways in the Shapley game"),
         ("permutations", "sampled permutations"),
         ("shapley_max_se", "largest Shapley se"),
@@ -120,6 +120,9 @@ def _validation_numbers(v: V.Validation) -> str | None:
         return str(int(x)) if key in COUNTS and x == int(x) else H.num(x)
 
     parts = [f"{name} {fmt(key, x)}" for key, name in keys if (x := v.number(key)) is not None]
+    players = v.summary.get("shapley_players")
+    if isinstance(players, str):
+        parts.append(f"players of the Shapley game: {players}")
     return H.para("; ".join(parts) + ".") if parts else None
 
 

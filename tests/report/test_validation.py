@@ -163,7 +163,7 @@ def test_summary_headline_uses_the_shapley_ranking(full):
     body = html.unescape(_section(page, "summary"))
     total = syn.validation_summary()["shapley_total"]
     assert "What the agent now relies on (headline ranking: Shapley importance" in body
-    assert f"sum exactly to m(final) − m(all reverted) = {H.num(total)}" in body
+    assert f"sum exactly to m(final) − m(all players reverted) = {H.num(total)}" in body
     assert f"): {syn.UNDER} (0.7); " in body  # the Shapley headline
     kinds = frame[frame.kind != "group"].groupby("kind").shapley.sum()
     assert (
