@@ -148,7 +148,7 @@ def test_full_validation_section(full):
     assert "Groups of pathways" in body and "<td>task</td>" in body
     numbers = html.unescape(body)
     assert f"Σ Shapley {H.num(summary['shapley_total'])}" in numbers
-    assert f"named pathways' share (Shapley) {H.pct(summary['coverage_shapley'])}" in numbers
+    assert f"named pathways' share of the whole learned change (Shapley) {H.pct(summary['coverage_shapley'])}" in numbers
     assert "Not shown" not in body
 
 
