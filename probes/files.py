@@ -120,6 +120,9 @@ def _feature(path: Path, i: int, entry: Any, tensors: dict) -> Feature:
     if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
         keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
         raise FeatureFileError(f"{where}: expected keys {sorted(_ENTRY_KEYS)}, found {keys}")
+    bias = entry["bias"]
+    if not isinstance(bias, (int, float)) or isinstance(bias, bool):
+        raise FeatureFileError(f"{where}: bias {bias!r} is not a number")
     if entry["source"] not in SOURCES:
         raise FeatureFileError(f"{where}: source {entry['source']!r} is not one of {SOURCES}")
     read = tensors.get(f"read.{i}")
