@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import Tensor
 
 import probes
+from chisel.attribution.functional import ParamSpace, UpdatePath
 from chisel.attribution.geometry import FeatureBlock
-from chisel.attribution.transport import Transport
-from chisel.attribution.weights import LinearWeight
+from chisel.attribution.splits import Kernels, mean_inputs, read_kernels, write_kernels
+from chisel.attribution.transport import Transport, find_transports
+from chisel.attribution.weights import LinearWeight, bind_sites, check_bound, linear_weights
 from chisel.errors import ChiselError
 
 Blocks = dict[str, tuple[FeatureBlock | None, FeatureBlock | None]]
@@ -18,6 +23,76 @@ Blocks = dict[str, tuple[FeatureBlock | None, FeatureBlock | None]]
 
 class AttributionInputError(ChiselError, ValueError):
     """The run, model, features or options given to `chisel.attribute` do not fit together."""
+
+
+@dataclass(frozen=True)
+class Binding:
+    """The weights the features bind to and, per weight param, its (input, output) blocks."""
+
+    by_param: dict[str, LinearWeight]
+    blocks: Blocks
+
+    def kernels(
+        self,
+        space: ParamSpace,
+        path: UpdatePath,
+        gbar: dict[str, Tensor],
+        centred: bool,
+        reference: Any = None,
+    ) -> dict[str, list[Kernels]]:
+        """{weight param: [input-side kernels, output-side kernels]} for one step's ḡ.
+
+        Centred: x̄ is each weight's mean input over the metric's states (or `reference`) at
+        the middle of the update path (one forward pass), and M = ḡ_b x̄ᵀ.
+        """
+        readers = [self.by_param[p] for p, (ins, _) in self.blocks.items() if ins is not None]
+        readers = [w.module for w in readers if w.bias]
+        means = mean_inputs(space, path.at(0.5), readers, reference) if centred and readers else {}
+        out: dict[str, list[Kernels]] = {}
+        for param, (ins, outs) in self.blocks.items():
+            w = self.by_param[param]
+            g = w.matrix(gbar[param])  # [out, in]
+            g_bias = gbar[w.bias] if w.bias else None
+            sides = []
+            if ins is not None:
+                xbar = means.get(w.module)
+                mean_grad = torch.outer(g_bias, xbar) if xbar is not None else None
+                sides.append(read_kernels(ins.names, ins.sites, ins.directions, g, mean_grad))
+            if outs is not None:
+                duals = outs.duals if outs.carried else None
+                sides.append(write_kernels(outs.names, outs.sites, outs.directions, g, g_bias, duals))
+            out[param] = sides
+        return out
+
+
+def bind(
+    space: ParamSpace, recorded: set[str], features: probes.FeatureSet, centred: bool
+) -> Binding:
+    """Bind every feature to the recorded Linear weights that read or write its site (directly,
+    or after an elementwise activation), with one forward pass of the metric per kind."""
+    sites = [f.site for f in features]
+    weights = linear_weights(space.model, recorded)
+    weights = bind_sites(space.model, weights, sites, space.run_metric, check=False)
+    carried = find_transports(space.model, weights, sites, space.run_metric)
+    check_bound(weights, sites, {t.site for t in carried})
+    binding = Binding({w.param: w for w in weights}, feature_blocks(weights, features, space.dtype, carried))
+    if centred:
+        _warn_uncentred(binding)
+    return binding
+
+
+def _warn_uncentred(binding: Binding) -> None:
+    plain = [
+        p for p, (ins, _) in binding.blocks.items()
+        if ins is not None and binding.by_param[p].bias is None
+    ]
+    if plain:
+        warnings.warn(
+            f"chisel: {plain[:5]} have no recorded bias, so their input split cannot be centred "
+            "(the mean input's share needs the bias's gradient); they are split uncentred, with "
+            "no <mean> row. Pass centred=False to split every weight the same way.",
+            stacklevel=4,
+        )
 
 
 def feature_blocks(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +16,12 @@ from tqdm.auto import tqdm
 
 import probes
 from chisel.attribution import ledger as L
-from chisel.attribution.binding import AttributionInputError, feature_blocks
+from chisel.attribution.binding import AttributionInputError, Binding, bind
 from chisel.attribution.functional import ParamSpace, UpdatePath
-from chisel.attribution.geometry import FeatureBlock, geometry_rows
+from chisel.attribution.geometry import geometry_rows
 from chisel.attribution.integrated import bias_row, kernel_rows, param_rows
 from chisel.attribution.metrics import Metric
 from chisel.attribution.quadrature import integrate_path
-from chisel.attribution.splits import Kernels, mean_inputs, read_kernels, write_kernels
-from chisel.attribution.transport import find_transports
-from chisel.attribution.weights import LinearWeight, bind_sites, check_bound, linear_weights
 from chisel.errors import StepOutOfRangeError
 from chisel.store.reader import Run, load
 
@@ -139,17 +136,10 @@ def attribute(
     chosen = [t for t in _steps(run, steps) if not run.record(t).get("skipped")]
     _check_model(run, model)
     space = ParamSpace(model, metric, dtype, device, batch_points=batch_points)
-    recorded = set(run.param_names)
-    sites = [f.site for f in features]
-    weights = bind_sites(
-        space.model, linear_weights(space.model, recorded), sites, space.run_metric, check=False
+    plan = _Plan(
+        space, bind(space, set(run.param_names), features, centred), tuple(families), points,
+        split, centred, reference,
     )
-    carried = find_transports(space.model, weights, sites, space.run_metric)
-    check_bound(weights, sites, {t.site for t in carried})
-    blocks = feature_blocks(weights, features, dtype, carried)
-    by_param = {w.param: w for w in weights}
-    if centred:
-        _warn_uncentred(blocks, by_param)
     tag_columns = _tag_columns(run, chosen) if L.CREDIT in families else []
     path = Path(run.path / "ledger.parquet") if out is True else Path(out) if out else None
     writer = L.LedgerWriter(path, tag_columns) if path else None
@@ -161,10 +151,7 @@ def attribute(
         # in a log file (no terminal) a redraw is a new line: redraw rarely
         interval = 0.1 if sys.stderr.isatty() else 15.0
         for t in tqdm(chosen, desc="attributing", unit="step", disable=not show, mininterval=interval):
-            rows = _step_rows(
-                run, t, space, families, blocks, by_param, points, split, dtype, device, credit,
-                centred, reference,
-            )
+            rows = _step_rows(run, t, plan, credit)
             frame = L.to_frame(rows, tag_columns)
             if writer is not None:
                 writer.write(frame)
@@ -181,23 +168,24 @@ def attribute(
     return pd.concat(frames, ignore_index=True)
 
 
-def _step_rows(
-    run: Run,
-    t: int,
-    space: ParamSpace,
-    families: Sequence[str],
-    blocks: dict[str, tuple[FeatureBlock | None, FeatureBlock | None]],
-    by_param: dict[str, LinearWeight],
-    points: int,
-    split: str,
-    dtype: torch.dtype,
-    device: str | torch.device,
-    credit: Any,
-    centred: bool = True,
-    reference: Any = None,
-) -> list[dict[str, Any]] | pd.DataFrame:
-    theta = {n: v.to(device, dtype) for n, v in run.params(t).items()}
-    delta = {n: v.to(device, dtype) for n, v in run.update(t).items()}
+@dataclass(frozen=True)
+class _Plan:
+    """What every step of one `attribute` call shares."""
+
+    space: ParamSpace
+    binding: Binding
+    families: tuple[str, ...]
+    points: int
+    split: str
+    centred: bool
+    reference: Any
+
+
+def _step_rows(run: Run, t: int, plan: _Plan, credit: Any) -> list[dict[str, Any]] | pd.DataFrame:
+    space, families = plan.space, plan.families
+    blocks, by_param = plan.binding.blocks, plan.binding.by_param
+    theta = {n: v.to(space.device, space.dtype) for n, v in run.params(t).items()}
+    delta = {n: v.to(space.device, space.dtype) for n, v in run.update(t).items()}
     rows: list[dict[str, Any]] = []
     if L.GEOMETRY in families:
         for param, (ins, outs) in blocks.items():
@@ -208,8 +196,8 @@ def _step_rows(
     if L.INTEGRATED not in families and L.CREDIT not in families:
         return rows
     path = UpdatePath(space, theta, delta)
-    integral = integrate_path(path, points=points, split=split)
-    kernels = _kernels(space, path, blocks, by_param, integral.gbar, centred, reference)
+    integral = integrate_path(path, points=plan.points, split=plan.split)
+    kernels = plan.binding.kernels(space, path, integral.gbar, plan.centred, plan.reference)
     if L.INTEGRATED in families:
         rows += param_rows(t, delta, integral)
         for param, sides in kernels.items():
@@ -223,53 +211,6 @@ def _step_rows(
         by_module = {by_param[p].module: sides for p, sides in kernels.items()}
         return pd.concat([pd.DataFrame(rows), credit(t, integral.gbar, by_module)], ignore_index=True)
     return rows
-
-
-def _kernels(
-    space: ParamSpace,
-    path: UpdatePath,
-    blocks: dict[str, tuple[FeatureBlock | None, FeatureBlock | None]],
-    by_param: dict[str, LinearWeight],
-    gbar: dict[str, torch.Tensor],
-    centred: bool,
-    reference: Any = None,
-) -> dict[str, list[Kernels]]:
-    """{weight param: [input-side kernels, output-side kernels]} for this step's ḡ.
-
-    Centred: x̄ is each weight's mean input over the metric's states at the middle of the
-    update path (one forward pass), and M = ḡ_b x̄ᵀ.
-    """
-    readers = [p for p, (ins, _) in blocks.items() if ins is not None and by_param[p].bias]
-    means = {}
-    if centred and readers:
-        modules = [by_param[p].module for p in readers]
-        means = mean_inputs(space, path.at(0.5), modules, reference)
-    out: dict[str, list[Kernels]] = {}
-    for param, (ins, outs) in blocks.items():
-        w = by_param[param]
-        g = w.matrix(gbar[param])  # [out, in]
-        g_bias = gbar[w.bias] if w.bias else None
-        sides = []
-        if ins is not None:
-            xbar = means.get(w.module)
-            mean_grad = torch.outer(g_bias, xbar) if xbar is not None else None
-            sides.append(read_kernels(ins.names, ins.sites, ins.directions, g, mean_grad))
-        if outs is not None:
-            duals = outs.duals if outs.carried else None
-            sides.append(write_kernels(outs.names, outs.sites, outs.directions, g, g_bias, duals))
-        out[param] = sides
-    return out
-
-
-def _warn_uncentred(blocks: dict, by_param: dict[str, LinearWeight]) -> None:
-    plain = [p for p, (ins, _) in blocks.items() if ins is not None and by_param[p].bias is None]
-    if plain:
-        warnings.warn(
-            f"chisel: {plain[:5]} have no recorded bias, so their input split cannot be centred "
-            "(the mean input's share needs the bias's gradient); they are split uncentred, with "
-            "no <mean> row. Pass centred=False to split every weight the same way.",
-            stacklevel=3,
-        )
 
 
 def _credit_engine(run: Run, horizon: int | None, by: Sequence[str] | None):
