@@ -10,11 +10,13 @@ from chisel.envs.config import (
 )
 from chisel.envs.labels import concept_labels, next_reward_source, return_to_go, reward_within
 from chisel.envs.oracle import EvalResult, evaluate, oracle_actions, oracle_policy, oracle_return
+from chisel.envs.registration import ENV_ID, register
 from chisel.envs.trashworld import TrashWorld, TrashWorldState, VecTrashWorld
 
 __all__ = [
     "ACTION_NAMES",
     "CONCEPTS",
+    "ENV_ID",
     "EvalResult",
     "Layout",
     "LayoutError",
@@ -29,6 +31,7 @@ __all__ = [
     "oracle_actions",
     "oracle_policy",
     "oracle_return",
+    "register",
     "return_to_go",
     "reward_within",
 ]

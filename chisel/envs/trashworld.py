@@ -28,6 +28,7 @@ from chisel.envs.config import (
     Layout,
     LayoutError,
     TrashWorldConfig,
+    TrashWorldConfigError,
 )
 from chisel.envs.labels import concept_labels
 
@@ -280,13 +281,21 @@ class TrashWorld(gym.Env):
 
     reset(options={"layout": Layout}) starts from a hand-built room. Observations are float32
     vectors of length `config.obs_dim`; `info` holds the concept labels as Python bools.
+    Keyword `options` change fields of `config` (button="early", p_blue_given_trash=0.5, …), as
+    `gymnasium.make("chisel/TrashWorld-v0", button="early")` passes them (see `register`).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}  # noqa: RUF012 (gymnasium API)
 
     def __init__(self, config: TrashWorldConfig | None = None,
-                 render_mode: str | None = None) -> None:
-        self.config = config if config is not None else TrashWorldConfig()
+                 render_mode: str | None = None, **options: Any) -> None:
+        config = config if config is not None else TrashWorldConfig()
+        unknown = sorted(set(options) - {f.name for f in fields(TrashWorldConfig)})
+        if unknown:
+            raise TrashWorldConfigError(
+                f"TrashWorld got unknown options {unknown}; options are TrashWorldConfig fields: "
+                f"{[f.name for f in fields(TrashWorldConfig)]}.")
+        self.config = config.replace(**options) if options else config
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode={render_mode!r}: TrashWorld renders only 'ansi'.")
         self.render_mode = render_mode

@@ -1,0 +1,7 @@
+"""Attach chisel to training libraries in one line.
+
+Each integration is a module imported on use, so `import chisel` never imports the library:
+
+- `chisel.integrations.sb3`: Stable-Baselines3 on-policy algorithms (PPO, A2C), with
+  `pip install chisel-rl[sb3]`.
+"""

@@ -1,0 +1,343 @@
+"""Stable-Baselines3: record every gradient step of PPO / A2C with one callback.
+
+    >>> model = PPO("MlpPolicy", env, n_steps=128)  # doctest: +SKIP
+    >>> model.learn(20_000, callback=ChiselCallback("runs/ppo", factors=True))  # doctest: +SKIP
+
+SB3 calls callbacks per environment step and per rollout, never per gradient step. So, while
+`learn()` runs, the callback (a) wraps the rollout buffer's `_get_samples` on the instance to
+see which buffer indices each minibatch holds, and (b) tags those samples in an optimizer
+step pre-hook. A minibatch `train()` abandons after its forward pass (PPO's `target_kl` early
+stop) never reaches `step()`, so its tags are dropped, never merged into another step. The
+updates themselves are measured around `step()` by `chisel.record`, after PPO's per-minibatch
+advantage normalisation and gradient clipping, so both are recorded exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from chisel.integrations._common import IntegrationError, require
+
+require("stable_baselines3", "sb3", "chisel.integrations.sb3")
+
+import stable_baselines3  # noqa: E402
+from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm  # noqa: E402
+from stable_baselines3.ppo import PPO  # noqa: E402
+
+from chisel.integrations._sb3_policy import (  # noqa: E402
+    action_logits,
+    logprob,
+    policy_logprob,
+    preprocess,
+    value,
+)
+from chisel.recorder import Recorder, record  # noqa: E402
+
+__all__ = [
+    "SAMPLE_TAGS",
+    "ChiselCallback",
+    "IntegrationError",
+    "action_logits",
+    "logprob",
+    "policy_logprob",
+    "preprocess",
+    "value",
+]
+
+SAMPLE_TAGS: tuple[str, ...] = (
+    "advantage",  # GAE advantage from the rollout buffer, before any normalisation
+    "advantage_used",  # the advantage the loss weighted the sample by (normalised per minibatch
+    # when the algorithm normalises: PPO by default, A2C with normalize_advantage=True)
+    "return",  # the buffer's return (advantage + value): the value loss's target
+    "value",  # V(s) when the sample was collected
+    "log_prob",  # log π_old(a | s) when the sample was collected
+    "reward",  # the env's reward (before SB3 adds γ·V(s_T) to the reward of a truncated episode)
+    "episode",  # episode id: unique over every learn() of this callback, counted from 0
+    "env",  # index of the environment in the VecEnv
+    "timestep",  # global env-step index of the sample (model.num_timesteps counting)
+)
+_NOT_OPTIONS = {"model", "optimizer", "run_dir", "scaler"}
+_MISSING = object()
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    allowed = [n for n in inspect.signature(record).parameters if n not in _NOT_OPTIONS]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"ChiselCallback got unknown record options {unknown}; it passes these on to "
+            f"chisel.record: {allowed}."
+        )
+
+
+def _patch(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> Callable[[], None]:
+    """Set `obj.<name>` on the instance to `wrap(current)`; return the undo (which restores the
+    instance attribute there was, if any, and only while ours is still in place)."""
+    saved = obj.__dict__.get(name, _MISSING)
+    mine = wrap(getattr(obj, name))
+    setattr(obj, name, mine)
+
+    def undo() -> None:
+        if obj.__dict__.get(name) is not mine:
+            return  # replaced by someone else since: leave theirs
+        if saved is _MISSING:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, saved)
+
+    return undo
+
+
+def _drop_graph(policy: Any) -> None:
+    """Forget the action distribution of the last training minibatch. SB3 keeps it on
+    `policy.action_dist.distribution` with its autograd graph, which makes the policy fail
+    `copy.deepcopy` (as `chisel.attribute` copies it); every forward pass sets a new one."""
+    dist = getattr(policy, "action_dist", None)
+    if getattr(dist, "distribution", None) is not None:
+        dist.distribution = None
+
+
+class ChiselCallback(BaseCallback):
+    """Record every gradient step of an on-policy SB3 algorithm (PPO, A2C) into `run_dir`.
+
+    Each step's samples are tagged (one value per sample, in minibatch order) with
+    `SAMPLE_TAGS`, or the subset given as `tags`. `record_options` go to `chisel.record`
+    (factors, dtype, keyframe_every, metadata, overwrite, …). A second `learn()` with the same
+    callback continues the run (`resume=True`). Recording stops when `learn()` returns, or
+    raises inside a rollout or `train()`; `close()` stops it by hand.
+
+    Args:
+        run_dir: the run directory (see `chisel.record`).
+        tags: which of `SAMPLE_TAGS` to log (default: all).
+        verbose: SB3's verbosity level.
+        **record_options: passed to `chisel.record`.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        tags: Sequence[str] | None = None,
+        verbose: int = 0,
+        **record_options: Any,
+    ) -> None:
+        super().__init__(verbose)
+        _check_options(record_options)
+        chosen = tuple(SAMPLE_TAGS if tags is None else tags)
+        unknown = sorted(set(chosen) - set(SAMPLE_TAGS))
+        if unknown:
+            raise IntegrationError(f"tags {unknown} are not sample tags; choose from {SAMPLE_TAGS}.")
+        self.run_dir = run_dir
+        self.tag_names = chosen
+        self.record_options = record_options
+        self.recorder: Recorder | None = None
+        self._starts = 0  # recordings started by this callback (later ones resume the run)
+        self._undo: list[Callable[[], None]] = []
+        self._batch: tuple[np.ndarray, torch.Tensor] | None = None  # minibatch awaiting step()
+        self._rollout: dict[str, np.ndarray] = {}  # per-sample tags in buffer (flat) order
+        self._rewards: list[np.ndarray] = []
+        self._first_timestep = 0
+        self._episode_of_env: np.ndarray | None = None
+        self._next_episode = 0
+        self._warned_untagged = False
+
+    # -- SB3 events -------------------------------------------------------------------------
+    def _init_callback(self) -> None:
+        model = self.model
+        if not isinstance(model, OnPolicyAlgorithm) or not hasattr(model, "rollout_buffer"):
+            raise IntegrationError(
+                f"ChiselCallback records on-policy algorithms (PPO, A2C, …), not "
+                f"{type(model).__name__}. For an off-policy algorithm, record its optimizers with "
+                "chisel.record(model.policy, optimizer, run_dir) in your own loop."
+            )
+        optimizer = getattr(model.policy, "optimizer", None)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise IntegrationError(
+                f"{type(model).__name__}.policy has no torch optimizer (policy.optimizer is "
+                f"{type(optimizer).__name__}); ChiselCallback records policy.optimizer's steps."
+            )
+
+    def _on_training_start(self) -> None:
+        if self.recorder is not None:
+            self.close()  # a learn() that ended without on_training_end (it raised)
+        model, optimizer = self.model, self.model.policy.optimizer
+        options = dict(self.record_options)
+        if self._starts:
+            options.pop("overwrite", None)
+            options["resume"] = True
+        options["metadata"] = {**self._metadata(), **(options.get("metadata") or {})}
+        # our pre-hook is registered before the recorder's, so it tags before chisel starts the
+        # step: a failing tag aborts step() before anything was captured
+        handle = optimizer.register_step_pre_hook(self._tag_minibatch)
+        self._undo.append(handle.remove)
+        try:
+            self.recorder = record(model.policy, optimizer, self.run_dir, **options)
+            self._starts += 1
+            self._undo.append(_patch(model.rollout_buffer, "_get_samples", self._watch_samples))
+            for name in ("collect_rollouts", "train"):
+                self._undo.append(_patch(model, name, self._closing_on_error))
+        except BaseException:
+            self.close()
+            raise
+
+    def _on_rollout_start(self) -> None:
+        self._batch = None
+        self._rewards = []
+        self._first_timestep = self.model.num_timesteps
+
+    def _on_step(self) -> bool:
+        # a copy now: SB3 adds γ·V(s_T) to truncated episodes' rewards in place after this call
+        self._rewards.append(np.array(self.locals["rewards"], copy=True))
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self._rollout = self._rollout_tags()
+
+    def _on_training_end(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop recording: remove every hook and wrapper, write the final keyframe."""
+        undo, self._undo = self._undo, []
+        try:
+            for step in reversed(undo):
+                step()
+        finally:
+            recorder, self.recorder = self.recorder, None
+            self._batch = None
+            if recorder is not None:
+                _drop_graph(self.model.policy)
+                recorder.close()
+
+    def __enter__(self) -> ChiselCallback:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = repr(self.recorder) if self.recorder is not None else "not recording"
+        return f"ChiselCallback({self.run_dir!s}, tags={list(self.tag_names)}; {state})"
+
+    # -- wrappers and hooks ------------------------------------------------------------------
+    def _closing_on_error(self, method: Callable) -> Callable:
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except BaseException:
+                self.close()  # learn() will not reach on_training_end: no hook may outlive it
+                raise
+
+        return guarded
+
+    def _watch_samples(self, get_samples: Callable) -> Callable:
+        def watched(batch_inds: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+            samples = get_samples(batch_inds, *args, **kwargs)
+            self._batch = (np.array(batch_inds, dtype=np.int64), samples.advantages)
+            return samples
+
+        return watched
+
+    def _tag_minibatch(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        batch, self._batch = self._batch, None
+        if self.recorder is None:
+            return
+        if batch is None:
+            if not self._warned_untagged:
+                self._warned_untagged = True
+                warnings.warn(
+                    f"ChiselCallback: step {self.recorder.step} of {type(self.model).__name__} "
+                    "took no minibatch from the rollout buffer; it is recorded without tags.",
+                    stacklevel=2,
+                )
+            return
+        idx, advantages = batch
+        tags: dict[str, Any] = {
+            name: torch.from_numpy(self._rollout[name][idx])
+            for name in self.tag_names
+            if name != "advantage_used"
+        }
+        if "advantage_used" in self.tag_names:
+            tags["advantage_used"] = self._advantage_used(advantages)
+        self.recorder.tag(**tags)
+
+    def _advantage_used(self, advantages: torch.Tensor) -> torch.Tensor:
+        """The advantages as PPO's / A2C's loss saw them (the same ops, so the same numbers)."""
+        model = self.model
+        normalise = bool(getattr(model, "normalize_advantage", False))
+        if isinstance(model, PPO):
+            normalise = normalise and len(advantages) > 1  # PPO skips a minibatch of one
+        if normalise:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        return advantages.detach()
+
+    # -- per-sample tags of a rollout ------------------------------------------------------------
+    def _rollout_tags(self) -> dict[str, np.ndarray]:
+        """Every sample's tags, in the flat order of `RolloutBuffer.get` (env-major)."""
+        buf = self.model.rollout_buffer
+        steps, n_envs = buf.buffer_size, buf.n_envs
+
+        def flat(a: np.ndarray) -> np.ndarray:
+            a = np.asarray(a)
+            if a.size != steps * n_envs:
+                raise IntegrationError(
+                    f"ChiselCallback: a rollout buffer array has {a.size} values for {steps} steps "
+                    f"x {n_envs} envs; {type(buf).__name__} is not laid out like SB3's RolloutBuffer."
+                )
+            if buf.generator_ready:  # already flattened by a get() (env-major)
+                return a.reshape(-1)
+            return a.reshape(steps, n_envs).swapaxes(0, 1).reshape(-1)
+
+        rewards = np.stack(self._rewards) if len(self._rewards) == steps else buf.rewards
+        t = np.arange(steps)[:, None]
+        env = np.broadcast_to(np.arange(n_envs)[None, :], (steps, n_envs))
+        return {
+            "advantage": flat(buf.advantages),
+            "return": flat(buf.returns),
+            "value": flat(buf.values),
+            "log_prob": flat(buf.log_probs),
+            "reward": flat(rewards),
+            "episode": flat(self._episode_ids(np.asarray(buf.episode_starts, dtype=bool))),
+            "env": flat(env).astype(np.int64),
+            "timestep": flat(self._first_timestep + t * n_envs + env).astype(np.int64),
+        }
+
+    def _episode_ids(self, starts: np.ndarray) -> np.ndarray:
+        """[steps, n_envs] episode ids, numbered in order of their first step; an episode that
+        runs on from the previous rollout keeps its id."""
+        steps, n_envs = starts.shape
+        if self._episode_of_env is None or len(self._episode_of_env) != n_envs:
+            self._episode_of_env = np.full(n_envs, -1, np.int64)
+        starts = starts.copy()
+        starts[0] |= self._episode_of_env < 0  # an env seen for the first time starts one
+        count = np.cumsum(starts.reshape(-1)).reshape(steps, n_envs)
+        new = np.where(starts, self._next_episode + count - 1, -1)
+        latest = np.maximum.accumulate(new, axis=0)  # ids grow with time: max = latest start
+        ids = np.where(latest >= 0, latest, self._episode_of_env[None, :])
+        self._next_episode += int(count[-1, -1])
+        self._episode_of_env = ids[-1].copy()
+        return ids
+
+    def _metadata(self) -> dict[str, Any]:
+        m = self.model
+        keys = ("n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda", "ent_coef", "vf_coef",
+                "max_grad_norm", "target_kl", "normalize_advantage", "seed")
+        hyper = {k: getattr(m, k) for k in keys if isinstance(getattr(m, k, None), (int, float, bool))}
+        return {
+            "integration": "stable-baselines3",
+            "stable_baselines3_version": stable_baselines3.__version__,
+            "algorithm": type(m).__name__,
+            "n_envs": m.n_envs,
+            "observation_space": repr(m.observation_space),
+            "action_space": repr(m.action_space),
+            "sample_tags": list(self.tag_names),
+            "hyperparameters": hyper,
+        }
