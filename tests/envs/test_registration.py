@@ -1,0 +1,50 @@
+"""TrashWorld registered with Gymnasium on request: make with options, check_env clean."""
+
+from __future__ import annotations
+
+import warnings
+
+import gymnasium
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import chisel.envs
+from chisel.envs import TrashWorld, TrashWorldConfig, TrashWorldConfigError
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"button": "early"},
+        {"button": "late", "button_after_steps": 10},
+        {"p_blue_given_trash": 0.5, "p_blue_given_no_trash": 0.5, "render_mode": "ansi"},
+    ],
+)
+def test_make_with_options_passes_check_env(options):
+    env_id = chisel.envs.register()
+    assert env_id == chisel.envs.ENV_ID == "chisel/TrashWorld-v0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every Gymnasium warning fails the test
+        env = gymnasium.make(env_id, **options)
+        config = {k: v for k, v in options.items() if k != "render_mode"}
+        assert env.unwrapped.config == TrashWorldConfig(**config)
+        check_env(env.unwrapped)
+        obs, _ = env.reset(seed=0)  # through make's checking wrappers too
+        env.step(env.action_space.sample())
+        assert env.observation_space.contains(obs)
+
+
+def test_register_is_idempotent_and_takes_a_config():
+    env_id = chisel.envs.register()
+    assert chisel.envs.register() == env_id
+    config = TrashWorldConfig(height=6, width=4, button="early")
+    env = gymnasium.make(env_id, config=config, p_no_trash=0.0)
+    assert env.unwrapped.config == config.replace(p_no_trash=0.0)
+    vec = gymnasium.make_vec(env_id, num_envs=3, vectorization_mode="sync", button="early")
+    assert vec.reset(seed=0)[0].shape == (3, config.replace(height=5, width=5).obs_dim)
+
+
+def test_unknown_option_names_the_fields():
+    with pytest.raises(TrashWorldConfigError, match="unknown options \\['buton'\\].*button"):
+        TrashWorld(buton="early")
