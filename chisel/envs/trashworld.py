@@ -276,6 +276,21 @@ def render_room(state: TrashWorldState, cfg: TrashWorldConfig) -> str:
     return "\n".join("".join(row) for row in rows)
 
 
+_COLOURS = {  # RGB of the cells of `render_room`'s characters
+    ".": (235, 235, 235), "#": (90, 90, 90), "~": (60, 90, 200), "C": (40, 160, 60),
+    "T": (150, 100, 40), "B": (220, 40, 40), "A": (20, 20, 20), "a": (240, 150, 0),
+}
+
+
+def render_rgb(state: TrashWorldState, cfg: TrashWorldConfig, cell: int = 8) -> np.ndarray:
+    """Room 0 of `state` as an RGB picture [(H+2)·cell, (W+2)·cell, 3] uint8 (walls included);
+    the colours follow `render_room`'s characters (blue walls, orange agent when holding)."""
+    rows = render_room(state, cfg).splitlines()
+    lut = np.array([_COLOURS[ch] for row in rows for ch in row], np.uint8)
+    picture = lut.reshape(len(rows), len(rows[0]), 3)
+    return np.repeat(np.repeat(picture, cell, axis=0), cell, axis=1)
+
+
 class TrashWorld(gym.Env):
     """One TrashWorld room as a `gymnasium.Env` (no autoreset); same dynamics as `VecTrashWorld`.
 
@@ -285,7 +300,7 @@ class TrashWorld(gym.Env):
     `gymnasium.make("chisel/TrashWorld-v0", button="early")` passes them (see `register`).
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}  # noqa: RUF012 (gymnasium API)
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}  # noqa: RUF012 (gymnasium API)
 
     def __init__(self, config: TrashWorldConfig | None = None,
                  render_mode: str | None = None, **options: Any) -> None:
@@ -296,8 +311,9 @@ class TrashWorld(gym.Env):
                 f"TrashWorld got unknown options {unknown}; options are TrashWorldConfig fields: "
                 f"{[f.name for f in fields(TrashWorldConfig)]}.")
         self.config = config.replace(**options) if options else config
-        if render_mode not in (None, "ansi"):
-            raise ValueError(f"render_mode={render_mode!r}: TrashWorld renders only 'ansi'.")
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode={render_mode!r}: TrashWorld renders 'ansi' (text) or "
+                             "'rgb_array' (SB3's make_vec_env asks for it).")
         self.render_mode = render_mode
         self._vec = VecTrashWorld(self.config, num_envs=1, autoreset=False)
         self.observation_space = self._vec.single_observation_space
@@ -326,7 +342,9 @@ class TrashWorld(gym.Env):
             info.pop(key)
         return obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), _first(info)
 
-    def render(self) -> str | None:
+    def render(self) -> str | np.ndarray | None:
+        if self.render_mode == "rgb_array":
+            return render_rgb(self.state, self.config)
         return self._vec.render(0) if self.render_mode == "ansi" else None
 
 

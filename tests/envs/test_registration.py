@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import gymnasium
+import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
@@ -19,6 +20,7 @@ from chisel.envs import TrashWorld, TrashWorldConfig, TrashWorldConfigError
         {"button": "early"},
         {"button": "late", "button_after_steps": 10},
         {"p_blue_given_trash": 0.5, "p_blue_given_no_trash": 0.5, "render_mode": "ansi"},
+        {"render_mode": "rgb_array"},  # what SB3's make_vec_env asks for
     ],
 )
 def test_make_with_options_passes_check_env(options):
@@ -48,3 +50,15 @@ def test_register_is_idempotent_and_takes_a_config():
 def test_unknown_option_names_the_fields():
     with pytest.raises(TrashWorldConfigError, match="unknown options \\['buton'\\].*button"):
         TrashWorld(buton="early")
+
+
+
+def test_rgb_picture_shows_the_room():
+    env = TrashWorld(TrashWorldConfig(p_blue_given_trash=1.0, p_no_trash=0.0), render_mode="rgb_array")
+    env.reset(seed=0)
+    picture = env.render()
+    cfg = env.config
+    assert picture.dtype == np.uint8 and picture.shape == ((cfg.height + 2) * 8, (cfg.width + 2) * 8, 3)
+    assert tuple(picture[0, 0]) == (60, 90, 200)  # a blue wall
+    r, c = env.state.agent[0]
+    assert tuple(picture[(r + 1) * 8, (c + 1) * 8]) == (20, 20, 20)  # the agent

@@ -275,3 +275,14 @@ def test_import_chisel_does_not_import_sb3_or_register_envs():
         "assert 'chisel/TrashWorld-v0' not in gymnasium.registry\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_ppo_on_registered_trashworld(tmp_path):
+    import chisel.envs
+
+    env = make_vec_env(chisel.envs.register(), n_envs=2, seed=0, env_kwargs={"button": "early"})
+    model = PPO("MlpPolicy", env, n_steps=32, batch_size=32, n_epochs=1, seed=0, device="cpu")
+    model.learn(128, callback=sb3.ChiselCallback(tmp_path / "tw"))
+    run = chisel.load(tmp_path / "tw")
+    assert len(run) == 4 and run.manifest["metadata"]["observation_space"].startswith("Box(")
+    assert all(len(run.tags(t)["reward"]) == 32 for t in range(len(run)))
