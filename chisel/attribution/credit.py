@@ -160,15 +160,16 @@ def _block_rows(
     for kernels in sides:
         if b.is_bias and kernels.bias is None:
             continue
-        values = b.kernel_shares(gbar, kernels)  # [n, K]
         names = np.array(kernels.labels, dtype=object)
         sites = np.array(kernels.sites, dtype=object)
-        if mode == "summed":
-            summed = _rows(t, b.part, b.param, sites, names, values.sum(0).numpy(), None,
-                           b.origin_step, quantity=kernels.quantity)
+        if mode == "summed":  # linear: the block's total split once, no per-sample shares
+            total = b.summed_kernel_shares(gbar, kernels).numpy()
+            summed = _rows(t, b.part, b.param, sites, names, total, None, b.origin_step,
+                           quantity=kernels.quantity)
             summed[L.COUNT] = np.full(len(names), float(b.n))
             out.append(summed)
             continue
+        values = b.kernel_shares(gbar, kernels)  # [n, K]
         k = values.shape[1]
         per_row = {c: np.repeat(v, k) for c, v in tags.items()}
         out.append(

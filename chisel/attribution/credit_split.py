@@ -107,6 +107,14 @@ class SampleBlock:
         coef = self.coef if not isinstance(self.coef, Tensor) else self._as_matrix(self.coef)
         return kernels.sample_shares(self.g, self.x, coef)
 
+    def summed_kernel_shares(self, gbar: Tensor, kernels: Kernels) -> Tensor:
+        """[K]: Σ_i ⟨term_i, R_k⟩ = ⟨Σ_i term_i, R_k⟩, from the block's total (one matmul)."""
+        total = self.total(gbar.shape)
+        if self.is_bias:
+            return kernels.bias_shares(total)
+        self.check_width(kernels.weight)
+        return kernels.shares(self._as_matrix(total))
+
     def check_width(self, directions: Tensor) -> None:
         """Refuse features whose width is not this block's input width."""
         if directions.shape[-1] != self.x.shape[-1]:

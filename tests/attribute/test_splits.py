@@ -293,3 +293,20 @@ def test_a_site_that_mixes_units_is_not_carried_back():
     z = tanh[0](x)
     torch.testing.assert_close(carried.slope, (1 - torch.tanh(z) ** 2).mean(0))
     assert carried.param == "0.weight" and carried.site == "1:out"
+
+
+def test_summed_feature_rows_equal_the_sum_of_per_sample_rows(tmp_path):
+    from chisel.attribution import credit as C
+
+    model = _policy()
+    run = _record(tmp_path / "run", model, torch.optim.Adam(model.parameters(), lr=1e-2))
+    gbar = {n: torch.randn_like(v) for n, v in run.update(3).items()}
+    feats = {"2": ("2:in", ["a", "b"], torch.stack(_feature_sets()["non_unit"]).double())}
+    per_sample = C.credit_rows(run, 3, gbar, features_by_module=feats, feature_rows="sample")
+    summed = C.credit_rows(run, 3, gbar, features_by_module=feats, feature_rows="summed")
+    keys = ["part", "param", "origin_step", "feature"]
+    pick = lambda f: f[(f["feature"] != "") & (f["quantity"] == "attribution")]  # noqa: E731
+    a = pick(per_sample).groupby(keys)["value"].sum()
+    b = pick(summed).groupby(keys)["value"].sum()
+    assert len(a) and set(a.index) == set(b.index)
+    assert (a - b[a.index]).abs().max() <= 1e-12 * a.abs().max()
