@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from typing import Any
 
 from chisel.errors import ChiselError
 
@@ -102,11 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     from probes.errors import ProbesError
 
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ChiselError, ProbesError, OSError) as err:
-        print(f"chisel: error: {_one_line(err)}", file=sys.stderr)
-        return USER_ERROR
+    with warnings.catch_warnings():  # restores showwarning on the way out
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except (ChiselError, ProbesError, OSError) as err:
+            print(f"chisel: error: {_one_line(err)}", file=sys.stderr)
+            return USER_ERROR
+
+
+def _show_warning(message: Any, category: Any, *_: Any, **__: Any) -> None:
+    print(f"chisel: warning: {_one_line(message)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -228,3 +228,17 @@ def test_resume_continues_a_verified_run(run_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert verify_run(run_dir).ok and len(chisel.load(run_dir)) == 6
+
+
+def test_cli_warnings_are_one_line_and_errors_never_a_traceback(run_dir, tmp_path, capsys):
+    (run_dir / "steps" / "000000002.safetensors").unlink()
+    assert main(["info", str(run_dir)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("chisel: warning: ") and "step 2 is missing" in err[0]
+    (run_dir / N.MANIFEST).write_text("[1, 2]")
+    assert main(["info", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("chisel: error: ") and "JSON list" in err
+    (tmp_path / "file").write_text("x")
+    assert main(["verify", str(tmp_path / "file" / "run")]) == 2
+    assert capsys.readouterr().err.startswith("chisel: error: ")
