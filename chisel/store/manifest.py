@@ -10,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+
 from chisel import _names as N
 from chisel.capture.buffers import FlatLayout
 from chisel.errors import ManifestError
-from chisel.store.layout import MANIFEST_FIX
+from chisel.store.layout import MANIFEST_FIX, RunLayout
 
 PARAM_DTYPES = ("float64", "float32", "bfloat16", "float16")
 """Parameter dtypes a run can hold (the reader rebuilds each as a torch dtype)."""
@@ -175,6 +177,29 @@ def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
             fix = "Upgrade chisel (pip install -U chisel-rl) to read this run."
         raise ManifestError(f"{path}: {problems[0]}{more}. {fix}")
     return manifest
+
+
+def check_keyframe_shapes(manifest: dict[str, Any], layout: RunLayout) -> None:
+    """The manifest's parameter names and shapes against the first keyframe's tensors (headers
+    only): a shape edited by hand to one of the same size (transposed) is caught here, before
+    parameters come back in the wrong shape."""
+    keyframes = layout.numbers(N.KEYFRAMES_DIR)
+    if not keyframes:
+        return
+    path = layout.keyframe_file(keyframes[0])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if k.startswith(N.PARAM)}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return  # a damaged keyframe is reported when it is read (and by `chisel verify`)
+    for i, p in enumerate(manifest["params"]):
+        have = shapes.get(N.PARAM + p["name"])
+        if have is None or list(have) != list(p["shape"]):
+            found = "no such tensor" if have is None else f"shape {list(have)}"
+            raise ManifestError(
+                f"{layout.manifest}: params[{i}] says {p['name']!r} has shape {p['shape']}, the "
+                f"keyframe {path.name} has {found}. {MANIFEST_FIX}"
+            )
 
 
 # -- the record of one step file ------------------------------------------------------------------

@@ -16,7 +16,6 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 
 from chisel import _names as N
 from chisel.capture.buffers import FlatLayout
@@ -24,7 +23,6 @@ from chisel.capture.config import torch_dtype
 from chisel.errors import (
     ChiselError,
     CorruptStepError,
-    ManifestError,
     MissingStepsWarning,
     NotARunError,
     SkippedStepError,
@@ -32,8 +30,8 @@ from chisel.errors import (
     UnverifiedRunWarning,
 )
 from chisel.store.index import as_step, gap_message, visible_steps
-from chisel.store.layout import MANIFEST_FIX, RunLayout, read_manifest, read_meta, read_tensors
-from chisel.store.manifest import check_manifest, record_problems
+from chisel.store.layout import RunLayout, read_manifest, read_meta, read_tensors
+from chisel.store.manifest import check_keyframe_shapes, check_manifest, record_problems
 
 Tensors = dict[str, torch.Tensor]
 
@@ -81,8 +79,7 @@ class Run:
         self.layout = RunLayout(self.path)
         self.manifest = check_manifest(read_manifest(self.path), self.layout.manifest)
         version = self.manifest["format_version"]
-        self.verify = verify
-        """Step and keyframe files are checked against their CRC32 on every read."""
+        self.verify = verify  # check every step/keyframe tensor and record against its CRC32
         self._require_sums = verify and version >= N.CHECKSUMS_SINCE
         if verify and not self._require_sums:
             warnings.warn(
@@ -102,28 +99,7 @@ class Run:
         )
         self._record = lru_cache(maxsize=4096)(self._read_record)
         self._lossy_cache: tuple[int, Tensors] | None = None
-        self._check_keyframe_shapes()
-
-    def _check_keyframe_shapes(self) -> None:
-        """The manifest's shapes and names against the first keyframe's tensors (headers only):
-        a shape edited by hand would otherwise give parameters back in the wrong shape."""
-        keyframes = self.keyframes
-        if not keyframes:
-            return
-        path = self.layout.keyframe_file(keyframes[0])
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if k.startswith(N.PARAM)}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError, RuntimeError):
-            return  # a damaged keyframe is reported when it is read (and by `chisel verify`)
-        for i, p in enumerate(self.manifest["params"]):
-            have = shapes.get(N.PARAM + p["name"])
-            if have is None or list(have) != list(p["shape"]):
-                found = "no such tensor" if have is None else f"shape {list(have)}"
-                raise ManifestError(
-                    f"{self.layout.manifest}: params[{i}] says {p['name']!r} has shape "
-                    f"{p['shape']}, the keyframe {path.name} has {found}. {MANIFEST_FIX}"
-                )
+        check_keyframe_shapes(self.manifest, self.layout)
 
     # -- index ----------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -586,6 +586,8 @@ CASES: list[Case] = [
     C("file/keyframe-garbage", lambda c: (c.keyframe(3).write_bytes(b"x" * 9), c.load().params(3)), CS, "keyframe file of step 3 cannot be read"),
     C("file/gap", _gap, MissingStepsWarning, r"step 2 is missing while 2 later step files \(3\.\.4\)"),
     C("file/gap-out-of-range", lambda c: (c.step(1).unlink(), c.load().update(3)), chisel.StepOutOfRangeError, "step 3 is outside.*step 1 is missing"),
+    C("file/permission-denied", lambda c: _denied(c, lambda: c.load().update(2)), CS, "step 2 cannot be read.*permission denied.*chmod"),
+    C("load/dir-permission-denied", lambda c: _denied(c, c.load, directory=True), M, "cannot be read: permission denied"),
     C("file/keyframe-0-missing", lambda c: (c.keyframe(0).unlink(), c.load().params(0)), chisel.ChiselError, "no keyframe at or before step 0"),
     # step files: self-consistent but wrong content (fresh checksums)
     C("record/not-json", lambda c: (set_record(c.step(2), "{"), c.load().update(2)), CS, "record is not JSON"),
@@ -665,6 +667,31 @@ CASES: list[Case] = [
     C("features/extra-tensor", lambda c: _edit_feature_tensors(c, lambda t: t.update({"read.9": torch.ones(4)})), FeatureFileError, r"not listed in json: \['read.9'\]"),
     C("features/read-2d", lambda c: _edit_feature_tensors(c, lambda t: t.update({"read.0": torch.ones(2, 2)})), FeatureFileError, "the tensor file has shape"),
 ]
+
+
+def _denied(ctx: Ctx, call: Callable[[], Any], directory: bool = False) -> Any:
+    """As if a file (or the run directory) could not be read: the tests run as root, which
+    permissions do not stop, so the refusal is simulated where chisel meets it."""
+    import os
+
+    real_open, real_access = layout_module.safe_open, layout_module.os.access
+    target = ctx.run if directory else ctx.step(2)
+
+    def refuse_open(path: str, *a: Any, **k: Any) -> Any:
+        if Path(path) == target:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, *a, **k)
+
+    def refuse_access(path: Any, mode: int) -> bool:
+        return Path(path) != target and real_access(path, mode)
+
+    layout_module.safe_open = refuse_open
+    os.access = refuse_access
+    try:
+        return call()
+    finally:
+        layout_module.safe_open = real_open
+        os.access = real_access
 
 
 def _write_manifest(ctx: Ctx, edit: Callable[[dict], Any]) -> None:
