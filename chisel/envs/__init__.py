@@ -12,6 +12,7 @@ from chisel.envs.labels import concept_labels, next_reward_source, return_to_go,
 from chisel.envs.oracle import EvalResult, evaluate, oracle_actions, oracle_policy, oracle_return
 from chisel.envs.registration import ENV_ID, register
 from chisel.envs.trashworld import TrashWorld, TrashWorldState, VecTrashWorld
+from chisel.envs.vector import TrashWorldVectorEnv
 
 __all__ = [
     "ACTION_NAMES",
@@ -24,6 +25,7 @@ __all__ = [
     "TrashWorldConfig",
     "TrashWorldConfigError",
     "TrashWorldState",
+    "TrashWorldVectorEnv",
     "VecTrashWorld",
     "concept_labels",
     "evaluate",

@@ -21,9 +21,15 @@ def register() -> str:
     return its id. `gymnasium.make(ENV_ID, **options)` passes `options` (TrashWorldConfig
     fields: button, button_after_steps, p_blue_given_trash, p_blue_given_no_trash, …, or
     `config=TrashWorldConfig(...)`, and `render_mode="ansi"`) to `TrashWorld`. Episodes are
-    truncated by the env itself after `max_steps`, so no TimeLimit wrapper is added."""
+    truncated by the env itself after `max_steps`, so no TimeLimit wrapper is added.
+    `gymnasium.make_vec(ENV_ID, num_envs=64, **options)` builds the numpy-batched
+    `TrashWorldVectorEnv` (pass vectorization_mode="sync" for a loop over `TrashWorld`s)."""
     import gymnasium
 
     if ENV_ID not in gymnasium.registry:
-        gymnasium.register(id=ENV_ID, entry_point="chisel.envs.trashworld:TrashWorld")
+        gymnasium.register(
+            id=ENV_ID,
+            entry_point="chisel.envs.trashworld:TrashWorld",
+            vector_entry_point="chisel.envs.vector:TrashWorldVectorEnv",
+        )
     return ENV_ID

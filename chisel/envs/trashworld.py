@@ -291,6 +291,17 @@ def render_rgb(state: TrashWorldState, cfg: TrashWorldConfig, cell: int = 8) -> 
     return np.repeat(np.repeat(picture, cell, axis=0), cell, axis=1)
 
 
+def config_with(config: TrashWorldConfig | None, options: dict[str, Any]) -> TrashWorldConfig:
+    """`config` (default: `TrashWorldConfig()`) with the fields named in `options` changed."""
+    config = config if config is not None else TrashWorldConfig()
+    names = [f.name for f in fields(TrashWorldConfig)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TrashWorldConfigError(
+            f"TrashWorld got unknown options {unknown}; options are TrashWorldConfig fields: {names}.")
+    return config.replace(**options) if options else config
+
+
 class TrashWorld(gym.Env):
     """One TrashWorld room as a `gymnasium.Env` (no autoreset); same dynamics as `VecTrashWorld`.
 
@@ -304,13 +315,7 @@ class TrashWorld(gym.Env):
 
     def __init__(self, config: TrashWorldConfig | None = None,
                  render_mode: str | None = None, **options: Any) -> None:
-        config = config if config is not None else TrashWorldConfig()
-        unknown = sorted(set(options) - {f.name for f in fields(TrashWorldConfig)})
-        if unknown:
-            raise TrashWorldConfigError(
-                f"TrashWorld got unknown options {unknown}; options are TrashWorldConfig fields: "
-                f"{[f.name for f in fields(TrashWorldConfig)]}.")
-        self.config = config.replace(**options) if options else config
+        self.config = config_with(config, options)
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode={render_mode!r}: TrashWorld renders 'ansi' (text) or "
                              "'rgb_array' (SB3's make_vec_env asks for it).")

@@ -10,7 +10,13 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import chisel.envs
-from chisel.envs import TrashWorld, TrashWorldConfig, TrashWorldConfigError
+from chisel.envs import (
+    TrashWorld,
+    TrashWorldConfig,
+    TrashWorldConfigError,
+    TrashWorldVectorEnv,
+    VecTrashWorld,
+)
 
 
 @pytest.mark.parametrize(
@@ -62,3 +68,33 @@ def test_rgb_picture_shows_the_room():
     assert tuple(picture[0, 0]) == (60, 90, 200)  # a blue wall
     r, c = env.state.agent[0]
     assert tuple(picture[(r + 1) * 8, (c + 1) * 8]) == (20, 20, 20)  # the agent
+
+
+def test_make_vec_gives_the_batched_vector_env():
+    env = gymnasium.make_vec(chisel.envs.register(), num_envs=6, button="early")
+    assert isinstance(env.unwrapped, TrashWorldVectorEnv) and env.unwrapped.config.button == "early"
+    reference = VecTrashWorld(TrashWorldConfig(button="early"), num_envs=6, seed=3)
+    obs, info = env.reset(seed=3)
+    np.testing.assert_array_equal(obs, reference.reset()[0])
+    assert env.observation_space.contains(obs) and info["_trash_visible"].all()
+    returns, lengths, finished = np.zeros(6), np.zeros(6, int), 0
+    for actions in np.random.default_rng(0).integers(0, 7, (120, 6)):
+        obs, reward, terminated, truncated, info = env.step(actions)
+        ref_obs, ref_reward, *_ , ref_info = reference.step(actions)
+        np.testing.assert_array_equal(obs, ref_obs)
+        np.testing.assert_array_equal(reward, ref_reward)
+        returns, lengths = returns + reward, lengths + 1
+        done = terminated | truncated
+        if done.any():
+            np.testing.assert_array_equal(info["_final_obs"], done)
+            np.testing.assert_array_equal(info["_episode"], done)
+            for i in np.flatnonzero(done):
+                np.testing.assert_array_equal(info["final_obs"][i], ref_info["final_obs"][i])
+                assert info["episode"]["r"][i] == returns[i] and info["episode"]["l"][i] == lengths[i]
+            assert all(info["final_obs"][i] is None for i in np.flatnonzero(~done))
+            returns[done], lengths[done], finished = 0, 0, finished + int(done.sum())
+    assert finished > 6  # truncations at max_steps=50 at least
+    assert env.metadata["autoreset_mode"].value == "SameStep"
+    stats = gymnasium.wrappers.vector.RecordEpisodeStatistics(env)
+    stats.reset(seed=0)
+    stats.step(stats.action_space.sample())
