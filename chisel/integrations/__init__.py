@@ -4,4 +4,6 @@ Each integration is a module imported on use, so `import chisel` never imports t
 
 - `chisel.integrations.sb3`: Stable-Baselines3 on-policy algorithms (PPO, A2C), with
   `pip install chisel-rl[sb3]`.
+- `chisel.integrations.optimizers.unwrap_optimizer`: the hookable optimizer inside wrappers
+  such as accelerate's `AcceleratedOptimizer`.
 """

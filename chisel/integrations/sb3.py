@@ -39,6 +39,12 @@ from chisel.integrations._sb3_policy import (  # noqa: E402
     preprocess,
     value,
 )
+from chisel.integrations._sb3_tags import (  # noqa: E402
+    SAMPLE_TAGS,
+    EpisodeCounter,
+    advantage_used,
+    rollout_tags,
+)
 from chisel.recorder import Recorder, record  # noqa: E402
 
 __all__ = [
@@ -52,18 +58,6 @@ __all__ = [
     "value",
 ]
 
-SAMPLE_TAGS: tuple[str, ...] = (
-    "advantage",  # GAE advantage from the rollout buffer, before any normalisation
-    "advantage_used",  # the advantage the loss weighted the sample by (normalised per minibatch
-    # when the algorithm normalises: PPO by default, A2C with normalize_advantage=True)
-    "return",  # the buffer's return (advantage + value): the value loss's target
-    "value",  # V(s) when the sample was collected
-    "log_prob",  # log π_old(a | s) when the sample was collected
-    "reward",  # the env's reward (before SB3 adds γ·V(s_T) to the reward of a truncated episode)
-    "episode",  # episode id: unique over every learn() of this callback, counted from 0
-    "env",  # index of the environment in the VecEnv
-    "timestep",  # global env-step index of the sample (model.num_timesteps counting)
-)
 _NOT_OPTIONS = {"model", "optimizer", "run_dir", "scaler"}
 _MISSING = object()
 
@@ -145,8 +139,7 @@ class ChiselCallback(BaseCallback):
         self._rollout: dict[str, np.ndarray] = {}  # per-sample tags in buffer (flat) order
         self._rewards: list[np.ndarray] = []
         self._first_timestep = 0
-        self._episode_of_env: np.ndarray | None = None
-        self._next_episode = 0
+        self._episodes = EpisodeCounter()
         self._warned_untagged = False
 
     # -- SB3 events -------------------------------------------------------------------------
@@ -199,7 +192,9 @@ class ChiselCallback(BaseCallback):
         return True
 
     def _on_rollout_end(self) -> None:
-        self._rollout = self._rollout_tags()
+        self._rollout = rollout_tags(
+            self.model.rollout_buffer, self._rewards, self._first_timestep, self._episodes
+        )
 
     def _on_training_end(self) -> None:
         self.close()
@@ -266,65 +261,12 @@ class ChiselCallback(BaseCallback):
             if name != "advantage_used"
         }
         if "advantage_used" in self.tag_names:
-            tags["advantage_used"] = self._advantage_used(advantages)
+            model = self.model
+            normalise = bool(getattr(model, "normalize_advantage", False))
+            if isinstance(model, PPO):
+                normalise = normalise and len(advantages) > 1  # PPO skips a minibatch of one
+            tags["advantage_used"] = advantage_used(advantages, normalise)
         self.recorder.tag(**tags)
-
-    def _advantage_used(self, advantages: torch.Tensor) -> torch.Tensor:
-        """The advantages as PPO's / A2C's loss saw them (the same ops, so the same numbers)."""
-        model = self.model
-        normalise = bool(getattr(model, "normalize_advantage", False))
-        if isinstance(model, PPO):
-            normalise = normalise and len(advantages) > 1  # PPO skips a minibatch of one
-        if normalise:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        return advantages.detach()
-
-    # -- per-sample tags of a rollout ------------------------------------------------------------
-    def _rollout_tags(self) -> dict[str, np.ndarray]:
-        """Every sample's tags, in the flat order of `RolloutBuffer.get` (env-major)."""
-        buf = self.model.rollout_buffer
-        steps, n_envs = buf.buffer_size, buf.n_envs
-
-        def flat(a: np.ndarray) -> np.ndarray:
-            a = np.asarray(a)
-            if a.size != steps * n_envs:
-                raise IntegrationError(
-                    f"ChiselCallback: a rollout buffer array has {a.size} values for {steps} steps "
-                    f"x {n_envs} envs; {type(buf).__name__} is not laid out like SB3's RolloutBuffer."
-                )
-            if buf.generator_ready:  # already flattened by a get() (env-major)
-                return a.reshape(-1)
-            return a.reshape(steps, n_envs).swapaxes(0, 1).reshape(-1)
-
-        rewards = np.stack(self._rewards) if len(self._rewards) == steps else buf.rewards
-        t = np.arange(steps)[:, None]
-        env = np.broadcast_to(np.arange(n_envs)[None, :], (steps, n_envs))
-        return {
-            "advantage": flat(buf.advantages),
-            "return": flat(buf.returns),
-            "value": flat(buf.values),
-            "log_prob": flat(buf.log_probs),
-            "reward": flat(rewards),
-            "episode": flat(self._episode_ids(np.asarray(buf.episode_starts, dtype=bool))),
-            "env": flat(env).astype(np.int64),
-            "timestep": flat(self._first_timestep + t * n_envs + env).astype(np.int64),
-        }
-
-    def _episode_ids(self, starts: np.ndarray) -> np.ndarray:
-        """[steps, n_envs] episode ids, numbered in order of their first step; an episode that
-        runs on from the previous rollout keeps its id."""
-        steps, n_envs = starts.shape
-        if self._episode_of_env is None or len(self._episode_of_env) != n_envs:
-            self._episode_of_env = np.full(n_envs, -1, np.int64)
-        starts = starts.copy()
-        starts[0] |= self._episode_of_env < 0  # an env seen for the first time starts one
-        count = np.cumsum(starts.reshape(-1)).reshape(steps, n_envs)
-        new = np.where(starts, self._next_episode + count - 1, -1)
-        latest = np.maximum.accumulate(new, axis=0)  # ids grow with time: max = latest start
-        ids = np.where(latest >= 0, latest, self._episode_of_env[None, :])
-        self._next_episode += int(count[-1, -1])
-        self._episode_of_env = ids[-1].copy()
-        return ids
 
     def _metadata(self) -> dict[str, Any]:
         m = self.model

@@ -286,3 +286,37 @@ def test_ppo_on_registered_trashworld(tmp_path):
     run = chisel.load(tmp_path / "tw")
     assert len(run) == 4 and run.manifest["metadata"]["observation_space"].startswith("Box(")
     assert all(len(run.tags(t)["reward"]) == 32 for t in range(len(run)))
+
+
+def test_rollout_tags_match_a_loop_and_survive_an_earlier_get():
+    from gymnasium import spaces
+
+    from chisel.integrations._sb3_tags import EpisodeCounter, rollout_tags
+
+    rng = np.random.default_rng(0)
+    steps, n_envs = 7, 3
+    buf = RolloutBuffer(steps, spaces.Box(-1, 1, (2,)), spaces.Discrete(2), n_envs=n_envs)
+    starts = rng.random((steps, n_envs)) < 0.3
+    for t in range(steps):
+        buf.add(rng.random((n_envs, 2)), rng.integers(0, 2, n_envs), rng.random(n_envs),
+                starts[t], torch.as_tensor(rng.random(n_envs)), torch.as_tensor(rng.random(n_envs)))
+    buf.compute_returns_and_advantage(torch.as_tensor(rng.random(n_envs)), np.zeros(n_envs))
+    counter = EpisodeCounter(next_id=5, of_env=np.array([0, 1, -1]))
+    before = rollout_tags(buf, [], 100, copy.deepcopy(counter))
+    next(buf.get(4))  # flattens the buffer's arrays in place
+    after = rollout_tags(buf, [], 100, counter)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    # a loop over steps and envs gives the same ids, envs, timesteps
+    running, next_id, expected = [0, 1, None], 5, np.zeros((steps, n_envs), int)
+    for t in range(steps):
+        for e in range(n_envs):
+            if starts[t, e] or running[e] is None:
+                running[e], next_id = next_id, next_id + 1
+            expected[t, e] = running[e]
+    flat = lambda a: a.swapaxes(0, 1).reshape(-1)  # noqa: E731
+    np.testing.assert_array_equal(after["episode"], flat(expected))
+    np.testing.assert_array_equal(after["env"], flat(np.tile(np.arange(n_envs), (steps, 1))))
+    np.testing.assert_array_equal(after["timestep"], 100 + np.arange(steps * n_envs).reshape(steps, n_envs).swapaxes(0, 1).reshape(-1))
+    np.testing.assert_array_equal(after["reward"], flat(buf.rewards))
+    assert counter.next_id == next_id and list(counter.of_env) == running
