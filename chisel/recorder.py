@@ -79,6 +79,7 @@ class Recorder:
         # the hooks reach the writer through this box, not through `self`: a Recorder dropped
         # without close() can then be collected, and its finalizer removes the hooks
         box: dict[str, RunWriter] = {}
+        fresh = manifest is None  # a failed start of a new run must leave nothing behind
         try:
             self._capture = StepCapture(
                 model,
@@ -91,7 +92,7 @@ class Recorder:
             )
             self._writer = box["writer"] = RunWriter(self.layout, self._capture.layout, config)
         except BaseException:
-            if manifest is None:
+            if fresh:
                 self._undo_start(existed)
             raise
         try:
@@ -100,22 +101,23 @@ class Recorder:
             self._writer.write_keyframe_now(self._capture.keyframe("resume" if resume else "start"))
             if manifest is None:
                 manifest = self._new_manifest(model, metadata)
-                new = True
-            else:
-                new = False
             manifest.setdefault("starts", []).append(
                 {"step": first_step, "time": _dt.datetime.now().isoformat(), "resumed": resume}
             )
             write_json(self.layout.manifest, manifest)
             self._capture.attach()
         except BaseException as err:
-            self._writer.close()
-            if not resume and (manifest is None or new):
+            with contextlib.suppress(Exception):
+                self._capture.detach()
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                self._writer.close()
+            if fresh:
                 self._undo_start(existed)
             if isinstance(err, OSError) and not isinstance(err, ChiselError):
+                left = "Nothing was left behind" if fresh else "The run's recorded steps are intact"
                 raise WriterError(
                     f"chisel cannot start the run in {self.run_dir}: {err.strerror or err}. "
-                    "Nothing was left behind; fix the cause (disk space, permissions) and retry."
+                    f"{left}; fix the cause (disk space, permissions) and retry."
                 ) from err
             raise
         self._finalizer = weakref.finalize(
