@@ -66,3 +66,29 @@ def test_a_closed_recorder_has_no_finalizer_left(tmp_path):
     with chisel.record(model, optimizer, tmp_path / "run") as rec:
         _steps(model, optimizer, 1)
     assert not rec._finalizer.alive
+
+
+def test_a_start_failing_at_the_manifest_leaves_nothing_and_no_hook(tmp_path, monkeypatch):
+    import errno
+
+    from chisel import recorder as recorder_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with chisel.record(model, optimizer, tmp_path / "kept"):
+        _steps(model, optimizer, 2)
+    monkeypatch.setattr(recorder_module, "write_json", full)
+    with pytest.raises(chisel.WriterError, match="No space left.*Nothing was left behind"):
+        chisel.record(model, optimizer, tmp_path / "new", factors=True)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(chisel.WriterError, match="recorded steps are intact"):
+        chisel.record(model, optimizer, tmp_path / "kept", resume=True)
+    assert module_hook_count(model) == 0 and optimizer_hook_count(optimizer) == 0
+    monkeypatch.undo()
+    assert len(chisel.load(tmp_path / "kept")) == 2
+    with chisel.record(model, optimizer, tmp_path / "new"):  # the retry works
+        _steps(model, optimizer, 1)
+    assert len(chisel.load(tmp_path / "new")) == 1
