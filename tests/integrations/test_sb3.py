@@ -267,12 +267,20 @@ def test_policy_metrics_in_float32_and_float64(ppo):
         sb3.policy_logprob(model, obs, actions)
 
 
-def test_import_chisel_does_not_import_sb3_or_register_envs():
+def test_import_chisel_does_not_import_sb3_or_register_envs():  # and sb3 missing is named
     code = (
         "import sys, chisel, gymnasium\n"
         "bad = [m for m in sys.modules if m.startswith(('stable_baselines3', 'chisel.integrations'))]\n"
         "assert not bad, bad\n"
         "assert 'chisel/TrashWorld-v0' not in gymnasium.registry\n"
+        # without SB3 installed, the integration names the extra to install
+        "sys.modules['stable_baselines3'] = None\n"
+        "try:\n"
+        "    import chisel.integrations.sb3\n"
+        "except ImportError as err:\n"
+        "    assert \"pip install 'chisel-rl[sb3]'\" in str(err), err\n"
+        "else:\n"
+        "    raise AssertionError('imported without SB3')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
