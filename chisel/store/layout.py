@@ -128,7 +128,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise ManifestError(f"{path} is not valid JSON ({err}). " + MANIFEST_FIX) from None
     if not isinstance(obj, dict):
         raise ManifestError(
-            f"{path} holds a JSON {type(obj).__name__}, not an object. " + MANIFEST_FIX
+            f"{path} holds a JSON {'null' if obj is None else type(obj).__name__}, not an "
+            "object. " + MANIFEST_FIX
         )
     version = obj.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > N.FORMAT_VERSION:
@@ -140,9 +141,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 
 MANIFEST_FIX = (
-    "The manifest was damaged or edited by hand: restore it from a copy of the run (the step "
-    "files do not depend on it being rewritten) or re-record; `chisel verify RUN_DIR` lists every "
-    "problem."
+    "The manifest was damaged or edited by hand: restore it from a copy of the run, or "
+    "re-record; `chisel verify RUN_DIR` lists every problem."
 )
 
 
