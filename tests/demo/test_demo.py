@@ -185,17 +185,22 @@ def test_validation_files_are_consistent(run_dir):
     players = table[table.kind != "group"]
     assert set(players.kind) == {"feature", "<mean>", "<residual>", "<bias>"}
     assert set(table.param) - {""} <= set(ACTOR_WEIGHTS) | {w.replace("weight", "bias") for w in ACTOR_WEIGHTS}
+    # the headline game is played by the feature pathways; the other pathways are removal-only
+    assert summary["shapley_players"] == "features"
+    playing = players[players.shapley.notna()]
+    assert set(playing.kind) == {"feature"} and playing.shapley_se.notna().all()
     total = summary["metric_final"] - summary["metric_reverted"]
     assert summary["shapley_total"] == pytest.approx(total, abs=1e-12)
-    assert players.shapley.sum() == pytest.approx(summary["shapley_total"], abs=1e-10)
-    assert len(players) == summary["players"] and players.shapley_se.notna().all()
+    assert playing.shapley.sum() == pytest.approx(summary["shapley_total"], abs=1e-10)
+    assert len(playing) == summary["players"]
+    whole = summary["delta_metric_reverted"]  # m(final) − m(every pathway reverted)
     # every feature at an actor input site has a pathway and both ablations
     features = probes.FeatureSet.load(run_dir / "features")
     attributed = {f.name for f in features if f.site in ACTOR_INPUT_SITES}
     named = players[players.kind == "feature"]
     assert set(named.feature) == attributed and {"hook_obs"} <= set(named.site)
     assert named[["attribution", "removal", "ablation_metric", "ablation_return"]].notna().all().all()
-    assert summary["coverage_shapley"] == pytest.approx(named.shapley.sum() / total, rel=1e-9)
+    assert summary["coverage_shapley"] == pytest.approx(named.shapley.sum() / whole, rel=1e-9)
     assert summary["ablation"]["features"] == len(attributed)
     for key in ("attribution_vs_removal", "shapley_vs_removal", "attribution_vs_ablation_metric",
                 "attribution_vs_ablation_return", "shapley_vs_ablation_return"):
