@@ -369,8 +369,11 @@ def _aggregate_samples(frame: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     tag_cols = [f"tag/{b}" for b in by]
     missing = [c for c in tag_cols if c not in frame.columns]
     if missing:
-        raise CreditError(f"credit_by: no per-sample tag {missing}; tags of this step: "
-                          f"{[c for c in frame.columns if c.startswith('tag/')]}.")
+        raise CreditError(
+            f"credit_by: no per-sample numeric tag {missing} at this step (numeric tags here: "
+            f"{[c for c in frame.columns if c.startswith('tag/')]}). Groups need one number per "
+            "sample: tag it at every step, and map strings to codes (e.g. a tensor of ints)."
+        )
     per_sample = frame[frame[L.SAMPLE].notna()]
     keys = [L.STEP, L.FAMILY, L.PART, L.PARAM, L.SITE, L.FEATURE, L.QUANTITY, L.ORIGIN_STEP, *tag_cols]
     grouped = per_sample.groupby(keys, dropna=False, sort=False)[L.VALUE]

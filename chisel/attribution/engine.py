@@ -23,6 +23,7 @@ from chisel.attribution.integrated import bias_row, kernel_rows, param_rows
 from chisel.attribution.metrics import Metric
 from chisel.attribution.quadrature import integrate_path
 from chisel.errors import StepOutOfRangeError
+from chisel.store.index import as_step
 from chisel.store.reader import Run, load
 
 Features = probes.FeatureSet | Iterable[probes.Feature] | probes.Feature | None
@@ -38,13 +39,59 @@ def _feature_set(features: Features) -> probes.FeatureSet:
 
 def _steps(run: Run, steps: int | Iterable[int] | None) -> list[int]:
     n = len(run)
-    chosen = list(range(n)) if steps is None else [steps] if isinstance(steps, int) else list(steps)
-    bad = [t for t in chosen if not (isinstance(t, int) and 0 <= t < n)]
+    if steps is None:
+        return list(range(n))
+    scalar = isinstance(steps, int) or getattr(steps, "ndim", None) == 0
+    chosen = [as_step(t, "steps entry") for t in ([steps] if scalar else list(steps))]
+    bad = [t for t in chosen if not 0 <= t < n]
     if bad:
         raise StepOutOfRangeError(
             f"steps {bad[:5]} are outside the run ({n} recorded steps: 0..{n - 1})."
         )
     return chosen
+
+
+SPLITS = ("auto", "kinks", "none")
+
+
+def _check_options(
+    families: Sequence[str], points: int, split: str, dtype: torch.dtype, device: Any,
+    out: Any, credit_by: Sequence[str] | None,
+) -> None:
+    """Refuse options that would fail late (after the work) or be taken letter by letter."""
+    if isinstance(families, str):
+        raise AttributionInputError(
+            f"families={families!r} is a string; give a sequence, e.g. families=({families!r},)."
+        )
+    unknown = set(families) - set(L.FAMILIES)
+    if unknown:
+        raise AttributionInputError(f"unknown families {sorted(unknown)}; use any of {L.FAMILIES}.")
+    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+        raise AttributionInputError(
+            f"points={points!r}: the Gauss-Legendre points per piece must be an int >= 1 (16 "
+            "closes smooth networks to ~1e-15 in float64)."
+        )
+    if split not in SPLITS:
+        raise AttributionInputError(f"split={split!r}; use one of {SPLITS}.")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise AttributionInputError(
+            f"dtype={dtype!r}: attribution needs a floating dtype (torch.float64 for sums that "
+            "close to rounding, torch.float32 for speed)."
+        )
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise AttributionInputError(f"device={device!r} is not a torch device ({err}).") from err
+    if out not in (None, False, True) and Path(out).is_dir():
+        raise AttributionInputError(
+            f"out={str(out)!r} is a directory; give the ledger's file path, e.g. "
+            f"{str(Path(out) / 'ledger.parquet')!r}, or out=True for <run>/ledger.parquet."
+        )
+    if isinstance(credit_by, str):
+        raise AttributionInputError(
+            f"credit_by={credit_by!r} is a string; give a sequence of tag names, e.g. "
+            f"credit_by=[{credit_by!r}]."
+        )
 
 
 def _check_model(run: Run, model: nn.Module) -> None:
@@ -129,9 +176,7 @@ def attribute(
         its output features (both close to the same share; see docs/concepts.md).
     """
     run = run if isinstance(run, Run) else load(run)
-    unknown = set(families) - set(L.FAMILIES)
-    if unknown:
-        raise AttributionInputError(f"unknown families {sorted(unknown)}; use any of {L.FAMILIES}.")
+    _check_options(families, points, split, dtype, device, out, credit_by)
     features = _feature_set(features)
     chosen = [t for t in _steps(run, steps) if not run.record(t).get("skipped")]
     _check_model(run, model)

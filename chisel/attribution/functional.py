@@ -178,6 +178,13 @@ class ParamSpace:
         with torch.enable_grad():
             self.evaluations += 1
             out = self.check(self.call(leaves))
+            if not out.requires_grad:
+                raise MetricError(
+                    f"the metric {describe(self.metric)} returned a value with no gradient "
+                    "with respect to the recorded parameters: it was detached (.detach(), "
+                    ".item(), numpy, torch.no_grad() inside the metric) or it does not use the "
+                    "model. Return a tensor computed from the model's outputs."
+                )
             grads = torch.autograd.grad(out, list(leaves.values()), allow_unused=True)
         return float(out.detach()), {
             n: torch.zeros_like(v) if g is None else g for (n, v), g in zip(leaves.items(), grads)
