@@ -60,6 +60,10 @@ class Recorder:
         metadata: dict[str, Any] | None = None,
     ) -> None:
         _check_arguments(model, run_dir, metadata)
+        # imported on use: `import chisel` stays light
+        from chisel.integrations.optimizers import unwrap_optimizer
+
+        optimizer = unwrap_optimizer(optimizer)  # accelerate / Lightning wrappers: the real one
         self.run_dir = Path(run_dir)
         self.config = config
         self.layout = RunLayout(self.run_dir)
