@@ -8,7 +8,6 @@ models or metrics that vmap cannot trace.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 import math
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from chisel.attribution.copying import private_copy
 from chisel.attribution.metrics import Metric, describe
 from chisel.errors import ChiselError
 
@@ -116,7 +116,7 @@ class ParamSpace:
                 TrainModeWarning,
                 stacklevel=3,
             )
-        copied = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        copied = private_copy(model).to(device=device, dtype=dtype).eval()
         for p in copied.parameters():
             p.requires_grad_(False)
         self._call = _Call(copied, metric)

@@ -9,7 +9,6 @@ projection (centred=False): x ← x − d̂ d̂ᵀ x.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import probes
+from chisel.attribution.copying import private_copy
 from chisel.validation import _common as C
 from probes.sites import Site, hook_point_at, module_at
 
@@ -59,7 +59,7 @@ def ablation_effects(
             "ablation_effects: scores must be a non-empty mapping {name: callable(model) -> float}, "
             'e.g. {"metric": metric}.'
         )
-    work = copy.deepcopy(model).eval()
+    work = private_copy(model).eval()
     if dtype is not None:
         work = work.to(dtype)
     sites = C.resolve_sites(work, features.sites, "ablation_effects")

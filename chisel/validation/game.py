@@ -25,7 +25,6 @@ so batches of coalitions are one tensordot of a 0/1 mask with the stacked R_p, e
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -38,6 +37,7 @@ from torch.func import functional_call, vmap
 
 import probes
 from chisel.attribution import ledger as L
+from chisel.attribution.copying import private_copy
 from chisel.attribution.weights import LinearWeight, bind_sites, linear_weights
 from chisel.errors import StepOutOfRangeError
 from chisel.store.reader import Run, load
@@ -373,7 +373,7 @@ def _private_copy(run: Run, model: nn.Module) -> nn.Module:
             f"the model does not match the run's parameters ({'; '.join(wrong[:4])}). Pass a model "
             "of the architecture that was trained; its parameter values do not matter."
         )
-    copied = copy.deepcopy(model).to(DTYPE).eval()
+    copied = private_copy(model).to(DTYPE).eval()
     final = run.params(len(run))
     with torch.no_grad():
         for name, p in copied.named_parameters():

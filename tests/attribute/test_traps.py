@@ -255,3 +255,45 @@ def test_probes_capture_still_runs_the_model_in_its_own_mode():
     model.eval()
     first, second = (probes.capture(model, obs, "2:out")["2:out"] for _ in range(2))
     assert torch.equal(first, second)
+
+
+class _CachingPolicy(nn.Module):
+    """Keeps the last forward's output (with its graph) and a distribution over it, like
+    Stable-Baselines3's policy.action_dist after training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.last = None
+        self.dist = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        self.last = out
+        self.dist = torch.distributions.Categorical(logits=out)
+        return out
+
+
+def test_a_model_holding_tensors_with_history_can_be_attributed(tmp_path):
+    import copy
+
+    torch.manual_seed(0)
+    model = _CachingPolicy().double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with chisel.record(model, opt, tmp_path / "run", dtype="float64"):
+        for _ in range(2):
+            model(torch.randn(4, 6, dtype=torch.float64)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        copy.deepcopy(model)  # the trap: plain deepcopy refuses the cached non-leaf tensors
+    obs = torch.randn(8, 6, dtype=torch.float64)
+    metric = chisel.metrics.logprob(obs, torch.zeros(8, dtype=torch.long))
+    ledger = chisel.attribute(tmp_path / "run", model, None, metric, families=("integrated",))
+    comp = ledger[ledger.quantity == "completeness_rel"].value
+    assert len(comp) == 2 and comp.max() < 1e-10
+    assert model.last.grad_fn is not None  # the user's model is untouched
+    effects = chisel.pathway_effects(
+        tmp_path / "run", model, [probes.custom("f", "net.2:in", torch.randn(8))], metric
+    )
+    assert len(effects) and effects["effect"].notna().all()
