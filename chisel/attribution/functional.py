@@ -71,7 +71,7 @@ def _mode_dependent_modules(model: nn.Module) -> list[str]:
     return found
 
 
-class _Call(nn.Module):
+class MetricCall(nn.Module):
     """Wraps `metric(model)` as a module so `functional_call` can swap the parameters."""
 
     def __init__(self, model: nn.Module, metric: Metric) -> None:
@@ -119,7 +119,7 @@ class ParamSpace:
         copied = private_copy(model).to(device=device, dtype=dtype).eval()
         for p in copied.parameters():
             p.requires_grad_(False)
-        self._call = _Call(copied, metric)
+        self._call = MetricCall(copied, metric)
         self.model = copied
         self.metric = metric
         self.dtype = dtype

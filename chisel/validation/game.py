@@ -38,6 +38,7 @@ from torch.func import functional_call, vmap
 import probes
 from chisel.attribution import ledger as L
 from chisel.attribution.copying import private_copy
+from chisel.attribution.functional import MetricCall
 from chisel.attribution.weights import LinearWeight, bind_sites, linear_weights
 from chisel.errors import StepOutOfRangeError
 from chisel.store.reader import Run, load
@@ -68,18 +69,6 @@ class Pathway:
     concept: str
     kind: str  # "feature" | "<mean>" | "<residual>" | "<bias>"
     revert: dict[str, Tensor]  # {param name or OFFSET+module: amount subtracted}, float64
-
-
-class _Call(nn.Module):
-    """`metric(model)` as a module, so `functional_call` can swap the parameters."""
-
-    def __init__(self, model: nn.Module, metric: Metric) -> None:
-        super().__init__()
-        self.model = model
-        self._metric = metric
-
-    def forward(self) -> Tensor:
-        return self._metric(self.model)
 
 
 def window(run: Run, steps: Iterable[int] | None) -> tuple[int, int]:
@@ -131,7 +120,7 @@ class ReversionGame:
         self.copy = _private_copy(run, model)
         self.device = next((p.device for p in self.copy.parameters()), torch.device("cpu"))
         self.metric = metric
-        self._call = _Call(self.copy, metric)
+        self._call = MetricCall(self.copy, metric)
         self.evaluations = 0
         self.use_vmap = True
         self._offsets: dict[str, Tensor] = {}

@@ -112,17 +112,24 @@ def test_kernels_split_the_gradient_exactly_and_match_the_pathway_definition():
     torch.testing.assert_close(w.bias.sum(0), g_bias, rtol=0, atol=1e-13)
 
 
-def test_a_planted_detector_is_found_on_the_write_side(tmp_path):
-    """fc1 writes many directions, but the frozen reader only looks along u: the metric's gradient
-    at fc1's output lies along u, so the write split gives u the whole share, v (⊥ u) none."""
+class _Scaled(nn.Module):
+    """An elementwise map with a constant slope per unit: the transport is exact."""
+
+    def __init__(self, slope: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("slope", slope)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.slope
+
+
+def _detector_run(tmp_path, activation: nn.Module, u: torch.Tensor):
+    """fc1 → activation → frozen reader along u; fc1 is trained, the reader is not."""
     torch.manual_seed(0)
-    u = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64) / 2**0.5
-    v = torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64) / 2**0.5
-    w = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)).double()
+    model = nn.Sequential(nn.Linear(3, 4), activation, nn.Linear(4, 1)).double()
     with torch.no_grad():
-        model[1].weight.copy_(u[None])
-    model[1].requires_grad_(False)
+        model[2].weight.copy_(u[None])
+    model[2].requires_grad_(False)
     opt = torch.optim.Adam(model[0].parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(2)
     with chisel.record(model, opt, tmp_path / "run", dtype="float64") as rec:
@@ -132,9 +139,18 @@ def test_a_planted_detector_is_found_on_the_write_side(tmp_path):
             rec.tag()
             opt.step()
             opt.zero_grad()
-    run = chisel.load(tmp_path / "run")
     x = torch.randn(64, 3, generator=gen, dtype=torch.float64)
     metric = lambda m: -((m(chisel.metrics.as_input(x, m))[:, 0] - x[:, 0]) ** 2).mean()  # noqa: E731
+    return chisel.load(tmp_path / "run"), model, metric
+
+
+def test_a_planted_detector_is_found_on_the_write_side(tmp_path):
+    """fc1 writes many directions, but the frozen reader only looks along u: the metric's gradient
+    at fc1's output lies along u, so the write split gives u the whole share, v (⊥ u) none."""
+    u = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64) / 2**0.5
+    v = torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64) / 2**0.5
+    w = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    run, model, metric = _detector_run(tmp_path, nn.Identity(), u)
     features = [probes.custom(n, "0:out", vec) for n, vec in (("u", u), ("v", v), ("w", w))]
     ledger = chisel.attribute(run, model, features, metric, families=("integrated",))
     write = ledger[(ledger[L.QUANTITY] == L.WRITE_ATTRIBUTION) & (ledger[L.PARAM] == "0.weight")]
@@ -217,38 +233,6 @@ def test_the_default_horizon_covers_heavy_momentum(tmp_path):
     capped = C.credit_rows(run, 79, gbar, feature_rows="none", horizon=10)
     left = float(capped[capped[L.QUANTITY] == L.MOMENTUM_UNRESOLVED_SHARE][L.VALUE].iloc[0])
     assert left > 0.3  # with 10 steps most of a 0.99 buffer is left: said, not hidden
-
-
-class _Scaled(nn.Module):
-    """An elementwise map with a constant slope per unit: the transport is exact."""
-
-    def __init__(self, slope: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("slope", slope)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.slope
-
-
-def _detector_run(tmp_path, activation: nn.Module, u: torch.Tensor):
-    """fc1 → activation → frozen reader along u; fc1 is trained, the reader is not."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), activation, nn.Linear(4, 1)).double()
-    with torch.no_grad():
-        model[2].weight.copy_(u[None])
-    model[2].requires_grad_(False)
-    opt = torch.optim.Adam(model[0].parameters(), lr=0.05)
-    gen = torch.Generator().manual_seed(2)
-    with chisel.record(model, opt, tmp_path / "run", dtype="float64") as rec:
-        for _ in range(5):
-            x = torch.randn(32, 3, generator=gen, dtype=torch.float64)
-            ((model(x)[:, 0] - x[:, 0]) ** 2).mean().backward()
-            rec.tag()
-            opt.step()
-            opt.zero_grad()
-    x = torch.randn(64, 3, generator=gen, dtype=torch.float64)
-    metric = lambda m: -((m(chisel.metrics.as_input(x, m))[:, 0] - x[:, 0]) ** 2).mean()  # noqa: E731
-    return chisel.load(tmp_path / "run"), model, metric
 
 
 def test_a_detector_after_an_activation_is_carried_back_exactly_when_the_slope_is_constant(tmp_path):
