@@ -1,11 +1,18 @@
-"""What every integration shares: its error class and the check for an optional dependency."""
+"""What every integration shares: its error class, the check for an optional dependency, the
+check of the options passed on to `chisel.record`, and instance patches that undo cleanly."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 from chisel.errors import ChiselError
+
+_NOT_OPTIONS = {"model", "optimizer", "run_dir", "scaler"}
+_MISSING = object()
 
 
 class IntegrationError(ChiselError, ValueError):
@@ -21,3 +28,34 @@ def require(module: str, extra: str, what: str) -> ModuleType:
             f"{what} needs the `{module}` package, which is not installed here ({err}). "
             f"Install it with `pip install 'chisel-rl[{extra}]'`."
         ) from err
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Refuse options a callback would pass on to `chisel.record` that it does not take."""
+    from chisel.recorder import record
+
+    allowed = [n for n in inspect.signature(record).parameters if n not in _NOT_OPTIONS]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"ChiselCallback got unknown record options {unknown}; it passes these on to "
+            f"chisel.record: {allowed}."
+        )
+
+
+def patch(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> Callable[[], None]:
+    """Set `obj.<name>` on the instance to `wrap(current)`; return the undo (which restores the
+    instance attribute there was, if any, and only while ours is still in place)."""
+    saved = obj.__dict__.get(name, _MISSING)
+    mine = wrap(getattr(obj, name))
+    setattr(obj, name, mine)
+
+    def undo() -> None:
+        if obj.__dict__.get(name) is not mine:
+            return  # replaced by someone else since: leave theirs
+        if saved is _MISSING:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, saved)
+
+    return undo

@@ -14,7 +14,6 @@ advantage normalisation and gradient clipping, so both are recorded exactly.
 
 from __future__ import annotations
 
-import inspect
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from chisel.integrations._common import IntegrationError, require
+from chisel.integrations._common import IntegrationError, check_options, patch, require
 
 require("stable_baselines3", "sb3", "chisel.integrations.sb3")
 
@@ -57,38 +56,6 @@ __all__ = [
     "preprocess",
     "value",
 ]
-
-_NOT_OPTIONS = {"model", "optimizer", "run_dir", "scaler"}
-_MISSING = object()
-
-
-def _check_options(options: dict[str, Any]) -> None:
-    allowed = [n for n in inspect.signature(record).parameters if n not in _NOT_OPTIONS]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise TypeError(
-            f"ChiselCallback got unknown record options {unknown}; it passes these on to "
-            f"chisel.record: {allowed}."
-        )
-
-
-def _patch(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> Callable[[], None]:
-    """Set `obj.<name>` on the instance to `wrap(current)`; return the undo (which restores the
-    instance attribute there was, if any, and only while ours is still in place)."""
-    saved = obj.__dict__.get(name, _MISSING)
-    mine = wrap(getattr(obj, name))
-    setattr(obj, name, mine)
-
-    def undo() -> None:
-        if obj.__dict__.get(name) is not mine:
-            return  # replaced by someone else since: leave theirs
-        if saved is _MISSING:
-            delattr(obj, name)
-        else:
-            setattr(obj, name, saved)
-
-    return undo
-
 
 def _drop_graph(policy: Any) -> None:
     """Forget the action distribution of the last training minibatch. SB3 keeps it on
@@ -124,7 +91,7 @@ class ChiselCallback(BaseCallback):
         **record_options: Any,
     ) -> None:
         super().__init__(verbose)
-        _check_options(record_options)
+        check_options(record_options)
         chosen = tuple(SAMPLE_TAGS if tags is None else tags)
         unknown = sorted(set(chosen) - set(SAMPLE_TAGS))
         if unknown:
@@ -174,9 +141,9 @@ class ChiselCallback(BaseCallback):
         try:
             self.recorder = record(model.policy, optimizer, self.run_dir, **options)
             self._starts += 1
-            self._undo.append(_patch(model.rollout_buffer, "_get_samples", self._watch_samples))
+            self._undo.append(patch(model.rollout_buffer, "_get_samples", self._watch_samples))
             for name in ("collect_rollouts", "train"):
-                self._undo.append(_patch(model, name, self._closing_on_error))
+                self._undo.append(patch(model, name, self._closing_on_error))
         except BaseException:
             self.close()
             raise
