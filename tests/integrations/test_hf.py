@@ -209,6 +209,21 @@ def test_grpo_records_every_step_and_tags_each_completion(tmp_path):
     assert sorted(set(run.tags(2)["group"].tolist())) == [4, 5]
     assert callback.recorder is None and _chisel_hooks(model) == []
     assert "compute_loss" not in vars(trainer) and "training_step" not in vars(trainer)
+    # credit rows (this step's samples and, through Adam's momentum, earlier steps') carry the tags
+    model.eval()  # the Trainer leaves dropout on
+    ids = torch.tensor([[2, 3, 4, 5, 2, 2]])
+
+    def metric(m):  # mean log-prob of a fixed sequence
+        logp = torch.log_softmax(m(ids).logits[:, :-1], -1)
+        return logp.gather(-1, ids[:, 1:, None]).mean()
+
+    ledger = chisel.attribute(run, model, None, metric, steps=[2], families=("credit",), progress=False)
+    rows = ledger[ledger["sample"].notna()]
+    assert set(rows["part"]) >= {"gradient", "momentum"} and set(rows["origin_step"]) == {0, 1, 2}
+    origin = rows["origin_step"].astype(int).to_numpy()
+    for name in meta["sample_tags"]:
+        expected = [float(run.tags(o)[name][int(i)]) for o, i in zip(origin, rows["sample"])]
+        assert rows[f"tag/{name}"].tolist() == pytest.approx(expected, abs=0), name
 
 
 def test_grpo_error_closes_the_recording(tmp_path):
