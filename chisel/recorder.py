@@ -63,7 +63,8 @@ class Recorder:
         # imported on use: `import chisel` stays light
         from chisel.integrations.optimizers import unwrap_optimizer
 
-        optimizer = unwrap_optimizer(optimizer)  # accelerate / Lightning wrappers: the real one
+        if any(getattr(optimizer, a, None) is not None for a in ("optimizer", "_optimizer")):
+            optimizer = unwrap_optimizer(optimizer)  # accelerate / Lightning: the real one
         self.run_dir = Path(run_dir)
         self.config = config
         self.layout = RunLayout(self.run_dir)

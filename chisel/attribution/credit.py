@@ -258,7 +258,9 @@ def credit_rows(
                 _rows(t, leaf, param, site, L.WHOLE, np.array([float((value * gbar[param]).sum())]))
             )
             if feature_rows != "none":
-                frames += _leaf_feature_rows(t, leaf, param, value, kernels_by_module, session)
+                frames += _leaf_feature_rows(
+                    t, leaf, param, value, kernels_by_module, session, owner
+                )
     for b in split.blocks:
         step_factors = session.factors(b.origin_step)
         tags = _tag_columns(step_factors.tags if step_factors else {}, b.n)
@@ -269,11 +271,19 @@ def credit_rows(
 
 
 def _leaf_feature_rows(
-    t: int, leaf: str, param: str, value: Tensor, kernels_by_module: dict, session: CreditSession
+    t: int,
+    leaf: str,
+    param: str,
+    value: Tensor,
+    kernels_by_module: dict,
+    session: CreditSession,
+    owner: dict[str, str],
 ) -> list[dict[str, np.ndarray]]:
     """A sample-less part (weight decay, unresolved, residual) split by the same kernels, so a
-    feature's credit rows over all parts sum to its integrated row."""
-    module, _, kind_of = param.rpartition(".")
+    feature's credit rows over all parts sum to its integrated row. `owner`: {param: module}
+    from this step's factor blocks (parameter names need not be module paths)."""
+    path, _, kind_of = param.rpartition(".")
+    module = owner.get(param, path)
     out = []
     for kernels in kernels_by_module.get(module, []):
         if kind_of == "bias":

@@ -213,6 +213,7 @@ class CreditSession:
         self._factors: dict[int, _StepFactors | None] = {}
         meta = run.manifest.get("factor_modules") or {}
         self._kinds = {m: v.get("kind", "linear") for m, v in meta.items()}
+        self._params = {m: {k: v[k] for k in ("weight", "bias") if k in v} for m, v in meta.items()}
 
     def __repr__(self) -> str:
         return f"CreditSession({self.run!r}, horizon={self.horizon}, reach={self.reach})"
@@ -281,7 +282,8 @@ class CreditSession:
         for module, (kind, x, g) in factors.modules.items():
             prefix = f"{module}." if module else ""
             for suffix, is_bias in (("weight", False), ("bias", True)):
-                param = prefix + suffix
+                # the recorded name (by identity at record time; older runs: the module path)
+                param = self._params.get(module, {}).get(suffix, prefix + suffix)
                 if param in coefs:
                     blocks.append(
                         SampleBlock(part, s, module, param, kind, is_bias, x, g, coefs[param])

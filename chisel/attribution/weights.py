@@ -50,20 +50,38 @@ class LinearWeight:
         return tensor.T if self.transposed else tensor
 
 
+def param_names_by_identity(model: nn.Module, recorded: set[str]) -> dict[int, str]:
+    """{id(parameter): its recorded name}. A run records `named_parameters()` names, which need not
+    be the module paths (a TransformerLens bridge lists `layers.0…` params under `blocks.0…`
+    modules), and a tied weight has one recorded name for every module that uses it."""
+    out: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in recorded:
+            out.setdefault(id(p), name)
+    return out
+
+
 def linear_weights(model: nn.Module, recorded: set[str]) -> list[LinearWeight]:
-    """Every nn.Linear / HF Conv1D whose weight is among the recorded parameters."""
-    out = []
+    """Every nn.Linear / HF Conv1D whose weight is a recorded parameter, found by identity.
+
+    A weight tied to several Linear modules (rare) is bound to the first; a Linear whose weight
+    is tied to an Embedding (an LM head) is bound by its own module, under the recorded name.
+    """
+    names = param_names_by_identity(model, recorded)
+    out, seen = [], set()
     for name, module in model.named_modules():
         conv1d = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
         if not (isinstance(module, nn.Linear) or conv1d):
             continue
-        prefix = f"{name}." if name else ""
-        if f"{prefix}weight" not in recorded:
-            continue
         w = module.weight
+        param = names.get(id(w))
+        if param is None or param in seen:
+            continue
+        seen.add(param)
         d_out, d_in = (w.shape[1], w.shape[0]) if conv1d else (w.shape[0], w.shape[1])
-        bias = f"{prefix}bias" if getattr(module, "bias", None) is not None else None
-        out.append(LinearWeight(name, f"{prefix}weight", bias if bias in recorded else None, conv1d, d_in, d_out))
+        b = getattr(module, "bias", None)
+        bias = names.get(id(b)) if isinstance(b, Tensor) else None
+        out.append(LinearWeight(name, param, bias, conv1d, d_in, d_out))
     return out
 
 

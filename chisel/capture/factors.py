@@ -67,8 +67,14 @@ def _skipped_note(named: dict[str, nn.Module], attention: set[str]) -> str | Non
     )
 
 
-def _module_meta(module: nn.Module, kind: str) -> dict[str, Any]:
+def _module_meta(module: nn.Module, kind: str, params: dict[int, str]) -> dict[str, Any]:
+    """The factor kind, and the recorded names of the module's weight and bias (by identity: a
+    module path + ".weight" is not always the parameter's name, e.g. on a TransformerLens bridge)."""
     meta: dict[str, Any] = {"kind": kind}
+    for part in ("weight", "bias"):
+        tensor = getattr(module, part, None)
+        if isinstance(tensor, torch.Tensor) and id(tensor) in params:
+            meta[part] = params[id(tensor)]
     if kind == CONV2D:
         meta.update(
             kernel_size=list(module.kernel_size),
@@ -136,11 +142,12 @@ class FactorCapture:
                         "factors of nn.Linear, Hugging Face Conv1D and nn.Conv2d (groups=1)."
                     )
                 chosen.append((name, named[name]))
+        params = {id(p): n for n, p in self.model.named_parameters()}  # the recorded names
         for name, module in chosen:
             kind = factor_kind(module)
             assert kind is not None
             self.modules[name] = module
-            self.meta[name] = _module_meta(module, kind)
+            self.meta[name] = _module_meta(module, kind, params)
             self._calls[name] = []
 
     def attach(self) -> None:
