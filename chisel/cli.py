@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true",
                       help="a small run (256 updates, smaller datasets): under a minute")
     demo.set_defaults(func=_demo)
-    report = sub.add_parser("report", help="write the self-contained HTML report of a demo run")
-    report.add_argument("run_dir", help="a run directory written by `chisel demo`")
+    report = sub.add_parser("report", help="write the self-contained HTML report of a run")
+    report.add_argument("run_dir", help="a run directory (chisel.record; a ledger from "
+                        "chisel.attribute(..., out=True); or `chisel demo`)")
     report.add_argument("--compare", metavar="RUN_B", default=None,
                         help="a second run: write compare.html with both runs side by side")
     report.add_argument("--out", default=None,

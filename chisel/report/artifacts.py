@@ -30,6 +30,9 @@ REPORT_FILE = "report.html"
 COMPARE_FILE = "compare.html"
 FIGURES_DIR = "figures"
 
+# what only `chisel demo` writes: a run without demo.json is reported without them
+DEMO_ONLY = (DEMO_FILE, PROBES_FILE, CAUSAL_FILE)
+
 PROBE_COLUMNS = ("step", "site", "concept", "metric", "score")
 # validation.parquet: only the feature label is required, every measured column is optional
 VALIDATION_NEEDS = ("feature",)
@@ -57,6 +60,13 @@ class RunArtifacts:
     validation: pd.DataFrame | None = None  # validation.parquet: one row per pathway
     validation_summary: dict[str, Any] | None = None  # validation.json
     missing: list[Missing] = field(default_factory=list)
+
+    @property
+    def is_demo(self) -> bool:
+        """A `chisel demo` run (demo.json present, even unreadable: the report then says so):
+        the TrashWorld concepts, groups and reward events are shown; any other run gets the
+        generic report."""
+        return self.demo is not None or (self.root / DEMO_FILE).exists()
 
     @property
     def name(self) -> str:

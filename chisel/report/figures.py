@@ -194,6 +194,21 @@ def credit_figure(by_source: pd.DataFrame, by_advantage: pd.DataFrame) -> Figure
     return fig
 
 
+def credit_by_tag_figure(tables: dict[str, pd.DataFrame]) -> Figure:
+    """Credit summed per tag value (or sign), one bar panel per tag (at most four)."""
+    shown = list(tables.items())[:4]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), squeeze=False)
+    for ax, (tag, frame) in zip(axes[0], shown):
+        values = frame["total"].to_numpy(dtype=float)
+        ax.bar(range(len(frame)), values, color=["#4c72b0" if v >= 0 else "#dd8452" for v in values])
+        ax.set_xticks(range(len(frame)), [text(i) for i in frame.index], fontsize=7, rotation=30)
+        ax.axhline(0.0, color="0.3", lw=0.8)
+        ax.set_title(f"credit by {tag}")
+        ax.set_ylabel("Σ credit (Δ metric)")
+    fig.tight_layout()
+    return fig
+
+
 def completeness_figure(comp: pd.DataFrame) -> Figure:
     """Relative completeness error per attributed step, log scale (zeros drawn at 1e-16)."""
     fig, ax = plt.subplots(figsize=(9, 3))

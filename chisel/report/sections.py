@@ -15,6 +15,7 @@ from chisel.report import validation as V
 from chisel.report.artifacts import (
     CAUSAL_FILE,
     DEMO_FILE,
+    DEMO_ONLY,
     LEDGER_FILE,
     PROBES_FILE,
     RunArtifacts,
@@ -144,17 +145,9 @@ def _coverage_para(s: Summary) -> str:
     return H.para(text)
 
 
-def summary_section(art: RunArtifacts, s: Summary) -> Section:
+def _group_paras(s: Summary) -> list[str]:
+    """The demo's concept groups (demo.json "concepts"): their shares of the attribution."""
     out = []
-    if s.returns:
-        out.append(H.para("Returns: " + ", ".join(f"{k} {H.num(v)}" for k, v in s.returns.items())))
-    if not s.features:
-        out.append(
-            absent(art, LEDGER_FILE, "which pathways were chiseled (no integrated feature rows)")
-        )
-        return "summary", "Summary", "".join(out)
-    out.extend(_headline_paras(s))
-    out.append(_coverage_para(s))
     named = [g for g in s.groups if g.group in ("reward_predictive", "task")]
     if named:
         text = "; ".join(
@@ -189,6 +182,22 @@ def summary_section(art: RunArtifacts, s: Summary) -> Section:
             numeric=(2, 3, 4, 5, 6),
         )
     )
+    return out
+
+
+def summary_section(art: RunArtifacts, s: Summary) -> Section:
+    out = []
+    if s.returns:
+        out.append(H.para("Returns: " + ", ".join(f"{k} {H.num(v)}" for k, v in s.returns.items())))
+    if not s.features:
+        out.append(
+            absent(art, LEDGER_FILE, "which pathways were chiseled (no integrated feature rows)")
+        )
+        return "summary", "Summary", "".join(out)
+    out.extend(_headline_paras(s))
+    out.append(_coverage_para(s))
+    if art.is_demo:
+        out.extend(_group_paras(s))
     c = s.correlate
     if c is not None and c.features:
         verdict = "was chiseled too" if c.chiseled else "was not chiseled much"
@@ -243,12 +252,13 @@ def timeline_section(art: RunArtifacts, figs: FigureSink) -> Section:
     body = H.para(
         f"The {min(TOP_K, tl.shape[1])} features with the largest |cumulative integrated attribution|: "
         "how much each one's pathway raised (above 0) or lowered (below 0) the metric, "
-        "summed over the attributed updates; the reward curve below shares the step axis."
+        "summed over the attributed updates"
+        + ("; the reward curve below shares the step axis." if art.is_demo else ".")
     )
     body += figs.put(
         "timeline", F.timeline_figure(tl, training_curve(art), k=TOP_K), "chisel timeline"
     )
-    if training_curve(art) is None:
+    if art.is_demo and training_curve(art) is None:
         body += absent(art, DEMO_FILE, "the reward curve")
     return "timeline", title, body
 
@@ -287,7 +297,32 @@ def _credit_table(frame: pd.DataFrame, label: str) -> str:
     return H.table([label, "samples", "Σ credit", "per sample"], rows, numeric=(1, 2, 3))
 
 
+def _credit_notes(art: RunArtifacts) -> list[str]:
+    """Momentum horizon and optimizer parts: the same for every run."""
+    body = []
+    unresolved = T.momentum_unresolved(art.ledger)
+    if len(unresolved):
+        body.append(
+            H.para(
+                f"Momentum horizon: on average {H.pct(float(unresolved.mean()))} of an update's "
+                f"momentum part is left unresolved (max {H.pct(float(unresolved.max()))} at "
+                f"step {int(unresolved.idxmax())}, over {len(unresolved)} credit steps): it "
+                "comes from gradients older than the horizon and stays in the momentum "
+                "(unresolved) part, credited to no sample."
+            )
+        )
+    parts = T.credit_parts(art.ledger)
+    if len(parts):
+        body.append(H.para("Credit by part of the optimizer split:"))
+        body.append(
+            H.table(["part", "Σ credit"], [(p, H.num(v)) for p, v in parts.items()], numeric=(1,))
+        )
+    return body
+
+
 def credit_section(art: RunArtifacts, figs: FigureSink) -> Section:
+    if not art.is_demo:
+        return generic_credit_section(art, figs)
     title = "Credit by reward event and advantage sign"
     by_source = T.credit_by_reward_source(art.ledger)
     by_adv = T.credit_by_advantage(art.ledger)
@@ -333,23 +368,31 @@ def credit_section(art: RunArtifacts, figs: FigureSink) -> Section:
                 numeric=tuple(range(1, len(cols) + 1)),
             )
         )
-    unresolved = T.momentum_unresolved(art.ledger)
-    if len(unresolved):
-        body.append(
-            H.para(
-                f"Momentum horizon: on average {H.pct(float(unresolved.mean()))} of an update's "
-                f"momentum part is left unresolved (max {H.pct(float(unresolved.max()))} at "
-                f"step {int(unresolved.idxmax())}, over {len(unresolved)} credit steps): it "
-                "comes from gradients older than the horizon and stays in the momentum "
-                "(unresolved) part, credited to no sample."
-            )
-        )
-    parts = T.credit_parts(art.ledger)
-    if len(parts):
-        body.append(H.para("Credit by part of the optimizer split:"))
-        body.append(
-            H.table(["part", "Σ credit"], [(p, H.num(v)) for p, v in parts.items()], numeric=(1,))
-        )
+    body.extend(_credit_notes(art))
+    return "credit", title, "".join(body)
+
+
+def generic_credit_section(art: RunArtifacts, figs: FigureSink) -> Section:
+    """Credit of any run, by every tag its samples carry (no demo vocabulary)."""
+    title = "Credit by tag"
+    tables = {tag: T.credit_by_tag(art.ledger, tag) for tag in T.tag_names(art.ledger)}
+    tables = {tag: frame for tag, frame in tables.items() if not frame.empty}
+    if not tables:
+        return "credit", title, absent(art, LEDGER_FILE, "credit (no tagged per-sample credit rows)")
+    body = [
+        H.para(
+            "Credit of the training samples (whole-sample rows, summed over parameters and the "
+            "updates their gradients reached through momentum), grouped by each tag the run "
+            f"logged: per value for whole numbers (at most {T.MAX_TAG_VALUES} values), else by "
+            "sign. "
+            "Where the ledger holds sums over tag groups (credit_by), a group's samples are "
+            "read from its rows' count column (— where the ledger has none)."
+        ),
+        figs.put("credit", F.credit_by_tag_figure(tables), "credit"),
+    ]
+    for tag, frame in tables.items():
+        body.append(_credit_table(frame, f"tag/{tag}"))
+    body.extend(_credit_notes(art))
     return "credit", title, "".join(body)
 
 
@@ -403,6 +446,9 @@ def causal_section(art: RunArtifacts, s: Summary) -> Section:
 
 
 def missing_section(art: RunArtifacts) -> Section:
-    if not art.missing:
-        return "artifacts", "Artifacts", H.para("Every artifact of docs/demo-run.md was found.")
-    return "artifacts", "Missing artifacts", H.bullets(m.reason for m in art.missing)
+    # a run that is not a demo run never has the demo's artifacts: not worth a line each
+    missing = [m for m in art.missing if art.is_demo or m.artifact not in DEMO_ONLY]
+    if not missing:
+        where = "docs/demo-run.md" if art.is_demo else "the report (ledger, validation)"
+        return "artifacts", "Artifacts", H.para(f"Every artifact of {where} was found.")
+    return "artifacts", "Missing artifacts", H.bullets(m.reason for m in missing)

@@ -165,7 +165,10 @@ def group_shares(features: list[FeatureTotal], demo: dict[str, Any] | None) -> l
 
 
 def correlate(features: list[FeatureTotal], demo: dict[str, Any] | None) -> Correlate | None:
-    """The features of the "spurious" group (concept wall_blue when there is no such group)."""
+    """The features of the "spurious" group (concept wall_blue when there is no such group);
+    None for a run that is not a demo run (no demo.json: no concept is known to be spurious)."""
+    if demo is None:
+        return None
     concepts = list(((demo or {}).get("concepts") or {}).get(SPURIOUS, [])) or ["wall_blue"]
     members = [f for f in features if f.concept in concepts]
     if not features:

@@ -170,6 +170,39 @@ def credit_by_advantage(ledger: pd.DataFrame | None) -> pd.DataFrame:
     return out.reindex([g for g in order if g in out.index])
 
 
+MAX_TAG_VALUES = 12  # a tag with more distinct values is grouped by sign
+
+
+def tag_names(ledger: pd.DataFrame | None) -> list[str]:
+    """The tags (without the `tag/` prefix) that label some whole-sample credit row."""
+    rows = _sample_rows(ledger)
+    return [c[len(L.TAG_PREFIX):] for c in _tag_columns(rows) if rows[c].notna().any()]
+
+
+def credit_by_tag(ledger: pd.DataFrame | None, tag: str) -> pd.DataFrame:
+    """Whole-sample credit summed per value of `tag/<tag>` (any run's tags): per value for a
+    tag of whole numbers (ids, events, 0/1 rewards) with at most MAX_TAG_VALUES distinct
+    values, else per sign ("<tag> > 0", …)."""
+    rows, column = _sample_rows(ledger), L.TAG_PREFIX + tag
+    if not len(rows) or column not in rows or rows[column].isna().all():
+        return pd.DataFrame(columns=["samples", "total", "per_sample"])
+    values = rows[column].astype("float64")
+    present = values.dropna()
+    if present.nunique() <= MAX_TAG_VALUES and bool((present == present.round()).all()):
+        def label(v: float) -> str:
+            return "untagged" if pd.isna(v) else f"{tag} = {float(v):.6g}"
+
+        order = sorted(values.dropna().unique())
+        names = [label(v) for v in order] + ["untagged"]
+    else:
+        def label(v: float) -> str:
+            return "untagged" if pd.isna(v) else f"{tag} {'>' if v > 0 else '<' if v < 0 else '='} 0"
+
+        names = [f"{tag} > 0", f"{tag} < 0", f"{tag} = 0", "untagged"]
+    out = _grouped(rows, values.map(label))
+    return out.reindex([n for n in names if n in out.index])
+
+
 def credit_features_by_source(ledger: pd.DataFrame | None, k: int = 8) -> pd.DataFrame:
     """Tagged feature credit, feature × reward source, the k features largest in |total|
     (empty when feature rows were summed over samples without tags)."""

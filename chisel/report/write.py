@@ -20,7 +20,11 @@ def resolve_out(out: str | Path, default_name: str) -> Path:
 def write_report(
     run_dir: str | Path, out: str | Path | None = None, *, compare: str | Path | None = None
 ) -> Path:
-    """Write the self-contained report of a demo run directory; return the HTML path.
+    """Write the self-contained report of a run directory; return the HTML path.
+
+    Any run with a ledger gets the timeline, circuits, credit by each tag, completeness and,
+    where present, validation; a `chisel demo` run (demo.json) adds its concept groups, the
+    blue-wall correlate, probe scores, reward events and the causal check.
 
     Args:
         run_dir: a run directory (manifest.json required; ledger.parquet, probes.parquet,
@@ -46,13 +50,14 @@ def write_report(
         S.timeline_section(art, figs),
         VS.validation_section(art, s, figs),
         VS.coverage_section(art, s, figs),
-        S.probes_section(art, figs),
+        S.probes_section(art, figs) if art.is_demo or art.probes is not None else None,
         S.circuits_section(art, figs),
         S.credit_section(art, figs),
         S.completeness_section(art, s, figs),
-        S.causal_section(art, s),
+        S.causal_section(art, s) if art.is_demo or art.causal is not None else None,
         S.missing_section(art),
     ]
+    sections = [x for x in sections if x is not None]  # demo-only sections of other runs
     subtitle = f"run {art.root}"
     if art.demo:
         d = art.demo
