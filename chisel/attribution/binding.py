@@ -14,6 +14,7 @@ import probes
 from chisel.attribution.functional import ParamSpace, UpdatePath
 from chisel.attribution.geometry import FeatureBlock
 from chisel.attribution.splits import Kernels, mean_inputs, read_kernels, write_kernels
+from chisel.attribution.stream import Reading, find_readings
 from chisel.attribution.transport import Transport, find_transports
 from chisel.attribution.weights import LinearWeight, bind_sites, check_bound, linear_weights
 from chisel.errors import ChiselError
@@ -74,8 +75,10 @@ def bind(
     weights = linear_weights(space.model, recorded)
     weights = bind_sites(space.model, weights, sites, space.run_metric, check=False)
     carried = find_transports(space.model, weights, sites, space.run_metric)
-    check_bound(weights, sites, {t.site for t in carried})
-    binding = Binding({w.param: w for w in weights}, feature_blocks(weights, features, space.dtype, carried))
+    readings = find_readings(space.model, weights, features, space.run_metric)
+    check_bound(weights, sites, {t.site for t in carried} | {r.site for r in readings})
+    blocks = feature_blocks(weights, features, space.dtype, carried, readings)
+    binding = Binding({w.param: w for w in weights}, blocks)
     if centred:
         _warn_uncentred(binding)
     return binding
@@ -100,12 +103,18 @@ def feature_blocks(
     features: probes.FeatureSet,
     dtype: torch.dtype,
     carried: list[Transport] = (),
+    readings: list[Reading] = (),
 ) -> Blocks:
     """{weight param: (input block, output block)}: unit read directions of the features bound at
-    each side; an output block may be carried back through an activation (`transport`)."""
+    each side; an output block may be carried back through an activation (`transport`), and an
+    input block holds the stream features that reach the weight through norms and residual
+    additions (`stream`), as their images at its input."""
     by_param = {}
     for t in carried:
         by_param.setdefault(t.param, []).append(t)
+    reads: dict[str, list[Reading]] = {}
+    for r in readings:
+        reads.setdefault(r.param, []).append(r)
     exact = {
         w.param: (
             _block(w, [f for s in w.in_sites for f in features.at(s)], w.d_in, "reads", dtype),
@@ -116,6 +125,8 @@ def feature_blocks(
     out = {}
     for w in weights:
         ins, outs = exact[w.param]
+        if reads.get(w.param):
+            ins = _with_readings(ins, reads[w.param], dtype)
         if by_param.get(w.param):
             outs = _carried_block(w, outs, by_param[w.param], features, dtype)
         if ins is not None or outs is not None:
@@ -143,6 +154,16 @@ def _block(
         )
     dirs = torch.stack([f.read.to(dtype) / f.read.to(dtype).norm() for f in feats])  # [F, dim]
     return FeatureBlock(tuple(f.name for f in feats), tuple(f.site for f in feats), dirs)
+
+
+def _with_readings(
+    exact: FeatureBlock | None, readings: list[Reading], dtype: torch.dtype
+) -> FeatureBlock:
+    """The weight's input block: its own input's features, then the stream features' images."""
+    names = [*(exact.names if exact else ()), *(n for r in readings for n in r.names)]
+    sites = [*(exact.sites if exact else ()), *(r.site for r in readings for _ in r.names)]
+    dirs = [*([exact.directions] if exact else []), *(r.directions.to(dtype) for r in readings)]
+    return FeatureBlock(tuple(names), tuple(sites), torch.cat(dirs))
 
 
 def _carried_block(
