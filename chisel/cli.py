@@ -1,5 +1,5 @@
 """The `chisel` command line: `chisel demo`, `chisel report RUN_DIR`, `chisel info RUN_DIR`,
-`chisel verify RUN_DIR`.
+`chisel verify RUN_DIR`, `chisel tensorboard RUN_DIR`.
 
 A user error (a `ChiselError`, a `probes` error, a path that cannot be read or written) is one
 line `chisel: error: …` on stderr and exit code 2, never a traceback.
@@ -51,6 +51,18 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tensorboard(args: argparse.Namespace) -> int:
+    try:
+        from chisel.integrations.tensorboard import export
+
+        folder = export(args.run_dir, args.out, ledger=args.ledger)
+    except ImportError as err:
+        print(f"chisel: error: {_one_line(err)}", file=sys.stderr)
+        return USER_ERROR
+    print(f"wrote TensorBoard event files to {folder} (view: tensorboard --logdir {folder})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chisel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None,
                         help="folder or .html path to write (default: the run directory)")
     report.set_defaults(func=_report)
+    board = sub.add_parser(
+        "tensorboard",
+        help="export a run's per-step update norms (and ledger timeline) to TensorBoard",
+        description="Write TensorBoard event files of a recorded run: update/norm (total and "
+        "per module), grad/norm, optim/lr and tag/<name> per step; with --ledger also "
+        "timeline/<feature> (cumulative integrated attribution) and metric/delta.",
+    )
+    board.add_argument("run_dir", help="a directory written by chisel.record")
+    board.add_argument("--ledger", action="store_true",
+                       help="also export the timeline of the run's ledger.parquet")
+    board.add_argument("--out", default=None,
+                       help="folder for the event files (default: RUN_DIR/tensorboard)")
+    board.set_defaults(func=_tensorboard)
     return parser
 
 

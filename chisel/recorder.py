@@ -58,8 +58,15 @@ class Recorder:
         overwrite: bool = False,
         resume: bool = False,
         metadata: dict[str, Any] | None = None,
+        tensorboard: bool | str | os.PathLike = False,
     ) -> None:
         _check_arguments(model, run_dir, metadata)
+        self._view = None
+        if tensorboard is not False and tensorboard is not None:
+            from chisel.integrations.tensorboard import LiveView, log_dir
+
+            # the package is checked here; the event files appear with the first step
+            self._view = LiveView(log_dir(run_dir, tensorboard))
         # imported on use: `import chisel` stays light
         from chisel.integrations.optimizers import unwrap_optimizer
 
@@ -96,6 +103,8 @@ class Recorder:
                 scaler=scaler,
             )
             self._writer = box["writer"] = RunWriter(self.layout, self._capture.layout, config)
+            if self._view is not None:
+                self._writer.on_step = self._view.add_step
         except BaseException:
             if fresh:
                 self._undo_start(existed)
@@ -126,7 +135,7 @@ class Recorder:
                 ) from err
             raise
         self._finalizer = weakref.finalize(
-            self, _abandon, self._capture, self._writer, str(self.run_dir)
+            self, _abandon, self._capture, self._writer, str(self.run_dir), self._view
         )
 
     def _undo_start(self, existed: bool) -> None:
@@ -287,7 +296,11 @@ class Recorder:
             if self._writer._error is None:
                 self._writer.submit(self._capture.keyframe("end"))
         finally:
-            self._writer.close()
+            try:
+                self._writer.close()
+            finally:
+                if self._view is not None:
+                    self._view.close()
 
     def __enter__(self) -> Recorder:
         return self
@@ -356,12 +369,15 @@ def _failed_start(root: Path) -> bool:
     return True
 
 
-def _abandon(capture: StepCapture, writer: RunWriter, run_dir: str) -> None:
+def _abandon(capture: StepCapture, writer: RunWriter, run_dir: str, view: Any = None) -> None:
     """Finalizer of a Recorder dropped without close(): remove its hooks, stop its writer."""
     with contextlib.suppress(Exception):
         capture.detach()
     with contextlib.suppress(Exception):
         writer.close()
+    if view is not None:
+        with contextlib.suppress(Exception):
+            view.close()
     warnings.warn(
         f"a chisel Recorder for {run_dir} was dropped without close(): its hooks were removed "
         "and its writer stopped, but no final keyframe was written. Use `with chisel.record(...)`.",
@@ -388,6 +404,7 @@ def record(
     overwrite: bool = False,
     resume: bool = False,
     metadata: dict[str, Any] | None = None,
+    tensorboard: bool | str | os.PathLike = False,
 ) -> Recorder:
     """Record every update of `optimizer` (whose parameters belong to `model`) into `run_dir`.
 
@@ -403,6 +420,10 @@ def record(
         overwrite: replace an existing run in `run_dir`.
         resume: continue the step numbering of the run in `run_dir` (after a checkpoint reload).
         metadata: JSON-able values stored in the manifest (hyper-parameters, seed, …).
+        tensorboard: stream each step's update norms (total and per module), grad norm, lr
+            and tags (`rec.tag(loss=...)`) to TensorBoard: True for `<run_dir>/tensorboard`,
+            or a log directory. Written by chisel's writer thread, off the training thread;
+            needs the `tensorboard` package (see `chisel.integrations.tensorboard`).
 
     Example:
         >>> with chisel.record(model, optimizer, "runs/x", factors=True) as rec:  # doctest: +SKIP
@@ -431,4 +452,5 @@ def record(
         overwrite=overwrite,
         resume=resume,
         metadata=metadata,
+        tensorboard=tensorboard,
     )

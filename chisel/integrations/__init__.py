@@ -6,6 +6,8 @@ Each integration is a module imported on use, so `import chisel` never imports t
   `pip install chisel-rl[sb3]`.
 - `chisel.integrations.hf`: `transformers.Trainer` and TRL trainers (GRPO tagged per
   completion), with `pip install chisel-rl[hf]`.
+- `chisel.integrations.tensorboard`: the live view of `chisel.record(..., tensorboard=True)`
+  and `chisel tensorboard RUN_DIR`, with `pip install chisel-rl[tensorboard]`.
 - `chisel.integrations.optimizers.unwrap_optimizer`: the hookable optimizer inside wrappers
   such as accelerate's `AcceleratedOptimizer`.
 """

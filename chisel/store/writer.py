@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,6 +66,9 @@ class RunWriter:
         self._error: BaseException | None = None
         self._error_step: int | None = None
         self.steps_written = 0
+        # called in this thread with (record, tags) of each step once its file is written
+        # (the recorder's TensorBoard view); set before the first step is submitted
+        self.on_step: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="chisel-writer", daemon=True)
         self._thread.start()
 
@@ -156,6 +160,8 @@ class RunWriter:
                 record["tags"][name] = value
         write_tensors(self.layout.step_file(item.step), tensors, record, fsync=self.config.fsync)
         self.steps_written += 1
+        if self.on_step is not None:
+            self.on_step(record, item.tags)
 
     def _encode(self, after: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
         out, norms = {}, {}
