@@ -58,10 +58,13 @@ class Binding:
             if ins is not None:
                 xbar = means.get(w.module)
                 mean_grad = torch.outer(g_bias, xbar) if xbar is not None else None
-                sides.append(read_kernels(ins.names, ins.sites, ins.directions, g, mean_grad))
+                sides.append(
+                    read_kernels(ins.names, ins.sites, ins.directions, g, mean_grad, ins.dual())
+                )
             if outs is not None:
-                duals = outs.duals if outs.carried else None
-                sides.append(write_kernels(outs.names, outs.sites, outs.directions, g, g_bias, duals))
+                sides.append(
+                    write_kernels(outs.names, outs.sites, outs.directions, g, g_bias, outs.dual())
+                )
             out[param] = sides
         return out
 

@@ -32,16 +32,21 @@ class FeatureBlock:
         return self.duals is not None
 
     def projector(self) -> Tensor:
-        """Orthogonal projection onto the span of the directions: [d, d]."""
-        d = self.directions
-        return d.T @ torch.linalg.pinv(d @ d.T) @ d
+        """Orthogonal projection onto the span of the directions: [d, d] (computed once)."""
+        if "_projector" not in self.__dict__:
+            self.__dict__["_projector"] = self._least_squares_dual() @ self.directions
+        return self.__dict__["_projector"]
 
     def dual(self) -> Tensor:
-        """E = Dᵀ (D Dᵀ)⁺ [d, F]: least-squares coefficients c = Eᵀ x, with Σ_j c_j d_j = P x."""
-        if self.duals is not None:
-            return self.duals
-        d = self.directions
-        return d.T @ torch.linalg.pinv(d @ d.T)
+        """E = Dᵀ (D Dᵀ)⁺ [d, F]: least-squares coefficients c = Eᵀ x, with Σ_j c_j d_j = P x
+        (the given duals for a carried block). Computed once per block, not per step."""
+        return self.duals if self.duals is not None else self._least_squares_dual()
+
+    def _least_squares_dual(self) -> Tensor:
+        if "_dual" not in self.__dict__:  # frozen dataclass: cache beside the fields
+            d = self.directions
+            self.__dict__["_dual"] = d.T @ torch.linalg.pinv(d @ d.T)
+        return self.__dict__["_dual"]
 
 
 def geometry_rows(

@@ -96,14 +96,16 @@ def read_kernels(
     directions: Tensor,
     gbar: Tensor,
     mean_grad: Tensor | None = None,
+    duals: Tensor | None = None,
 ) -> Kernels:
     """Input-side kernels of a weight with path-averaged gradient `gbar` [out, in].
 
     directions: [F, in] unit read directions at the weight's input; mean_grad: M = ḡ_b x̄ᵀ
-    [out, in] for the centred split (None: uncentred, no "<mean>" kernel).
+    [out, in] for the centred split (None: uncentred, no "<mean>" kernel); duals: their
+    least-squares dual [in, F] if already computed (it depends on the directions only).
     """
     d = directions.to(gbar.dtype)
-    e = dual(d)  # [in, F]
+    e = dual(d) if duals is None else duals.to(gbar.dtype)  # [in, F]
     centred = gbar if mean_grad is None else gbar - mean_grad  # [out, in]
     features = torch.einsum("of,fi->foi", centred @ e, d)  # [F, out, in]
     residual = centred - centred @ (e @ d)  # (ḡ − M)(I − P)
