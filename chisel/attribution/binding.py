@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import probes
 from chisel.attribution.functional import ParamSpace, UpdatePath
@@ -70,17 +71,24 @@ class Binding:
 
 
 def bind(
-    space: ParamSpace, recorded: set[str], features: probes.FeatureSet, centred: bool
+    model: nn.Module,
+    run_forward: Callable[[], Any],
+    dtype: torch.dtype,
+    recorded: set[str],
+    features: probes.FeatureSet,
+    centred: bool,
 ) -> Binding:
     """Bind every feature to the recorded Linear weights that read or write its site (directly,
-    or after an elementwise activation), with one forward pass of the metric per kind."""
+    through norms and residual additions, or after an elementwise activation), with a few
+    forward passes of `run_forward` (the metric) on `model`. The attribution engine and the
+    validation's reversion game share it, so they split over the same directions."""
     sites = [f.site for f in features]
-    weights = linear_weights(space.model, recorded)
-    weights = bind_sites(space.model, weights, sites, space.run_metric, check=False)
-    carried = find_transports(space.model, weights, sites, space.run_metric)
-    readings = find_readings(space.model, weights, features, space.run_metric)
+    weights = linear_weights(model, recorded)
+    weights = bind_sites(model, weights, sites, run_forward, check=False)
+    carried = find_transports(model, weights, sites, run_forward)
+    readings = find_readings(model, weights, features, run_forward)
     check_bound(weights, sites, {t.site for t in carried} | {r.site for r in readings})
-    blocks = feature_blocks(weights, features, space.dtype, carried, readings)
+    blocks = feature_blocks(weights, features, dtype, carried, readings)
     binding = Binding({w.param: w for w in weights}, blocks)
     if centred:
         _warn_uncentred(binding)

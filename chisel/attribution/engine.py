@@ -182,7 +182,10 @@ def attribute(
     _check_model(run, model)
     space = ParamSpace(model, metric, dtype, device, batch_points=batch_points)
     plan = _Plan(
-        space, bind(space, set(run.param_names), features, centred), tuple(families), points,
+        space,
+        bind(space.model, space.run_metric, space.dtype, set(run.param_names), features, centred),
+        tuple(families),
+        points,
         split, centred, reference,
     )
     tag_columns = _tag_columns(run, chosen) if L.CREDIT in families else []

@@ -35,11 +35,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-import probes
 from chisel.attribution import ledger as L
+from chisel.attribution.binding import bind
 from chisel.attribution.copying import private_copy
 from chisel.attribution.functional import MetricCall
-from chisel.attribution.weights import LinearWeight, bind_sites, linear_weights
+from chisel.attribution.weights import LinearWeight
 from chisel.errors import StepOutOfRangeError
 from chisel.store.reader import Run, load
 from chisel.validation._common import (
@@ -146,13 +146,16 @@ class ReversionGame:
 
     # -- construction ----------------------------------------------------------------------------
     def _bind(self, run: Run, params: Sequence[str] | None) -> list[LinearWeight]:
-        recorded = set(run.param_names)
-        weights = bind_sites(
-            self.copy, linear_weights(self.copy, recorded), [f.site for f in self.features],
-            lambda: self.metric(self.copy),
+        """The weights with features at their input, bound as `chisel.attribute` binds them (the
+        same unit directions and dual basis: a pathway here is a ledger row there)."""
+        binding = bind(
+            self.copy, lambda: self.metric(self.copy), DTYPE, set(run.param_names), self.features,
+            centred=False,
         )
+        self._blocks = {p: ins for p, (ins, _) in binding.blocks.items() if ins is not None}
+        weights = [binding.by_param[p] for p in self._blocks]
         if params is not None:
-            known = {w.param for w in weights}
+            known = set(binding.by_param)
             unknown = [p for p in params if p not in known]
             if unknown:
                 raise ValidationError(
@@ -160,18 +163,7 @@ class ReversionGame:
                     f"choose among {sorted(known)}."
                 )
             weights = [w for w in weights if w.param in set(params)]
-        return [w for w in weights if w.in_sites and self._inputs(w)]
-
-    def _inputs(self, w: LinearWeight) -> list[probes.Feature]:
-        sites = set(w.in_sites)
-        feats = [f for f in self.features if f.site in sites]
-        for f in feats:
-            if f.dim != w.d_in:
-                raise ValidationError(
-                    f"{self.what}: feature {f.name!r} at {f.site!r} has dimension {f.dim}, but "
-                    f"{w.param} reads {w.d_in}-dimensional inputs there."
-                )
-        return feats
+        return weights
 
     def _mean_inputs(self, weights: list[LinearWeight], data: Any) -> dict[str, Tensor]:
         """x̄ per weight: mean input over the metric's states (or `data`) at the final θ."""
@@ -205,10 +197,10 @@ class ReversionGame:
     def _pathways(
         self, w: LinearWeight, theta_s: dict, theta_e: dict, x_mean: Tensor, centred: bool
     ) -> list[Pathway]:
-        feats = self._inputs(w)
-        vectors = [f.read.to(self.device, DTYPE) for f in feats]
-        d = torch.stack([v / v.norm() for v in vectors])  # [F, in]: unit read vectors
-        dual = d.T @ torch.linalg.pinv(d @ d.T, hermitian=True)  # E [in, F]
+        block = self._blocks[w.param]
+        feats = [self.features[n] for n in block.names]
+        d = block.directions.to(self.device, DTYPE)  # [F, in]: unit (stream features: their images)
+        dual = block.dual().to(self.device, DTYPE)  # E [in, F]
         proj = dual @ d  # P [in, in], symmetric
         dev = {"device": self.device, "dtype": DTYPE}
         delta = w.matrix(theta_e[w.param].to(**dev) - theta_s[w.param].to(**dev))  # ΔW [out, in]

@@ -112,3 +112,21 @@ def test_a_planted_stream_direction_is_recovered_behind_a_layernorm(tmp_path, se
     planted, randoms = _planted_share(tmp_path, seed)
     mean_random = sum(abs(r) for r in randoms) / len(randoms)
     assert planted > 0.05 and planted >= 10 * mean_random, (planted, randoms)
+
+
+def test_the_validation_reverts_stream_pathways_as_the_ledger_splits_them(tmp_path):
+    """The reversion game binds like the engine: a feature behind a LayerNorm has a pathway on the
+    head, and reverting it is first-order the ledger's cumulative share (small steps: close)."""
+    _planted_share(tmp_path, 0)
+    torch.manual_seed(0)
+    model = _Normed().double()
+    run = chisel.load(tmp_path / "run0")
+    x = torch.randn(128, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    metric = chisel.metrics.logprob(x, torch.zeros(128, dtype=torch.long))
+    feats = [probes.custom("s", "norm:in", torch.randn(D, generator=torch.Generator().manual_seed(6)))]
+    effects = chisel.pathway_effects(run, model, feats, metric)
+    row = effects[effects["feature"] == "s"]
+    assert list(row["param"]) == ["head.weight"]
+    ledger = chisel.attribute(run, model, feats, metric, families=("integrated",))
+    table = chisel.validation_table(ledger, effects)
+    assert table.loc[table["feature"] == "s", "attribution"].notna().all()
