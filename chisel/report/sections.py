@@ -78,12 +78,20 @@ def _headline_paras(s: Summary) -> list[str]:
             + (f" ({H.pct(float(x) / total)})" if total else "")
             for k, x in kinds.items()
         )
+        tail = f" By kind: {split}."
+        cover, whole = v.number("coverage_shapley"), v.number("delta_metric_reverted")
+        if len(kinds) == 1 and cover is not None and whole is not None:
+            tail = (
+                " The players are the feature pathways only (the rest of the learned change stays "
+                f"in place); together they carry {H.pct(cover)} of the whole learned change, "
+                f"m(final) − m(every pathway reverted) = {H.num(whole)}."
+            )
         out.append(
             H.para(
                 f"What the agent now relies on (headline ranking: {BY_SHAPLEY}, the value of "
                 "each pathway's learned change in the final network, interactions included; "
-                f"the values of all pathways sum exactly to {gap}; negative: the change lowers "
-                f"the metric now): {top}. By kind: {split}.",
+                f"the values of all players sum exactly to {gap}; negative: the change lowers "
+                f"the metric now): {top}.{tail}",
                 "answer",
             )
         )

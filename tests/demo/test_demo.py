@@ -6,6 +6,7 @@ One quick demo run (about 30 s) is shared by the module; each test reads what it
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from chisel.cli import main
 from chisel.demo import DemoConfig, DemoConfigError
 from chisel.demo.config import ACTOR_INPUT_SITES, QUICK
 from chisel.envs import ACTION_NAMES
+from chisel.report import html as H
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "01_trashworld.ipynb"
@@ -256,3 +258,10 @@ def test_config_is_validated():
         DemoConfig(dictionary_latents=-1)
     assert DemoConfig(dictionary_latents=0).dictionary_latents == 0
     assert os.fspath(DemoConfig(out="x").out) == "x"
+
+
+def test_report_headline_says_who_plays_the_shapley_game(run_dir):
+    page = html.unescape((run_dir / "report.html").read_text())
+    summary = json.loads((run_dir / "validation.json").read_text())
+    assert "The players are the feature pathways only" in page
+    assert f"carry {H.pct(summary['coverage_shapley'])} of the whole learned change" in page
