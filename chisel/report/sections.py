@@ -383,8 +383,7 @@ def credit_section(art: RunArtifacts, figs: FigureSink) -> Section:
 def generic_credit_section(art: RunArtifacts, figs: FigureSink) -> Section:
     """Credit of any run, by every tag its samples carry (no demo vocabulary)."""
     title = "Credit by tag"
-    tables = {tag: T.credit_by_tag(art.ledger, tag) for tag in T.tag_names(art.ledger)}
-    tables = {tag: frame for tag, frame in tables.items() if not frame.empty}
+    tables = {tag: frame for tag, frame in T.credit_by_tags(art.ledger).items() if not frame.empty}
     if not tables:
         return "credit", title, absent(art, LEDGER_FILE, "credit (no tagged per-sample credit rows)")
     body = [

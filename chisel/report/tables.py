@@ -101,13 +101,18 @@ def _grouped(rows: pd.DataFrame, key: pd.Series) -> pd.DataFrame:
     ident = ident + 1e6 * origin.fillna(-1)
     summed = rows[L.SAMPLE].isna()
     count = rows[L.COUNT].astype("float64") if L.COUNT in rows else nan
-    tags = rows[_tag_columns(rows)].astype("float64").fillna(np.inf).astype(str)
+    # the tag values identify a credit_by group: only summed rows need them (a row-wise join
+    # over a per-sample ledger of millions of rows would dominate the report's time)
+    tags = rows.loc[summed, _tag_columns(rows)].astype("float64").fillna(np.inf).astype(str)
+    labels = pd.Series("", index=rows.index, dtype=object)
+    if tags.shape[1] and len(tags):
+        labels[summed] = tags.agg("|".join, axis=1)
     frame = pd.DataFrame(
         {
             "group": key.values,
             "id": ident.where(~summed).values,
             "origin": origin.fillna(rows[L.STEP].astype("float64")).values,
-            "tags": tags.agg("|".join, axis=1).values if tags.shape[1] else "",
+            "tags": labels.values,
             "summed": summed.values,
             "uncounted": (summed & count.isna()).values,
             "count": count.where(summed).values,
@@ -173,34 +178,41 @@ def credit_by_advantage(ledger: pd.DataFrame | None) -> pd.DataFrame:
 MAX_TAG_VALUES = 12  # a tag with more distinct values is grouped by sign
 
 
-def tag_names(ledger: pd.DataFrame | None) -> list[str]:
-    """The tags (without the `tag/` prefix) that label some whole-sample credit row."""
+def _tag_labels(tag: str, values: pd.Series) -> tuple[pd.Series, list[str]]:
+    """Each row's group label, and the labels in display order: per value for whole numbers
+    with at most MAX_TAG_VALUES distinct values, else per sign. Vectorised: a per-sample
+    ledger has millions of rows."""
+    present = values.dropna()
+    unique = np.sort(present.unique())
+    if len(unique) <= MAX_TAG_VALUES and bool((unique == np.round(unique)).all()):
+        names = {v: f"{tag} = {v:.6g}" for v in unique}
+        order = list(names.values())
+        labels = values.map(names)
+    else:
+        names = {1.0: f"{tag} > 0", -1.0: f"{tag} < 0", 0.0: f"{tag} = 0"}
+        order = list(names.values())
+        labels = np.sign(values).map(names)
+    return labels.fillna("untagged"), [*order, "untagged"]
+
+
+def credit_by_tags(ledger: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
+    """Whole-sample credit summed per value (or sign) of each tag the rows carry (any run's
+    tags), keyed by tag name; tags no row carries are left out."""
     rows = _sample_rows(ledger)
-    return [c[len(L.TAG_PREFIX):] for c in _tag_columns(rows) if rows[c].notna().any()]
+    out = {}
+    for column in _tag_columns(rows):
+        values = rows[column].astype("float64")
+        if values.isna().all():
+            continue
+        labels, order = _tag_labels(column[len(L.TAG_PREFIX):], values)
+        frame = _grouped(rows, labels)
+        out[column[len(L.TAG_PREFIX):]] = frame.reindex([n for n in order if n in frame.index])
+    return out
 
 
 def credit_by_tag(ledger: pd.DataFrame | None, tag: str) -> pd.DataFrame:
-    """Whole-sample credit summed per value of `tag/<tag>` (any run's tags): per value for a
-    tag of whole numbers (ids, events, 0/1 rewards) with at most MAX_TAG_VALUES distinct
-    values, else per sign ("<tag> > 0", …)."""
-    rows, column = _sample_rows(ledger), L.TAG_PREFIX + tag
-    if not len(rows) or column not in rows or rows[column].isna().all():
-        return pd.DataFrame(columns=["samples", "total", "per_sample"])
-    values = rows[column].astype("float64")
-    present = values.dropna()
-    if present.nunique() <= MAX_TAG_VALUES and bool((present == present.round()).all()):
-        def label(v: float) -> str:
-            return "untagged" if pd.isna(v) else f"{tag} = {float(v):.6g}"
-
-        order = sorted(values.dropna().unique())
-        names = [label(v) for v in order] + ["untagged"]
-    else:
-        def label(v: float) -> str:
-            return "untagged" if pd.isna(v) else f"{tag} {'>' if v > 0 else '<' if v < 0 else '='} 0"
-
-        names = [f"{tag} > 0", f"{tag} < 0", f"{tag} = 0", "untagged"]
-    out = _grouped(rows, values.map(label))
-    return out.reindex([n for n in names if n in out.index])
+    """`credit_by_tags` of one tag (an empty frame when no row carries it)."""
+    return credit_by_tags(ledger).get(tag, pd.DataFrame(columns=["samples", "total", "per_sample"]))
 
 
 def credit_features_by_source(ledger: pd.DataFrame | None, k: int = 8) -> pd.DataFrame:

@@ -84,13 +84,15 @@ def test_cli_report_of_a_plain_bandit(bandit, tmp_path):
 
 def test_validation_shows_when_written(bandit, tmp_path):
     run_dir, model, features, metric = bandit
-    effects = chisel.pathway_effects(run_dir, model, features, metric)
-    copy = tmp_path / "run"
     import shutil
 
+    effects = chisel.pathway_effects(run_dir, model, features, metric)
+    copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    effects.to_parquet(copy / "validation.parquet", index=False)
+    table = chisel.validation_table(chisel.load_ledger(copy / "ledger.parquet"), effects)
+    table.to_parquet(copy / "validation.parquet", index=False)
     page = write_report(copy).read_text()
     assert '<section id="validation">' in page
     assert "validation.parquet is not in the run directory" not in page
+    assert "Not shown: the validation by intervention" not in page
     assert not _DEMO_WORDS.findall(page)
