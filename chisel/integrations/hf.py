@@ -9,14 +9,17 @@
 per real optimizer step (after gradient accumulation and clipping), so each step is recorded
 once and exactly.
 
-Per-completion tags (TRL `GRPOTrainer`): TRL computes rewards and group-normalised advantages
+Per-completion tags (TRL `GRPOTrainer`, and `RLOOTrainer`, which is built the same way): TRL computes rewards and group-normalised advantages
 for a whole generation batch in `_generate_and_score_completions`, then shuffles the batch and
 splits it into the micro-batches the loss consumes (`_prepare_inputs`). The callback adds its own
 columns to that batch (the summed reward, each reward function's reward, the completion's
 prompt group), so TRL's shuffle and split carry them along with the advantages; `compute_loss`
 then tags each micro-batch with exactly the advantages the loss weighted it by and the rewards of
 the same completions, and removes the columns before TRL sees them. Micro-batches of one
-optimizer step concatenate, in the order the loss consumed them. A plain `Trainer` exposes no
+optimizer step concatenate, in the order the loss consumed them. This holds whatever
+`steps_per_generation` and `num_iterations` are (a generation batch reused over several steps
+carries its columns along). `reward` is what the reward functions returned, weighted and summed
+(RLOO's reward clipping and KL penalty come after it, inside the advantage). A plain `Trainer` exposes no
 per-sample reward, so its steps carry no tags (tag your own with `callback.recorder.tag`).
 
 A callback never sees its trainer, so the callback finds it in the frame that called
@@ -47,7 +50,7 @@ __all__ = ["GRPO_TAGS", "ChiselCallback", "IntegrationError"]
 
 GRPO_TAGS: tuple[str, ...] = (
     "advantage",  # the advantage GRPO's loss weighted the completion by (inputs["advantages"])
-    "reward",  # the weighted sum of the reward functions (NaN: no function scored it)
+    "reward",  # the reward functions' weighted sum (NaN: no function scored the completion)
     "group",  # prompt group: completions of one prompt share it (unique over the run)
 )
 # each reward function's own reward is tagged too, as reward_<function name>

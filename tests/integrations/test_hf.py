@@ -226,6 +226,32 @@ def test_grpo_records_every_step_and_tags_each_completion(tmp_path):
         assert rows[f"tag/{name}"].tolist() == pytest.approx(expected, abs=0), name
 
 
+def test_rloo_completions_are_tagged_too(tmp_path):
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    tokenizer = _tokenizer()
+    model, spy = _model(tokenizer), StepSpy()
+    callback = hf.ChiselCallback(tmp_path / "run")
+    args = _args(RLOOConfig, tmp_path, per_device_train_batch_size=4, num_generations=4,
+                 gradient_accumulation_steps=2, max_completion_length=6, max_steps=2,
+                 learning_rate=1e-2, beta=0.0)  # beta > 0 loads a reference model from the Hub
+    trainer = RLOOTrainer(model=model, reward_funcs=[_reward_count_a], args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["a b", "c d"] * 8}),
+                          processing_class=tokenizer, callbacks=[spy, callback])
+    losses = LossSpy(trainer, tokenizer)
+    losses.spy = spy
+    trainer.train()
+    run = chisel.load(tmp_path / "run")
+    _assert_exact(run, spy, model)
+    for t in range(len(run)):
+        mine = [b for b in losses.batches if b[0] == t]
+        tags = run.tags(t)
+        assert torch.equal(tags["advantage"], torch.cat([b[1] for b in mine]).float())
+        texts = [s for b in mine for s in b[2]]
+        assert torch.equal(tags["reward"], torch.tensor(_reward_count_a(texts)))
+
+
 def test_grpo_error_closes_the_recording(tmp_path):
     callback = hf.ChiselCallback(tmp_path / "run")
     trainer, model, spy, _ = _grpo(tmp_path, callback, max_steps=3)
