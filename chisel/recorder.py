@@ -59,14 +59,27 @@ class Recorder:
         resume: bool = False,
         metadata: dict[str, Any] | None = None,
         tensorboard: bool | str | os.PathLike = False,
+        features: Any = None,
     ) -> None:
         _check_arguments(model, run_dir, metadata)
         self._view = None
-        if tensorboard is not False and tensorboard is not None:
+        live = tensorboard is not False and tensorboard is not None
+        if features is not None and not live:
+            raise RecordConfigError(
+                "features= is shown by the TensorBoard view (each feature's geometry per step); "
+                "pass tensorboard=True (or a log directory) with it, or leave features out."
+            )
+        if live:
             from chisel.integrations.tensorboard import LiveView, log_dir
 
+            geometry = None
+            if features is not None:  # sites checked now; hooks only once the run has started
+                from chisel.integrations.live_geometry import LiveGeometry
+
+                recorded = [n for n, p in model.named_parameters() if p.requires_grad]
+                geometry = LiveGeometry(model, features, recorded)
             # the package is checked here; the event files appear with the first step
-            self._view = LiveView(log_dir(run_dir, tensorboard))
+            self._view = LiveView(log_dir(run_dir, tensorboard), geometry)
         # imported on use: `import chisel` stays light
         from chisel.integrations.optimizers import unwrap_optimizer
 
@@ -105,6 +118,7 @@ class Recorder:
             self._writer = box["writer"] = RunWriter(self.layout, self._capture.layout, config)
             if self._view is not None:
                 self._writer.on_step = self._view.add_step
+                self._writer.step_deltas = self._view.geometry is not None
         except BaseException:
             if fresh:
                 self._undo_start(existed)
@@ -120,9 +134,14 @@ class Recorder:
             )
             write_json(self.layout.manifest, manifest)
             self._capture.attach()
+            if self._view is not None and self._view.geometry is not None:
+                self._view.geometry.attach(optimizer)  # binds at the first forward pass
         except BaseException as err:
             with contextlib.suppress(Exception):
                 self._capture.detach()
+            if self._view is not None:
+                with contextlib.suppress(Exception):
+                    self._view.close()
             with contextlib.suppress(Exception):  # the first error is the one to report
                 self._writer.close()
             if fresh:
@@ -405,6 +424,7 @@ def record(
     resume: bool = False,
     metadata: dict[str, Any] | None = None,
     tensorboard: bool | str | os.PathLike = False,
+    features: Any = None,
 ) -> Recorder:
     """Record every update of `optimizer` (whose parameters belong to `model`) into `run_dir`.
 
@@ -424,6 +444,11 @@ def record(
             and tags (`rec.tag(loss=...)`) to TensorBoard: True for `<run_dir>/tensorboard`,
             or a log directory. Written by chisel's writer thread, off the training thread;
             needs the `tensorboard` package (see `chisel.integrations.tensorboard`).
+        features: with `tensorboard`, also stream each feature's geometry per step:
+            `geometry/read/<feature>@<param>` = ‖ΔW d‖ for a weight reading its site and
+            `geometry/write/<feature>@<param>` = ‖uᵀΔW‖ for one writing it (bound by tensor
+            identity during the first training forward pass; see
+            `chisel.integrations.live_geometry`).
 
     Example:
         >>> with chisel.record(model, optimizer, "runs/x", factors=True) as rec:  # doctest: +SKIP
@@ -453,4 +478,5 @@ def record(
         resume=resume,
         metadata=metadata,
         tensorboard=tensorboard,
+        features=features,
     )

@@ -96,46 +96,67 @@ def _view_key(t: Tensor) -> tuple:
     return (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), version)
 
 
-def _watch(model: nn.Module, sites: list[Site], weights: list[LinearWeight], run_forward) -> tuple[dict, dict]:
-    """Run one forward pass; return {site: view key} and {module: (in key, out key)}."""
-    site_keys: dict[str, tuple] = {}
-    weight_keys: dict[str, tuple] = {}
-    handles: list[Any] = []
-    alive: list[Tensor] = []  # no_grad frees activations early: keep them, or addresses get reused
+class SiteWatch:
+    """Forward hooks that note which tensor each site and each weight's input/output is (same
+    storage, offset, shape, strides and version), during whatever forward pass runs next.
 
-    def on_site(site: Site):
+    Whoever makes it owns its hooks: call `remove()` (in a `finally`).
+    """
+
+    def __init__(self, model: nn.Module, sites: list[Site], weights: list[LinearWeight]) -> None:
+        self.site_keys: dict[str, tuple] = {}
+        self.weight_keys: dict[str, tuple] = {}
+        self._alive: list[Tensor] = []  # freed activations would let addresses be reused
+        self._handles: list[Any] = []
+        try:
+            for site in sites:
+                target = hook_point_at(model, site) if site.kind == "hook" else module_at(model, site.target)
+                if site.kind == "in":  # before the module runs: an in-place module overwrites it
+                    hook = self._on_site(site)
+                    self._handles.append(target.register_forward_pre_hook(lambda m, a, h=hook: h(m, a, None)))
+                else:
+                    self._handles.append(target.register_forward_hook(self._on_site(site)))
+            for w in weights:
+                self._handles.append(module_at(model, w.module).register_forward_hook(self._on_weight(w)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _on_site(self, site: Site):
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
             value = args[0] if site.kind == "in" else output
-            if isinstance(value, Tensor) and site.name not in site_keys:
-                alive.append(value)
-                site_keys[site.name] = _view_key(value)
+            if isinstance(value, Tensor) and site.name not in self.site_keys:
+                self._alive.append(value)
+                self.site_keys[site.name] = _view_key(value)
 
         return hook
 
-    def on_weight(w: LinearWeight):
+    def _on_weight(self, w: LinearWeight):
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
-            if w.module not in weight_keys:
-                alive.extend((args[0], output))
-                weight_keys[w.module] = (_view_key(args[0]), _view_key(output))
+            if w.module not in self.weight_keys:
+                self._alive.extend((args[0], output))
+                self.weight_keys[w.module] = (_view_key(args[0]), _view_key(output))
 
         return hook
 
-    try:
-        for site in sites:
-            target = hook_point_at(model, site) if site.kind == "hook" else module_at(model, site.target)
-            if site.kind == "in":  # before the module runs: an in-place module overwrites it
-                hook = on_site(site)
-                handles.append(target.register_forward_pre_hook(lambda m, a, h=hook: h(m, a, None)))
-            else:
-                handles.append(target.register_forward_hook(on_site(site)))
-        for w in weights:
-            handles.append(module_at(model, w.module).register_forward_hook(on_weight(w)))
-        with torch.no_grad():
-            run_forward()
-    finally:
-        for h in handles:
+    def remove(self) -> None:
+        for h in self._handles:
             h.remove()
-    return site_keys, weight_keys
+        self._handles.clear()
+        self._alive.clear()
+
+    def bound(self, weights: list[LinearWeight], feature_sites: list[str]) -> list[LinearWeight]:
+        """The weights with the sites that carry their input or output tensor filled in."""
+        out = []
+        for w in weights:
+            keys = self.weight_keys.get(w.module)
+            ins = tuple(s for s, k in self.site_keys.items() if keys and k == keys[0])
+            outs = tuple(s for s, k in self.site_keys.items() if keys and k == keys[1])
+            # the module's own sites always count, even if the metric never ran the module
+            ins = tuple(dict.fromkeys((*ins, *(s for s in feature_sites if s == w.in_site))))
+            outs = tuple(dict.fromkeys((*outs, *(s for s in feature_sites if s == w.out_site))))
+            out.append(LinearWeight(w.module, w.param, w.bias, w.transposed, w.d_in, w.d_out, ins, outs))
+        return out
 
 
 def bind_sites(
@@ -151,16 +172,13 @@ def bind_sites(
     check: raise `FeatureSiteError` for a site no weight reads or writes (see `check_bound`).
     """
     resolved = [probes.resolve_site(model, s) for s in dict.fromkeys(feature_sites)]
-    site_keys, weight_keys = _watch(model, resolved, weights, run_forward)
-    bound = []
-    for w in weights:
-        keys = weight_keys.get(w.module)
-        ins = tuple(s for s, k in site_keys.items() if keys and k == keys[0])
-        outs = tuple(s for s, k in site_keys.items() if keys and k == keys[1])
-        # the module's own sites always count, even if the metric never ran the module
-        ins = tuple(dict.fromkeys((*ins, *(s for s in feature_sites if s == w.in_site))))
-        outs = tuple(dict.fromkeys((*outs, *(s for s in feature_sites if s == w.out_site))))
-        bound.append(LinearWeight(w.module, w.param, w.bias, w.transposed, w.d_in, w.d_out, ins, outs))
+    watch = SiteWatch(model, resolved, weights)
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        watch.remove()
+    bound = watch.bound(weights, feature_sites)
     if check:
         check_bound(bound, feature_sites)
     return bound

@@ -98,14 +98,22 @@ class LiveView:
     A failure of the view is reported once as a warning and ends the view, never the recording.
     """
 
-    def __init__(self, log_dir: str | os.PathLike) -> None:
+    def __init__(self, log_dir: str | os.PathLike, geometry: Any = None) -> None:
+        """geometry: a `live_geometry.LiveGeometry` for the features' read/write per step."""
         require("tensorboard", "tensorboard", _WHAT)  # before anything touches disk
         self.log_dir = Path(log_dir)
+        self.geometry = geometry
         self._writer: Any = None
         self._failed = False
 
-    def add_step(self, record: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
-        """Called by chisel's writer thread with a written step's record and tags."""
+    def add_step(
+        self,
+        record: Mapping[str, Any],
+        tags: Mapping[str, Any],
+        deltas: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Called by chisel's writer thread with a written step's record, tags and (when the
+        view shows feature geometry) its update per parameter."""
         if self._failed or record.get("skipped"):
             return
         try:
@@ -115,6 +123,8 @@ class LiveView:
                 self._writer = SummaryWriter(str(self.log_dir))
             scalars = step_scalars(record.get("update_norms"), record.get("grad_norm"),
                                    record.get("lr"), tags)
+            if self.geometry is not None and deltas is not None:
+                scalars.update(self.geometry.scalars(deltas))
             for name, value in scalars.items():
                 self._writer.add_scalar(name, value, int(record["step"]))
         except Exception as err:
@@ -128,6 +138,8 @@ class LiveView:
             )
 
     def close(self) -> None:
+        if self.geometry is not None:
+            self.geometry.remove()
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()

@@ -68,7 +68,10 @@ class RunWriter:
         self.steps_written = 0
         # called in this thread with (record, tags) of each step once its file is written
         # (the recorder's TensorBoard view); set before the first step is submitted
-        self.on_step: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
+        self.on_step: Callable[..., None] | None = None
+        # on_step also gets the step's update per parameter ({name: tensor}) when this is set
+        self.step_deltas = False
+        self._deltas: dict[str, torch.Tensor] = {}
         self._thread = threading.Thread(target=self._loop, name="chisel-writer", daemon=True)
         self._thread.start()
 
@@ -161,14 +164,20 @@ class RunWriter:
         write_tensors(self.layout.step_file(item.step), tensors, record, fsync=self.config.fsync)
         self.steps_written += 1
         if self.on_step is not None:
-            self.on_step(record, item.tags)
+            if self.step_deltas:
+                self.on_step(record, item.tags, self._deltas if item.after is not None else None)
+            else:
+                self.on_step(record, item.tags)
 
     def _encode(self, after: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
         out, norms = {}, {}
         for dtype, value in after.items():
             prev = self._prev[dtype]
-            values = _segment_norms(value - prev, self._lengths[dtype])
+            diff = value - prev
+            values = _segment_norms(diff, self._lengths[dtype])
             norms.update(zip((name for name, _ in self._segments[dtype]), values))
+            if self.step_deltas:
+                self._deltas.update(self._per_param(dtype, diff))
             prev.copy_(value)
             if self._group_encoding[dtype] == N.EXACT:
                 out[N.AFTER + dtype] = value
@@ -180,6 +189,15 @@ class RunWriter:
             out[N.DELTA + dtype] = delta
         record["update_norms"] = {n: norms[n] for n in self.flat.names}
         record["update_norm"] = float(torch.tensor(list(norms.values()), dtype=torch.float64).norm())
+        return out
+
+    def _per_param(self, dtype: str, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of a flat per-dtype vector as each parameter's tensor."""
+        shapes = dict(zip(self.flat.names, self.flat.shapes))
+        out, start = {}, 0
+        for name, numel in self._segments[dtype]:
+            out[name] = flat[start : start + numel].view(shapes[name])
+            start += numel
         return out
 
     def _write_keyframe(self, kf: Keyframe) -> None:

@@ -133,3 +133,46 @@ def test_export_without_ledger_and_import_cost(live, tmp_path, capsys):
     code = ("import sys, chisel; bad = [m for m in ('tensorboard', 'torch.utils.tensorboard') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_live_view_streams_each_features_geometry(tmp_path):
+    """features=: ‖ΔW d‖ for the weight reading a feature's site, ‖uᵀΔW‖ for the one writing it,
+    every step, equal to the recorded updates; hooks gone after close."""
+    gen = torch.Generator().manual_seed(3)
+    width = mlp()[2].in_features
+    read = probes.custom("r", "2:in", torch.randn(width, generator=gen))
+    write = probes.custom("w", "0:out", torch.randn(width, generator=gen))
+    run_dir = tmp_path / "run"
+    model, _ = _train(run_dir, tensorboard=True, features=[read, write])
+    events, run = _events(run_dir / "tensorboard"), chisel.load(run_dir)
+    assert {"geometry/read/r@2.weight", "geometry/write/w@0.weight"} <= set(events)
+    d = read.read.double() / read.read.double().norm()
+    u = write.read.double() / write.read.double().norm()
+    for t in range(STEPS):
+        update = run.update(t)
+        want_read = float((update["2.weight"] @ d).norm())
+        want_write = float((u @ update["0.weight"]).norm())
+        assert events["geometry/read/r@2.weight"][t] == pytest.approx(want_read, rel=1e-5)
+        assert events["geometry/write/w@0.weight"][t] == pytest.approx(want_write, rel=1e-5)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_live_geometry_bad_input(tmp_path):
+    f = probes.custom("r", "2:inn", torch.randn(3))
+    with pytest.raises(probes.UnknownSiteError, match="2:inn"):
+        _train(tmp_path / "a", tensorboard=True, features=[f])
+    assert not (tmp_path / "a").exists()  # nothing made
+    with pytest.raises(chisel.RecordConfigError, match="tensorboard=True"):
+        _train(tmp_path / "b", features=[probes.custom("r", "2:in", torch.randn(3))])
+    # a site after the last Linear's activation: no weight reads or writes it; training goes on
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    unread = probes.custom("s", "1:out", torch.randn(3))
+    with pytest.warns(RuntimeWarning, match=r"no geometry for the features at \['1:out'\]"):
+        with chisel.record(model, opt, tmp_path / "c", tensorboard=True, features=[unread]):
+            for _ in range(2):
+                model(torch.randn(5, 4)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+    assert len(chisel.load(tmp_path / "c")) == 2
