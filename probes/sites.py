@@ -16,7 +16,7 @@ so plain PyTorch users do not pay its import time.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -127,6 +127,27 @@ def hook_point_at(model: nn.Module, site: Site) -> Any:
     if hp is None:
         raise UnknownSiteError(_unknown_message(model, site.name))
     return hp
+
+
+def hook_site(model: nn.Module, site: Site, fn: Callable[[Any], Any]) -> Any:
+    """Call ``fn(activation)`` at ``site`` on every forward pass; a tensor it returns replaces the
+    activation (``None`` keeps it). Returns the handle; the caller removes it.
+
+    A ``":in"`` site is seen in a forward *pre*-hook, before its module runs: an in-place module
+    (``nn.ReLU(inplace=True)``) would otherwise have overwritten it by the time a forward hook
+    looks. ``":out"`` and hook sites are seen in a forward hook on the module / HookPoint.
+    """
+    if site.kind == "in":
+
+        def pre(mod: nn.Module, args: tuple) -> tuple | None:
+            if not args:
+                return None
+            value = fn(args[0])
+            return None if value is None else (value, *args[1:])
+
+        return module_at(model, site.target).register_forward_pre_hook(pre)
+    target = hook_point_at(model, site) if site.kind == "hook" else module_at(model, site.target)
+    return target.register_forward_hook(lambda mod, args, output: fn(output))
 
 
 def _find_module(model: nn.Module, path: str) -> nn.Module | None:

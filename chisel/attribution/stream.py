@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 import probes
 from chisel.attribution.weights import LinearWeight
-from probes.sites import Site, hook_point_at, module_at
+from probes.sites import Site, hook_site
 
 _REACHED = 1e-9  # a reader whose input tangent is below this (relative to ‖d‖) is not reached
 
@@ -109,14 +109,7 @@ def _tangents(
         return fwAD.unpack_dual(output).primal if isinstance(output, Tensor) else output
 
     try:
-        if site.kind == "in":
-            target = module_at(model, site.target)
-            handles.append(target.register_forward_pre_hook(
-                lambda m, args: (seed_dual(args[0]), *args[1:])
-            ))
-        else:
-            target = hook_point_at(model, site) if site.kind == "hook" else module_at(model, site.target)
-            handles.append(target.register_forward_hook(lambda m, a, out: seed_dual(out)))
+        handles.append(hook_site(model, site, seed_dual))
         by_module = {w.module: w for w in weights}
         for name, module in model.named_modules():
             linear = isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) or (

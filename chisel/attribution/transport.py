@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import probes
 from chisel.attribution.weights import LinearWeight
-from probes.sites import Site, hook_point_at, module_at
+from probes.sites import Site, hook_site, module_at
 
 _SLOPE_FLOOR = 1e-12  # relative to the largest mean slope: below it a unit counts as dead
 
@@ -71,19 +71,17 @@ def find_transports(
         return hook
 
     def on_site(site: Site):
-        def hook(mod: nn.Module, args: tuple, output: Any) -> None:
-            value = args[0] if site.kind == "in" else output
+        def note(value: Any) -> None:
             if isinstance(value, Tensor):
                 events.append(("site", site.name, value))
 
-        return hook
+        return note
 
     try:
         for w in weights:
             handles.append(module_at(model, w.module).register_forward_hook(on_weight(w)))
         for site in wanted:
-            target = hook_point_at(model, site) if site.kind == "hook" else module_at(model, site.target)
-            handles.append(target.register_forward_hook(on_site(site)))
+            handles.append(hook_site(model, site, on_site(site)))
         with torch.enable_grad():
             run_forward()
     finally:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 import probes
 from chisel.errors import ChiselError
-from probes.sites import Site, hook_point_at, module_at
+from probes.sites import Site, hook_site, module_at
 
 
 class FeatureSiteError(ChiselError, ValueError):
@@ -109,13 +109,8 @@ class SiteWatch:
         self._alive: list[Tensor] = []  # freed activations would let addresses be reused
         self._handles: list[Any] = []
         try:
-            for site in sites:
-                target = hook_point_at(model, site) if site.kind == "hook" else module_at(model, site.target)
-                if site.kind == "in":  # before the module runs: an in-place module overwrites it
-                    hook = self._on_site(site)
-                    self._handles.append(target.register_forward_pre_hook(lambda m, a, h=hook: h(m, a, None)))
-                else:
-                    self._handles.append(target.register_forward_hook(self._on_site(site)))
+            for site in sites:  # ':in' sites are seen before their module runs (in-place ops)
+                self._handles.append(hook_site(model, site, self._on_site(site)))
             for w in weights:
                 self._handles.append(module_at(model, w.module).register_forward_hook(self._on_weight(w)))
         except BaseException:
@@ -123,13 +118,12 @@ class SiteWatch:
             raise
 
     def _on_site(self, site: Site):
-        def hook(mod: nn.Module, args: tuple, output: Any) -> None:
-            value = args[0] if site.kind == "in" else output
+        def note(value: Any) -> None:
             if isinstance(value, Tensor) and site.name not in self.site_keys:
                 self._alive.append(value)
                 self.site_keys[site.name] = _view_key(value)
 
-        return hook
+        return note
 
     def _on_weight(self, w: LinearWeight):
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 import probes
 from chisel.attribution.copying import private_copy
 from chisel.validation import _common as C
-from probes.sites import Site, hook_point_at, module_at
+from probes.sites import Site, hook_site
 
 Score = Callable[[nn.Module], Any]  # model -> float or scalar tensor
 
@@ -108,13 +108,7 @@ def _projected(model: nn.Module, site: Site, d: Tensor, mu: Tensor | None):
         centre = x if mu is None else x - mu.to(device=x.device, dtype=x.dtype)
         return x - (centre @ dd)[..., None] * dd  # [..., dim]
 
-    if site.kind == "in":
-        handle = module_at(model, site.target).register_forward_pre_hook(
-            lambda mod, args: (project(args[0]), *args[1:])
-        )
-    else:
-        target = hook_point_at(model, site) if site.kind == "hook" else module_at(model, site.target)
-        handle = target.register_forward_hook(lambda mod, args, out: project(out))
+    handle = hook_site(model, site, project)
     try:
         yield
     finally:
