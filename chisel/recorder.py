@@ -76,8 +76,7 @@ class Recorder:
             if features is not None:  # sites checked now; hooks only once the run has started
                 from chisel.integrations.live_geometry import LiveGeometry
 
-                recorded = [n for n, p in model.named_parameters() if p.requires_grad]
-                geometry = LiveGeometry(model, features, recorded)
+                geometry = LiveGeometry(model, features)
             # the package is checked here; the event files appear with the first step
             self._view = LiveView(log_dir(run_dir, tensorboard), geometry)
         # imported on use: `import chisel` stays light
@@ -135,7 +134,8 @@ class Recorder:
             write_json(self.layout.manifest, manifest)
             self._capture.attach()
             if self._view is not None and self._view.geometry is not None:
-                self._view.geometry.attach(optimizer)  # binds at the first forward pass
+                # binds at the first forward pass, to the parameters this run records
+                self._view.geometry.attach(optimizer, self._capture.layout.names)
         except BaseException as err:
             with contextlib.suppress(Exception):
                 self._capture.detach()

@@ -43,20 +43,22 @@ class LiveGeometry:
     Owns its hooks: `remove()` (the live view calls it on close) removes what is still attached.
     """
 
-    def __init__(self, model: nn.Module, features: Any, recorded: Iterable[str]) -> None:
+    def __init__(self, model: nn.Module, features: Any) -> None:
         """Checks the features' sites now (an unknown site is an error before anything starts);
         hooks nothing until `attach`."""
         self.features = _feature_set(features)
         self._model = model
-        self._weights = linear_weights(model, set(recorded))
+        self._weights: list[LinearWeight] = []
         self._sites = [f.site for f in self.features]
         self._resolved = [probes.resolve_site(model, s) for s in dict.fromkeys(self._sites)]
         self._watch: SiteWatch | None = None
         self._step_hook: Any = None
         self.sides: list[_Side] | None = None  # set at the first optimizer step
 
-    def attach(self, optimizer: Any) -> None:
-        """Watch the next forward pass; bind at the first optimizer step."""
+    def attach(self, optimizer: Any, recorded: Iterable[str]) -> None:
+        """Watch the next forward pass; bind at the first optimizer step. `recorded`: the names
+        of the parameters the run records (the ones whose updates the writer hands over)."""
+        self._weights = linear_weights(self._model, set(recorded))
         self._watch = SiteWatch(self._model, self._resolved, self._weights)
         self._step_hook = optimizer.register_step_pre_hook(lambda *_: self._bind())
 

@@ -170,14 +170,12 @@ class RunWriter:
                 self.on_step(record, item.tags)
 
     def _encode(self, after: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out, norms = {}, {}
+        out, norms, diffs = {}, {}, {}
         for dtype, value in after.items():
             prev = self._prev[dtype]
-            diff = value - prev
+            diffs[dtype] = diff = value - prev
             values = _segment_norms(diff, self._lengths[dtype])
             norms.update(zip((name for name, _ in self._segments[dtype]), values))
-            if self.step_deltas:
-                self._deltas.update(self._per_param(dtype, diff))
             prev.copy_(value)
             if self._group_encoding[dtype] == N.EXACT:
                 out[N.AFTER + dtype] = value
@@ -187,17 +185,10 @@ class RunWriter:
             delta = (value.double() - self._recon[dtype]).to(self._storage)
             self._recon[dtype] += delta.double()
             out[N.DELTA + dtype] = delta
+        if self.step_deltas:
+            self._deltas = self.flat.split(diffs)  # {param: its update}, views of the diffs
         record["update_norms"] = {n: norms[n] for n in self.flat.names}
         record["update_norm"] = float(torch.tensor(list(norms.values()), dtype=torch.float64).norm())
-        return out
-
-    def _per_param(self, dtype: str, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of a flat per-dtype vector as each parameter's tensor."""
-        shapes = dict(zip(self.flat.names, self.flat.shapes))
-        out, start = {}, 0
-        for name, numel in self._segments[dtype]:
-            out[name] = flat[start : start + numel].view(shapes[name])
-            start += numel
         return out
 
     def _write_keyframe(self, kf: Keyframe) -> None:
