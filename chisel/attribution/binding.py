@@ -14,7 +14,7 @@ from torch import Tensor, nn
 import probes
 from chisel.attribution.functional import ParamSpace, UpdatePath
 from chisel.attribution.geometry import FeatureBlock
-from chisel.attribution.splits import Kernels, mean_inputs, read_kernels, write_kernels
+from chisel.attribution.splits import Kernels, read_kernels, write_kernels
 from chisel.attribution.stream import Reading, find_readings
 from chisel.attribution.transport import Transport, find_transports
 from chisel.attribution.weights import LinearWeight, bind_sites, check_bound, linear_weights
@@ -49,7 +49,7 @@ class Binding:
         """
         readers = [self.by_param[p] for p, (ins, _) in self.blocks.items() if ins is not None]
         readers = [w.module for w in readers if w.bias]
-        means = mean_inputs(space, path.at(0.5), readers, reference) if centred and readers else {}
+        means = space.mean_inputs(path.at(0.5), readers, reference) if centred and readers else {}
         out: dict[str, list[Kernels]] = {}
         for param, (ins, outs) in self.blocks.items():
             w = self.by_param[param]

@@ -13,6 +13,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from chisel.attribution.copying import private_copy
 from chisel.attribution.metrics import Metric, describe
 from chisel.errors import ChiselError
+from probes.sites import module_at
 
 Params = dict[str, Tensor]
 
@@ -149,6 +151,20 @@ class ParamSpace:
         with self.explain_errors():
             return functional_call(self._call, {f"model.{n}": v for n, v in params.items()}, ())
 
+    def mean_inputs(
+        self, params: Params, modules: list[str], reference: Any = None
+    ) -> dict[str, Tensor]:
+        """{module: x̄ [in]} at `params`: over the metric's states, or over `reference` (model
+        inputs: a tensor or a tuple of positional inputs) when given."""
+        if reference is None:
+            return input_means(self.model, modules, lambda: self.call(params))
+        args = reference if isinstance(reference, tuple) else (reference,)
+        args = tuple(
+            a.to(self.device, self.dtype) if isinstance(a, Tensor) and a.is_floating_point() else a
+            for a in args
+        )
+        return input_means(self.model, modules, lambda: functional_call(self.model, params, args))
+
     def run_metric(self) -> Tensor:
         """The metric on the copied model's own parameters (used to bind feature sites)."""
         with self.explain_errors():
@@ -189,6 +205,31 @@ class ParamSpace:
         return float(out.detach()), {
             n: torch.zeros_like(v) if g is None else g for (n, v), g in zip(leaves.items(), grads)
         }
+
+
+def input_means(model: nn.Module, modules: list[str], run_forward: Callable[[], Any]) -> dict[str, Tensor]:
+    """{module: x̄ [in]}: each module's first input averaged over every row it sees during one
+    no-grad `run_forward()` (a module that does not run is absent). Seen in a forward pre-hook,
+    before the module runs. Shared by the centred split and the validation's reversion game."""
+    sums: dict[str, tuple[Tensor, int]] = {}
+
+    def hook_for(name: str):
+        def pre(mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            rows = x.reshape(-1, x.shape[-1])  # [rows, in]
+            total, count = sums.get(name, (0.0, 0))
+            sums[name] = (total + rows.sum(0), count + rows.shape[0])
+
+        return pre
+
+    handles = [module_at(model, m).register_forward_pre_hook(hook_for(m)) for m in modules]
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return {m: total / count for m, (total, count) in sums.items()}
 
 
 class UpdatePath:

@@ -28,7 +28,6 @@ the weight's output, F = U_fᵀ(U_f U_fᵀ)⁺ [out, K], Q = Σ_k u_k f_kᵀ:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -138,47 +137,3 @@ def write_kernels(
         bias = torch.cat([f.T * (u @ gbar_bias)[:, None], (gbar_bias - q @ gbar_bias)[None]])
     labels, all_sites = (*names, L.RESIDUAL), (*sites, sites[0])
     return Kernels(L.WRITE_ATTRIBUTION, labels, all_sites, weight, bias)
-
-
-def mean_inputs(
-    space, params: dict[str, Tensor], modules: list[str], reference: Any = None
-) -> dict[str, Tensor]:
-    """{module: x̄ [in]}: each module's input averaged over every row the metric feeds it.
-
-    One forward pass of the metric at `params` (a `functional.ParamSpace`), no gradients; with
-    `reference` (a tensor or tuple of model inputs), one forward pass of the model on it instead.
-    """
-    from torch.func import functional_call
-
-    from probes.sites import module_at
-
-    def run() -> None:
-        if reference is None:
-            space.call(params)
-            return
-        args = reference if isinstance(reference, tuple) else (reference,)
-        args = tuple(
-            a.to(space.device, space.dtype) if isinstance(a, Tensor) and a.is_floating_point()
-            else a for a in args
-        )
-        functional_call(space.model, params, args)
-
-    sums: dict[str, list] = {}
-
-    def hook_for(name: str):
-        def hook(module, args, output) -> None:
-            x = args[0].detach()
-            rows = x.reshape(-1, x.shape[-1])
-            total, count = sums.get(name, (0.0, 0))
-            sums[name] = (total + rows.sum(0), count + rows.shape[0])
-
-        return hook
-
-    handles = [module_at(space.model, m).register_forward_hook(hook_for(m)) for m in modules]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    return {m: total / count for m, (total, count) in sums.items()}

@@ -38,7 +38,7 @@ from torch.func import functional_call, vmap
 from chisel.attribution import ledger as L
 from chisel.attribution.binding import bind
 from chisel.attribution.copying import private_copy
-from chisel.attribution.functional import MetricCall
+from chisel.attribution.functional import MetricCall, input_means
 from chisel.attribution.weights import LinearWeight
 from chisel.errors import StepOutOfRangeError
 from chisel.store.reader import Run, load
@@ -166,33 +166,17 @@ class ReversionGame:
         return weights
 
     def _mean_inputs(self, weights: list[LinearWeight], data: Any) -> dict[str, Tensor]:
-        """x̄ per weight: mean input over the metric's states (or `data`) at the final θ."""
-        sums = {w.module: torch.zeros(w.d_in, dtype=DTYPE, device=self.device) for w in weights}
-        counts = dict.fromkeys(sums, 0)
-        handles = []
-
-        def hook(name: str):
-            def pre(mod: nn.Module, args: tuple) -> None:
-                x = args[0].detach().to(DTYPE).reshape(-1, args[0].shape[-1])  # [rows, in]
-                sums[name] += x.sum(0)
-                counts[name] += x.shape[0]
-
-            return pre
-
-        try:
-            for w in weights:
-                handles.append(module_at(self.copy, w.module).register_forward_pre_hook(hook(w.module)))
-            with torch.no_grad():
-                if data is None:
-                    self.metric(self.copy)
-                elif isinstance(data, tuple | list):
-                    self.copy(*(_float64(x) for x in data))
-                else:
-                    self.copy(_float64(data))
-        finally:
-            for h in handles:
-                h.remove()
-        return {m: s / max(counts[m], 1) for m, s in sums.items()}
+        """x̄ per weight: mean input over the metric's states (or `data`) at the final θ
+        (zero for a weight the forward pass never runs)."""
+        if data is None:
+            run = lambda: self.metric(self.copy)  # noqa: E731
+        elif isinstance(data, tuple | list):
+            run = lambda: self.copy(*(_float64(x) for x in data))  # noqa: E731
+        else:
+            run = lambda: self.copy(_float64(data))  # noqa: E731
+        means = input_means(self.copy, [w.module for w in weights], run)
+        zeros = lambda w: torch.zeros(w.d_in, dtype=DTYPE, device=self.device)  # noqa: E731
+        return {w.module: means[w.module].to(DTYPE) if w.module in means else zeros(w) for w in weights}
 
     def _pathways(
         self, w: LinearWeight, theta_s: dict, theta_e: dict, x_mean: Tensor, centred: bool
