@@ -1,5 +1,6 @@
 """What every integration shares: its error class, the check for an optional dependency, the
-check of the options passed on to `chisel.record`, and instance patches that undo cleanly."""
+check of the options passed on to `chisel.record`, instance patches that undo cleanly, and the
+way a callback stops recording."""
 
 from __future__ import annotations
 
@@ -59,3 +60,13 @@ def patch(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> Callable
             setattr(obj, name, saved)
 
     return undo
+
+
+def stop(undo: list[Callable[[], None]], recorder: Any) -> None:
+    """Undo a callback's patches (last first), then close its recorder (even if an undo fails)."""
+    try:
+        for step in reversed(undo):
+            step()
+    finally:
+        if recorder is not None:
+            recorder.close()

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from chisel.integrations._common import IntegrationError, check_options, patch, require
+from chisel.integrations._common import IntegrationError, check_options, patch, require, stop
 
 require("transformers", "hf", "chisel.integrations.hf")
 
@@ -142,13 +142,8 @@ class ChiselCallback(TrainerCallback):
     def close(self) -> None:
         """Stop recording: undo every patch, remove the hooks, write the final keyframe."""
         undo, self._undo = self._undo, []
-        try:
-            for step in reversed(undo):
-                step()
-        finally:
-            recorder, self.recorder = self.recorder, None
-            if recorder is not None:
-                recorder.close()
+        recorder, self.recorder = self.recorder, None
+        stop(undo, recorder)
 
     def __repr__(self) -> str:
         state = repr(self.recorder) if self.recorder is not None else "not recording"

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from chisel.integrations._common import IntegrationError, check_options, patch, require
+from chisel.integrations._common import IntegrationError, check_options, patch, require, stop
 
 require("stable_baselines3", "sb3", "chisel.integrations.sb3")
 
@@ -56,15 +56,6 @@ __all__ = [
     "preprocess",
     "value",
 ]
-
-def _drop_graph(policy: Any) -> None:
-    """Forget the action distribution of the last training minibatch. SB3 keeps it on
-    `policy.action_dist.distribution` with its autograd graph, which makes the policy fail
-    `copy.deepcopy` (as `chisel.attribute` copies it); every forward pass sets a new one."""
-    dist = getattr(policy, "action_dist", None)
-    if getattr(dist, "distribution", None) is not None:
-        dist.distribution = None
-
 
 class ChiselCallback(BaseCallback):
     """Record every gradient step of an on-policy SB3 algorithm (PPO, A2C) into `run_dir`.
@@ -169,15 +160,8 @@ class ChiselCallback(BaseCallback):
     def close(self) -> None:
         """Stop recording: remove every hook and wrapper, write the final keyframe."""
         undo, self._undo = self._undo, []
-        try:
-            for step in reversed(undo):
-                step()
-        finally:
-            recorder, self.recorder = self.recorder, None
-            self._batch = None
-            if recorder is not None:
-                _drop_graph(self.model.policy)
-                recorder.close()
+        recorder, self.recorder, self._batch = self.recorder, None, None
+        stop(undo, recorder)
 
     def __enter__(self) -> ChiselCallback:
         return self

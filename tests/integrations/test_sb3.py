@@ -20,6 +20,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 import chisel
+from chisel.attribution.copying import private_copy
 from chisel.integrations import sb3
 from tests.chisel.helpers import module_hook_count, optimizer_hook_count
 
@@ -257,7 +258,7 @@ def test_policy_metrics_in_float32_and_float64(ppo):
     assert torch.equal(lp, log_prob)  # SB3's own numbers, bit for bit
     torch.testing.assert_close(torch.log_softmax(logits, -1), dist_logits)
     assert torch.equal(sb3.value(obs)(policy).detach(), values.mean())
-    double = copy.deepcopy(policy).double()  # what chisel.attribute evaluates
+    double = private_copy(policy).double()  # what chisel.attribute evaluates
     lp64 = sb3.logprob(obs, actions)(double)
     assert lp64.dtype == torch.float64
     torch.testing.assert_close(lp64, log_prob.double().mean(), rtol=0, atol=1e-5)
