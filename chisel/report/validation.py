@@ -26,6 +26,7 @@ import pandas as pd
 
 from chisel.attribution import ledger as L
 from chisel.report.artifacts import VALIDATION_FILE
+from chisel.validation.agreement import spearman  # one ρ for the stage and its report
 
 PATHWAY, FEATURE, SITE, PARAM, CONCEPT, KIND = (
     "pathway",
@@ -87,20 +88,6 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
     label = out[FEATURE].where(~repeated, out[FEATURE] + " → " + out[PARAM])
     out[LABEL] = label.where(out[FEATURE] != "", out[PATHWAY])  # groups: their pathway id
     return out.reset_index(drop=True)
-
-
-def spearman(x: pd.Series | np.ndarray, y: pd.Series | np.ndarray) -> tuple[float, int]:
-    """Spearman's ρ (Pearson of average ranks, ties shared) over the pairs where both are
-    finite, and their number n; ρ is NaN for n < 3 or a constant side."""
-    frame = pd.DataFrame({"x": np.asarray(x, float), "y": np.asarray(y, float)})
-    frame = frame[np.isfinite(frame["x"]) & np.isfinite(frame["y"])]
-    n = len(frame)
-    if n < 3:
-        return float("nan"), n
-    rx, ry = frame["x"].rank().to_numpy(), frame["y"].rank().to_numpy()
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = math.sqrt(float(rx @ rx) * float(ry @ ry))
-    return (float(rx @ ry) / den if den > 0 else float("nan")), n
 
 
 @dataclass(frozen=True)
