@@ -14,6 +14,9 @@ For step t the recorded update splits into parts that sum to it exactly (float64
   optimizers (SGD, Adam, AdamW, with maximize / amsgrad / Nesterov / dampening), the whole update
   for any other optimizer or for param groups with different hyper-parameters. Never dropped.
 
+The optimizers are modelled in `optim_models` (one class each, registered by torch class name);
+this module only replays them.
+
 The state (momentum buffers, exp_avg, exp_avg_sq, step counts) is replayed in float64 from the
 nearest keyframe with the stored gradients and kept, so consecutive steps cost one replay step
 each. Each replayed step also logs how its gradient enters the buffer, so that the momentum part
@@ -29,55 +32,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from chisel.attribution.optim_models import (
+    GRADIENT,
+    MOMENTUM,
+    PARTS,
+    RESIDUAL,
+    WEIGHT_DECAY,
+    Coef,
+    OptimizerModel,
+    model_for,
+    state_from_keyframe,
+)
 from chisel.errors import ChiselError
 from chisel.store.layout import read_meta
 from chisel.store.reader import Run
 
 Params = dict[str, Tensor]
-Coef = Tensor | float  # a per-element factor (param shape) or one number for the whole param
-
-WEIGHT_DECAY = "weight_decay"
-MOMENTUM = "momentum"
-GRADIENT = "gradient"
-RESIDUAL = "residual"
-PARTS = (WEIGHT_DECAY, MOMENTUM, GRADIENT, RESIDUAL)
-
-_KINDS = {"SGD": "sgd", "Adam": "adam", "AdamW": "adam"}
-# hyper-parameters that change the algebra; groups that agree on these share one model
-_ALGEBRA = (
-    "lr",
-    "weight_decay",
-    "maximize",
-    "momentum",
-    "dampening",
-    "nesterov",
-    "betas",
-    "eps",
-    "amsgrad",
-    "decoupled_weight_decay",
-)
 
 
 class ReplayError(ChiselError, ValueError):
     """The optimizer state cannot be replayed for the requested step."""
-
-
-@dataclass(frozen=True)
-class Hyper:
-    """The hyper-parameters of one step that the split needs (one model for all groups)."""
-
-    kind: str  # "sgd" | "adam"
-    lr: float
-    weight_decay: float = 0.0
-    maximize: bool = False
-    momentum: float = 0.0
-    dampening: float = 0.0
-    nesterov: bool = False
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    amsgrad: bool = False
-    decoupled: bool = False
 
 
 @dataclass
@@ -114,120 +88,22 @@ class UpdateSplit:
         return not self.note
 
 
-def step_hyper(run: Run, t: int) -> tuple[Hyper | None, str]:
-    """The step's hyper-parameters, or (None, why) when the split does not model it."""
+def step_model(run: Run, t: int) -> tuple[OptimizerModel | None, Any, str]:
+    """The step's optimizer model and hyper-parameters, or (None, None, why) when the split does
+    not model it."""
     cls = run.manifest.get("optimizer", {}).get("class", "?")
-    kind = _KINDS.get(cls)
-    if kind is None:
-        return None, f"optimizer {cls} is not modelled (SGD, Adam, AdamW are)"
+    model, note = model_for(cls)
+    if model is None:
+        return None, None, note
     groups = run.record(t).get("groups") or []
     if not groups:
-        return None, "the step record has no param groups"
-    algebra = [{k: g.get(k) for k in _ALGEBRA} for g in groups]
+        return None, None, "the step record has no param groups"
+    algebra = [{k: g.get(k) for k in model.algebra} for g in groups]
     if any(a != algebra[0] for a in algebra[1:]):
-        return None, "param groups differ in hyper-parameters and the param→group map is not stored"
-    g = groups[0]
-    if not isinstance(g.get("lr"), (int, float)):
-        return None, f"lr {g.get('lr')!r} is not a number"
-    common = dict(
-        lr=float(g["lr"]),
-        weight_decay=float(g.get("weight_decay") or 0.0),
-        maximize=bool(g.get("maximize")),
-    )
-    if kind == "sgd":
-        return Hyper(
-            "sgd",
-            momentum=float(g.get("momentum") or 0.0),
-            dampening=float(g.get("dampening") or 0.0),
-            nesterov=bool(g.get("nesterov")),
-            **common,
-        ), ""
-    beta1, beta2 = g.get("betas") or (0.9, 0.999)
-    decoupled = cls == "AdamW" or bool(g.get("decoupled_weight_decay"))
-    return Hyper(
-        "adam",
-        beta1=float(beta1),
-        beta2=float(beta2),
-        eps=float(g.get("eps") or 0.0),
-        amsgrad=bool(g.get("amsgrad")),
-        decoupled=decoupled,
-        **common,
-    ), ""
-
-
-# -- one param, one step -----------------------------------------------------------------------
-@dataclass
-class _Out:
-    parts: dict[str, Tensor]
-    kappa: Coef
-    carry: Coef
-    decay: float
-    inject: float
-
-
-def _sgd(h: Hyper, theta: Tensor | None, g: Tensor, state: dict[str, Any]) -> _Out:
-    """torch.optim.SGD on one param; updates `state` in place. Shapes: θ, g [*param]."""
-    sign = -1.0 if h.maximize else 1.0
-    l2 = h.weight_decay * theta if h.weight_decay else torch.zeros_like(g)
-    zero = torch.zeros_like(g)
-    mu, buf = h.momentum, state.get("buf")
-    if mu == 0:
-        f, carry, mom = 1.0, 0.0, zero
-    elif buf is None:  # first step: buf = g (no dampening)
-        f, carry, mom = (1.0 + mu) if h.nesterov else 1.0, 0.0, zero
-        state["buf"] = sign * g + l2
-    else:
-        w = 1.0 - h.dampening
-        f = (1.0 + mu * w) if h.nesterov else w
-        carry = -h.lr * (mu * mu if h.nesterov else mu)
-        mom = carry * buf
-        state["buf"] = mu * buf + w * (sign * g + l2)
-    kappa = -h.lr * f * sign
-    parts = {WEIGHT_DECAY: -h.lr * f * l2, MOMENTUM: mom, GRADIENT: kappa * g}
-    fresh = mu != 0 and buf is None
-    inject = sign * (1.0 if fresh else 1.0 - h.dampening) if mu else 0.0
-    return _Out(parts, kappa, carry, decay=0.0 if fresh else mu, inject=inject)
-
-
-def _adam(h: Hyper, theta: Tensor | None, g: Tensor, state: dict[str, Any]) -> _Out:
-    """torch.optim.Adam / AdamW on one param; updates `state` in place. Shapes: θ, g [*param]."""
-    sign = -1.0 if h.maximize else 1.0
-    b1, b2 = h.beta1, h.beta2
-    l2 = h.weight_decay * theta if h.weight_decay and not h.decoupled else torch.zeros_like(g)
-    gp = sign * g + l2
-    m0 = state.get("m", torch.zeros_like(g))
-    v = b2 * state.get("v", torch.zeros_like(g)) + (1 - b2) * gp * gp
-    k = state.get("step", 0) + 1
-    if h.amsgrad:
-        state["vmax"] = torch.maximum(state.get("vmax", torch.zeros_like(g)), v)
-    denom = (state["vmax"] if h.amsgrad else v).sqrt() / (1 - b2**k) ** 0.5 + h.eps
-    a = -(h.lr / (1 - b1**k)) / denom  # [*param]
-    decoupled = -h.lr * h.weight_decay * theta if h.weight_decay and h.decoupled else 0.0
-    parts = {
-        WEIGHT_DECAY: decoupled + a * (1 - b1) * l2,
-        MOMENTUM: a * b1 * m0,
-        GRADIENT: a * (1 - b1) * sign * g,
-    }
-    state.update(m=b1 * m0 + (1 - b1) * gp, v=v, step=k)
-    return _Out(parts, a * (1 - b1) * sign, a * b1, decay=b1, inject=(1 - b1) * sign)
-
-
-_STEP = {"sgd": _sgd, "adam": _adam}
-
-
-def _state_from_keyframe(raw: dict[str, Tensor]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, name in (
-        ("momentum_buffer", "buf"),
-        ("exp_avg", "m"),
-        ("exp_avg_sq", "v"),
-        ("max_exp_avg_sq", "vmax"),
-    ):
-        if key in raw:
-            out[name] = raw[key].double().clone()
-    if "step" in raw:
-        out["step"] = int(float(raw["step"]))
-    return out
+        return None, None, "param groups differ in hyper-parameters and the param→group map is not stored"
+    if not isinstance(groups[0].get("lr"), (int, float)):
+        return None, None, f"lr {groups[0].get('lr')!r} is not a number"
+    return model, model.hyper(cls, groups[0]), ""
 
 
 # -- the replay --------------------------------------------------------------------------------
@@ -285,7 +161,8 @@ class OptimizerReplay:
 
     def _load(self, k: int, *, cut: bool) -> None:
         raw = self.run.optimizer_state(k)
-        self._state = {n: _state_from_keyframe(raw.get(n, {})) for n in self.run.param_names}
+        model, _ = model_for(self.optimizer)
+        self._state = {n: state_from_keyframe(model, raw.get(n, {})) for n in self.run.param_names}
         self._next = self._loaded_at = k
         if cut:
             self._log.clear()
@@ -311,20 +188,20 @@ class OptimizerReplay:
         self.replayed += 1
         if record.get("skipped"):
             return None  # the optimizer did not step: state unchanged, nothing decays
-        hyper, note = step_hyper(self.run, s)
-        if hyper is not None and self._state is None:
+        model, hyper, note = step_model(self.run, s)
+        if model is not None and self._state is None:
             note = (
                 "the optimizer state is unknown after an unmodelled step (until the next keyframe)"
             )
-        if hyper is not None and not note:
-            note = self._check_count(hyper, record)
+        if model is not None and not note:
+            note = self._count_note(model, hyper, record)
         if note:
             self._state = None
             self._log.clear()
             return None if update is None else self._unmodelled(s, update, note)
-        assert self._state is not None and hyper is not None
+        assert self._state is not None and model is not None
         grads = self.run.grads(s)
-        theta = self.run.params(s) if hyper.weight_decay else {}
+        theta = self.run.params(s) if model.needs_theta(hyper) else {}
         missing = set(record.get("grad_missing") or [])
         parts: dict[str, Params] = {p: {} for p in PARTS}
         kappa: dict[str, Coef] = {}
@@ -335,7 +212,7 @@ class OptimizerReplay:
                     parts[p][name] = torch.zeros_like(grads[name], dtype=torch.float64)
                 continue
             th = theta[name].double() if name in theta else None
-            out = _STEP[hyper.kind](hyper, th, grads[name].double(), self._state[name])
+            out = model.step(hyper, th, grads[name].double(), self._state[name])
             for p in (WEIGHT_DECAY, MOMENTUM, GRADIENT):
                 parts[p][name] = out.parts[p]
             kappa[name], carry[name] = out.kappa, out.carry
@@ -346,18 +223,12 @@ class OptimizerReplay:
         backflow = {n: self._backflow(n, s) for n in kappa}
         return UpdateSplit(s, self.optimizer, update, parts, kappa, carry, backflow)
 
-    def _check_count(self, hyper: Hyper, record: dict[str, Any]) -> str:
-        """Adam's bias correction needs the step count: the replay must agree with the record."""
-        if hyper.kind != "adam" or self._state is None:
-            return ""
+    def _count_note(self, model: OptimizerModel, hyper: Any, record: dict[str, Any]) -> str:
+        """The replayed state must agree with the record where it says (e.g. Adam's step count)."""
         first = self.run.param_names[0]
-        if first in set(record.get("grad_missing") or []):
+        if self._state is None or first in set(record.get("grad_missing") or []):
             return ""
-        recorded = (record.get("groups") or [{}])[0].get("state_step")
-        replayed = self._state[first].get("step", 0) + 1
-        if recorded is not None and int(recorded) != replayed:
-            return f"the replayed Adam step count {replayed} differs from the recorded {recorded}"
-        return ""
+        return model.count_note(hyper, self._state[first], (record.get("groups") or [{}])[0])
 
     def _backflow(self, name: str, t: int) -> list[tuple[int, float, float]]:
         """(s, ω, decay since s) newest first: the weight of G_s in the buffer before step t."""
