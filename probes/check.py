@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -10,11 +11,22 @@ from probes.capture import capture
 from probes.errors import FeatureDimensionError, ProbesError
 from probes.sites import Site, module_at, resolve_site
 
-if TYPE_CHECKING:
-    from probes.features import FeatureSet
+
+class _Feature(Protocol):
+    name: str
+    site: str
+    dim: int
 
 
-def check_features(features: FeatureSet, model: nn.Module, inputs: Any = None) -> None:
+class _Features(Protocol):
+    """What the check reads of a FeatureSet."""
+
+    sites: list[str]
+
+    def __iter__(self) -> Iterator[_Feature]: ...
+
+
+def check_features(features: _Features, model: nn.Module, inputs: Any = None) -> None:
     """See :meth:`FeatureSet.check`."""
     resolved = {name: resolve_site(model, name) for name in features.sites}
     dims = {name: _static_dim(model, site) for name, site in resolved.items()}

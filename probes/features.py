@@ -12,7 +12,8 @@ from typing import Any, Literal, get_args, overload
 import torch
 from torch import Tensor, nn
 
-from probes.errors import FeatureDimensionError, ProbesError
+from probes.errors import FeatureDimensionError, FeatureFileError, ProbesError
+from probes.files import JSON_FILE, TENSOR_FILE, read_feature_dir, write_feature_dir
 
 Source = Literal["probe", "sae", "neuron", "pca", "custom"]
 SOURCES: tuple[str, ...] = get_args(Source)
@@ -200,17 +201,31 @@ class FeatureSet:
         check_features(self, model, inputs)
 
     def save(self, path: str | Path) -> Path:
-        """Save into directory ``path`` (``features.json`` + ``features.safetensors``)."""
-        from probes.files import save_feature_set
-
-        return save_feature_set(self, path)
+        """Save into directory ``path`` (``features.json`` + ``features.safetensors``, see
+        `probes.files`); returns the path."""
+        tensors = {}
+        for i, feat in enumerate(self):
+            tensors[f"read.{i}"] = feat.read.contiguous().cpu()
+            if feat.write is not None:
+                tensors[f"write.{i}"] = feat.write.contiguous().cpu()
+        return write_feature_dir(path, [_entry(f) for f in self], tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureSet:
-        """Load a directory written by :meth:`save`; no pickle involved."""
-        from probes.files import load_feature_set
-
-        return load_feature_set(path)
+        """Load a directory written by :meth:`save`, validating every field; no pickle involved."""
+        path = Path(path)
+        entries, tensors = read_feature_dir(path)
+        features = [_feature_from_entry(path, i, e, tensors) for i, e in enumerate(entries)]
+        expected = {f"read.{i}" for i in range(len(features))} | {
+            f"write.{i}" for i, e in enumerate(entries) if e["has_write"]
+        }
+        if set(tensors) != expected:
+            extra = sorted(set(tensors) - expected)
+            raise FeatureFileError(f"{path / TENSOR_FILE} has tensors not listed in json: {extra}")
+        try:
+            return cls(features)
+        except ValueError as err:
+            raise FeatureFileError(f"{path / JSON_FILE}: {err}") from None
 
 
 def _check_same_dim(feats: Iterable[Feature]) -> None:
@@ -220,3 +235,63 @@ def _check_same_dim(feats: Iterable[Feature]) -> None:
     if len(dims) > 1:
         desc = ", ".join(f"{name!r} has {d}" for d, name in dims.items())
         raise FeatureDimensionError(f"features at one site disagree on dimension: {desc}")
+
+
+# -- on disk -----------------------------------------------------------------------------------
+_ENTRY_KEYS = {"name", "site", "source", "bias", "metadata", "dim", "dtype", "has_write"}
+
+
+def _entry(feat: Feature) -> dict[str, Any]:
+    """A feature's line in ``features.json`` (everything but its vectors)."""
+    return {
+        "name": feat.name,
+        "site": feat.site,
+        "source": feat.source,
+        "bias": feat.bias,
+        "metadata": feat.metadata,
+        "dim": feat.dim,
+        "dtype": str(feat.read.dtype).removeprefix("torch."),
+        "has_write": feat.write is not None,
+    }
+
+
+def _feature_from_entry(path: Path, i: int, entry: Any, tensors: dict) -> Feature:
+    where = f"{path / JSON_FILE}, feature #{i}"
+    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise FeatureFileError(f"{where}: expected keys {sorted(_ENTRY_KEYS)}, found {keys}")
+    bias = entry["bias"]
+    if not isinstance(bias, (int, float)) or isinstance(bias, bool):
+        raise FeatureFileError(f"{where}: bias {bias!r} is not a number")
+    if entry["source"] not in SOURCES:
+        raise FeatureFileError(f"{where}: source {entry['source']!r} is not one of {SOURCES}")
+    read = tensors.get(f"read.{i}")
+    write = tensors.get(f"write.{i}") if entry["has_write"] else None
+    if read is None or (entry["has_write"] and write is None):
+        raise FeatureFileError(f"{where}: its vectors are missing from {TENSOR_FILE}")
+    for vec in (read, write):
+        if vec is None:
+            continue
+        if tuple(vec.shape) != (entry["dim"],) or str(vec.dtype) != f"torch.{entry['dtype']}":
+            raise FeatureFileError(
+                f"{where} ({entry['name']!r}): json says dim {entry['dim']} {entry['dtype']}, "
+                f"the tensor file has shape {tuple(vec.shape)} {vec.dtype}. The files disagree: "
+                "undo the hand edit or save again."
+            )
+    if not bool(read.ne(0).any()):
+        raise FeatureFileError(
+            f"{where} ({entry['name']!r}): its read vector is all zeros, so it reads nothing; the "
+            "file was damaged or the feature was saved before it was fitted. Save it again."
+        )
+    try:
+        return Feature(
+            name=entry["name"],
+            site=entry["site"],
+            read=read,
+            write=write,
+            bias=entry["bias"],
+            source=entry["source"],
+            metadata=entry["metadata"],
+        )
+    except (ValueError, TypeError) as err:
+        raise FeatureFileError(f"{where}: {err}") from None

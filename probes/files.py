@@ -20,37 +20,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from probes.errors import FeatureFileError
-from probes.features import SOURCES, Feature, FeatureSet
 
 FORMAT = "probes.FeatureSet"
 VERSION = 1
 JSON_FILE = "features.json"
 TENSOR_FILE = "features.safetensors"
-_ENTRY_KEYS = {"name", "site", "source", "bias", "metadata", "dim", "dtype", "has_write"}
 
 
-def save_feature_set(features: FeatureSet, path: str | Path) -> Path:
-    """Write ``features`` into directory ``path`` (created if needed); return the path."""
+def write_feature_dir(path: str | Path, entries: list[dict[str, Any]], tensors: dict) -> Path:
+    """Write ``features.json`` (the entries + the tensor file's sha256) and
+    ``features.safetensors`` into directory ``path`` (created if needed); return the path."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    entries = []
-    for i, feat in enumerate(features):
-        tensors[f"read.{i}"] = feat.read.contiguous().cpu()
-        if feat.write is not None:
-            tensors[f"write.{i}"] = feat.write.contiguous().cpu()
-        entries.append(
-            {
-                "name": feat.name,
-                "site": feat.site,
-                "source": feat.source,
-                "bias": feat.bias,
-                "metadata": feat.metadata,
-                "dim": feat.dim,
-                "dtype": str(feat.read.dtype).removeprefix("torch."),
-                "has_write": feat.write is not None,
-            }
-        )
     blob = save(tensors, metadata={"format": FORMAT})
     header = {
         "format": FORMAT,
@@ -63,8 +44,9 @@ def save_feature_set(features: FeatureSet, path: str | Path) -> Path:
     return path
 
 
-def load_feature_set(path: str | Path) -> FeatureSet:
-    """Read a directory written by :func:`save_feature_set`, validating every field."""
+def read_feature_dir(path: str | Path) -> tuple[list[Any], dict]:
+    """The entries of ``features.json`` and the tensors of ``features.safetensors``, with the
+    format, version and checksum validated (the entries themselves are checked by the caller)."""
     path = Path(path)
     header = _read_header(path)
     blob = _read_bytes(path / TENSOR_FILE)
@@ -79,17 +61,7 @@ def load_feature_set(path: str | Path) -> FeatureSet:
         raise FeatureFileError(
             f"{path / TENSOR_FILE} is not a valid safetensors file ({err}). Save again."
         ) from None
-    features = [_feature(path, i, e, tensors) for i, e in enumerate(header["features"])]
-    expected = {f"read.{i}" for i in range(len(features))} | {
-        f"write.{i}" for i, e in enumerate(header["features"]) if e["has_write"]
-    }
-    if set(tensors) != expected:
-        extra = sorted(set(tensors) - expected)
-        raise FeatureFileError(f"{path / TENSOR_FILE} has tensors not listed in json: {extra}")
-    try:
-        return FeatureSet(features)
-    except ValueError as err:
-        raise FeatureFileError(f"{path / JSON_FILE}: {err}") from None
+    return header["features"], tensors
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -113,48 +85,6 @@ def _read_header(path: Path) -> dict[str, Any]:
     ):
         raise FeatureFileError(f"{path / JSON_FILE}: 'features' list or checksum missing")
     return header
-
-
-def _feature(path: Path, i: int, entry: Any, tensors: dict) -> Feature:
-    where = f"{path / JSON_FILE}, feature #{i}"
-    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
-        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-        raise FeatureFileError(f"{where}: expected keys {sorted(_ENTRY_KEYS)}, found {keys}")
-    bias = entry["bias"]
-    if not isinstance(bias, (int, float)) or isinstance(bias, bool):
-        raise FeatureFileError(f"{where}: bias {bias!r} is not a number")
-    if entry["source"] not in SOURCES:
-        raise FeatureFileError(f"{where}: source {entry['source']!r} is not one of {SOURCES}")
-    read = tensors.get(f"read.{i}")
-    write = tensors.get(f"write.{i}") if entry["has_write"] else None
-    if read is None or (entry["has_write"] and write is None):
-        raise FeatureFileError(f"{where}: its vectors are missing from {TENSOR_FILE}")
-    for vec in (read, write):
-        if vec is None:
-            continue
-        if tuple(vec.shape) != (entry["dim"],) or str(vec.dtype) != f"torch.{entry['dtype']}":
-            raise FeatureFileError(
-                f"{where} ({entry['name']!r}): json says dim {entry['dim']} {entry['dtype']}, "
-                f"the tensor file has shape {tuple(vec.shape)} {vec.dtype}. The files disagree: "
-                "undo the hand edit or save again."
-            )
-    if not bool(read.ne(0).any()):
-        raise FeatureFileError(
-            f"{where} ({entry['name']!r}): its read vector is all zeros, so it reads nothing; the "
-            "file was damaged or the feature was saved before it was fitted. Save it again."
-        )
-    try:
-        return Feature(
-            name=entry["name"],
-            site=entry["site"],
-            read=read,
-            write=write,
-            bias=entry["bias"],
-            source=entry["source"],
-            metadata=entry["metadata"],
-        )
-    except (ValueError, TypeError) as err:
-        raise FeatureFileError(f"{where}: {err}") from None
 
 
 def _read_bytes(file: Path) -> bytes:
