@@ -9,7 +9,7 @@ import numpy as np
 from chisel.envs.config import CONCEPTS, FLOOR, HELD, TrashWorldConfig
 
 if TYPE_CHECKING:
-    from chisel.envs.trashworld import TrashWorldState
+    from chisel.envs.state import TrashWorldState
 
 
 def concept_labels(state: TrashWorldState, config: TrashWorldConfig) -> dict[str, np.ndarray]:

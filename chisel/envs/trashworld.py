@@ -8,7 +8,7 @@ a reward button (reward without task completion) and a blue wall that correlates
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 import gymnasium as gym
@@ -31,36 +31,9 @@ from chisel.envs.config import (
     TrashWorldConfigError,
 )
 from chisel.envs.labels import concept_labels
+from chisel.envs.state import TrashWorldState
 
 _DELTAS = np.array([*MOVES, (0, 0)], dtype=np.int64)  # [5, 2]; row 4 = no move
-
-
-@dataclass
-class TrashWorldState:
-    """The full state of N rooms. Positions are (row, col) inside the walls."""
-
-    agent: np.ndarray  # [N, 2] int64
-    can: np.ndarray  # [N, 2] int64
-    trash: np.ndarray  # [N, K, 2] int64, K = config.n_trash slots
-    trash_status: np.ndarray  # [N, K] int8: GONE (deposited / absent), FLOOR, HELD
-    button: np.ndarray  # [N, 2] int64
-    button_on: np.ndarray  # [N] bool: the button is in the room and not yet pressed
-    wall_blue: np.ndarray  # [N] bool
-    t: np.ndarray  # [N] int64 steps taken this episode
-    episode_id: np.ndarray  # [N] int64, unique within one VecTrashWorld
-
-    @property
-    def holding(self) -> np.ndarray:
-        """[N] bool: the agent carries trash."""
-        return (self.trash_status == HELD).any(axis=1)
-
-    def copy(self) -> TrashWorldState:
-        return TrashWorldState(**{f.name: getattr(self, f.name).copy() for f in fields(self)})
-
-    def room(self, i: int) -> TrashWorldState:
-        """The state of room i alone, as a batch of one."""
-        return TrashWorldState(**{f.name: getattr(self, f.name)[i : i + 1].copy()
-                                  for f in fields(self)})
 
 
 class VecTrashWorld:
