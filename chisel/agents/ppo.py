@@ -222,8 +222,16 @@ class TrainResult:
 def train(cfg: PPOConfig, *, agent: TrashAgent | None = None,
           optimizer: torch.optim.Optimizer | None = None,
           before_step: Callable[[MinibatchInfo], None] | None = None,
-          on_update: Callable[[UpdateStats], None] | None = None) -> TrainResult:
-    """Train with PPO; `before_step` runs just before every `optimizer.step()`."""
+          on_update: Callable[[UpdateStats], None] | None = None,
+          reward_filter: Callable[[dict], np.ndarray] | None = None,
+          sample_weight: Callable[[dict], np.ndarray] | None = None) -> TrainResult:
+    """Train with PPO; `before_step` runs just before every `optimizer.step()`.
+
+    For counterfactual retraining (chisel.counterfactual): `reward_filter(labels)` returns the
+    rollout's rewards [T, N] to learn from, and `sample_weight(labels)` a weight [B] on each
+    minibatch sample's loss terms (0 drops it; the mean still divides by B). `labels`: rewards,
+    reward_source, next_reward_source, episode_ids and the concepts, [T, N] or the minibatch's [B].
+    """
     agent = agent if agent is not None else make_agent(cfg)
     optimizer = optimizer if optimizer is not None else make_optimizer(agent, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -237,12 +245,16 @@ def train(cfg: PPOConfig, *, agent: TrashAgent | None = None,
             for group in optimizer.param_groups:
                 group["lr"] = cfg.learning_rate * (1.0 - iteration / cfg.num_iterations)
         roll, next_obs, info = _collect(agent, envs, next_obs, info, cfg, gen)
+        if reward_filter is not None:
+            roll["rewards"] = np.asarray(reward_filter(_labels(roll)), np.float32)
         adv, ret = _gae(roll, cfg)
         stats = []
         for epoch in range(cfg.update_epochs):
             order = shuffle_rng.permutation(cfg.batch_size)
             for idx in order.reshape(cfg.num_minibatches, -1):
-                losses = _ppo_loss(agent, roll, adv, ret, idx, cfg)
+                weight = None if sample_weight is None else torch.as_tensor(
+                    np.asarray(sample_weight(_labels(roll, idx)), np.float32))
+                losses = _ppo_loss(agent, roll, adv, ret, idx, cfg, weight)
                 optimizer.zero_grad()
                 losses["loss"].backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
@@ -309,9 +321,20 @@ def _gae(roll: dict, cfg: PPOConfig) -> tuple[np.ndarray, np.ndarray]:
     return adv, adv + values
 
 
+def _labels(roll: dict, idx: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The rollout's per-sample labels, [T, N] (or [B] at the flat indices idx)."""
+    out = {"rewards": roll["rewards"], "reward_source": roll["sources"],
+           "next_reward_source": roll["next_sources"], "episode_ids": roll["episode_ids"],
+           **roll["concepts"]}
+    return out if idx is None else {k: v.reshape(-1)[idx] for k, v in out.items()}
+
+
 def _ppo_loss(agent: TrashAgent, roll: dict, adv: np.ndarray, ret: np.ndarray,
-              idx: np.ndarray, cfg: PPOConfig) -> dict[str, torch.Tensor]:
-    """Clipped PPO loss on the flat sample indices idx [B]."""
+              idx: np.ndarray, cfg: PPOConfig,
+              weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Clipped PPO loss on the flat sample indices idx [B]; `weight` [B] scales each sample's
+    terms (None: the plain mean)."""
+    mean = (lambda x: x.mean()) if weight is None else (lambda x: (weight * x).mean())
     flat = lambda a: torch.from_numpy(a.reshape(-1, *a.shape[2:])[idx])  # noqa: E731
     obs, actions, old_logp, old_v = (flat(roll[k]) for k in ("obs", "actions", "logprobs",
                                                              "values"))
@@ -319,18 +342,19 @@ def _ppo_loss(agent: TrashAgent, roll: dict, adv: np.ndarray, ret: np.ndarray,
     logits, value = agent(obs)
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(1, actions[:, None])[:, 0]
-    entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+    entropy = mean(-(logp_all.exp() * logp_all).sum(-1))
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
     if cfg.norm_adv:
         b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
     pg_loss = torch.max(-b_adv * ratio,
-                        -b_adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
+                        -b_adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef))
+    pg_loss = mean(pg_loss)
     v_loss = (value - b_ret) ** 2
     if cfg.clip_vloss:
         v_clipped = old_v + (value - old_v).clamp(-cfg.clip_coef, cfg.clip_coef)
         v_loss = torch.max(v_loss, (v_clipped - b_ret) ** 2)
-    v_loss = 0.5 * v_loss.mean()
+    v_loss = 0.5 * mean(v_loss)
     loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
     approx_kl = ((ratio - 1) - log_ratio).mean().detach()
     return {"loss": loss, "pg_loss": pg_loss.detach(), "v_loss": v_loss.detach(),

@@ -1,7 +1,8 @@
 """Stage 1: train the reference PPO agent inside `chisel.record`, tagging every minibatch.
 
 Tags (one value per sample, for credit): advantage (raw GAE), reward, reward_source and
-next_reward_source (0 none, 1 trash, 2 button), advantage_sign (+1 / -1), episode_id.
+next_reward_source (0 none, 1 trash, 2 button), advantage_sign (+1 / -1), episode_id, wall_blue
+(1 / 0).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def train_recorded(cfg: DemoConfig, ppo: PPOConfig) -> tuple[TrainResult, list[d
             next_reward_source=mb.next_reward_source,
             advantage_sign=np.where(adv >= 0, 1.0, -1.0),
             episode_id=mb.episode_ids,
+            wall_blue=mb.concepts["wall_blue"].astype(np.float64),  # counterfactual scenarios
         )
         if mb.epoch == 0:  # epoch 0's minibatches cover the rollout once
             np.add.at(rewards, mb.reward_source.astype(np.int64), mb.rewards)
