@@ -138,3 +138,9 @@ def load_artifacts(run_dir: str | Path) -> RunArtifacts:
         validation_summary=validation_summary,
         missing=missing,
     )
+
+
+def resolve_out(out: str | Path, default_name: str) -> Path:
+    """`out` as the HTML file to write: a path ending in .html, else a folder to write into."""
+    out = Path(out)
+    return out if out.suffix.lower() in (".html", ".htm") else out / default_name

@@ -11,9 +11,14 @@ from chisel.report import figures as F
 from chisel.report import html as H
 from chisel.report import sections as S
 from chisel.report import validation as V
-from chisel.report.artifacts import COMPARE_FILE, FIGURES_DIR, RunArtifacts, load_artifacts
+from chisel.report.artifacts import (
+    COMPARE_FILE,
+    FIGURES_DIR,
+    RunArtifacts,
+    load_artifacts,
+    resolve_out,
+)
 from chisel.report.summary import TOP_K, Summary, feature_timeline, summarize
-from chisel.report.write import resolve_out
 
 
 def _label(art: RunArtifacts, letter: str) -> str:

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from chisel.report import html as H
 from chisel.report import sections as S
 from chisel.report import validation_sections as VS
-from chisel.report.artifacts import FIGURES_DIR, REPORT_FILE, load_artifacts
+from chisel.report.artifacts import FIGURES_DIR, REPORT_FILE, load_artifacts, resolve_out
 from chisel.report.summary import summarize
 
 
-def resolve_out(out: str | Path, default_name: str) -> Path:
-    """`out` as the HTML file to write: a path ending in .html, else a folder to write into."""
-    out = Path(out)
-    return out if out.suffix.lower() in (".html", ".htm") else out / default_name
-
-
 def write_report(
-    run_dir: str | Path, out: str | Path | None = None, *, compare: str | Path | None = None
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    compare: str | Path | None = None,
+    sections: Sequence[tuple[str, str, str]] = (),
 ) -> Path:
     """Write the self-contained report of a run directory; return the HTML path.
 
@@ -33,6 +32,8 @@ def write_report(
             `figures/` beside the HTML.
         compare: a second run directory: write the side-by-side comparison of the two runs
             instead (compare.html, see `write_comparison`).
+        sections: extra sections (anchor, title, body markup), placed after the summary: how
+            a scenario adds its own (the LM demo's answer, `chisel.demo_lm.report`).
 
     Raises:
         NotARunError: run_dir (or compare) has no manifest.json.
@@ -47,6 +48,7 @@ def write_report(
     s = summarize(art)
     sections = [
         S.summary_section(art, s),
+        *sections,
         S.timeline_section(art, figs),
         VS.validation_section(art, s, figs),
         VS.coverage_section(art, s, figs),
