@@ -1,16 +1,15 @@
-"""What every integration shares: its error class, the check for an optional dependency, the
-check of the options passed on to `chisel.record`, instance patches that undo cleanly, and the
-way a callback stops recording."""
+"""What every integration shares: its error class, the check for an optional dependency
+(`_require`), the check of the options passed on to `chisel.record`, instance patches that undo
+cleanly, and the way a callback stops recording."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 from chisel.errors import ChiselError
+from chisel.integrations._require import require  # noqa: F401  (re-exported to the callbacks)
 
 _NOT_OPTIONS = {"model", "optimizer", "run_dir", "scaler"}
 _MISSING = object()
@@ -18,17 +17,6 @@ _MISSING = object()
 
 class IntegrationError(ChiselError, ValueError):
     """A training library's object cannot be recorded the way the integration was asked to."""
-
-
-def require(module: str, extra: str, what: str) -> ModuleType:
-    """Import `module`, or raise an ImportError that names the extra to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ImportError(
-            f"{what} needs the `{module}` package, which is not installed here ({err}). "
-            f"Install it with `pip install 'chisel-rl[{extra}]'`."
-        ) from err
 
 
 def check_options(options: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from chisel.integrations._common import require
+from chisel.integrations._require import require
 
 __all__ = ["DEFAULT_DIR", "LiveView", "export", "step_scalars"]
 
