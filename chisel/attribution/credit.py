@@ -36,14 +36,16 @@ from chisel.attribution.credit_split import (  # noqa: F401  (re-exported: the c
     MAX_HORIZON,
     MIN_WEIGHT,
     MOMENTUM_UNRESOLVED,
+    NOT_CAPTURED_SHARE,
     CreditError,
     CreditSession,
     CreditSplit,
     SampleBlock,
     split_update,
 )
-from chisel.attribution.optim_replay import RESIDUAL, WEIGHT_DECAY, Params
+from chisel.attribution.optim_replay import GRADIENT, RESIDUAL, WEIGHT_DECAY, Params
 from chisel.attribution.splits import Kernels, read_kernels
+from chisel.capture.factor_kinds import EMBEDDING as EMBEDDING_KIND
 from chisel.store.reader import Run
 
 # -- rows ----------------------------------------------------------------------------------------
@@ -247,7 +249,7 @@ def credit_rows(
     gbar = {n: v.to(torch.float64) for n, v in gbar.items()}
     if kernels_by_module is None:
         kernels_by_module = _module_kernels(split, gbar, features_by_module or {})
-    owner = {b.param: b.module for b in split.blocks}
+    owner = _owners(split, kernels_by_module)
     frames = []
     for leaf in (WEIGHT_DECAY, GRADIENT_UNRESOLVED, MOMENTUM_UNRESOLVED, RESIDUAL):
         parts = split.unresolved[leaf] if leaf in split.unresolved else split.base.parts[leaf]
@@ -265,9 +267,36 @@ def credit_rows(
         step_factors = session.factors(b.origin_step)
         tags = _tag_columns(step_factors.tags if step_factors else {}, b.n)
         sides = kernels_by_module.get(b.module, [])
+        if not sides and b.kind == EMBEDDING_KIND and owner.get(b.param) != b.module:
+            # a tied weight: the LM head's features split the embedding's terms too, so the
+            # param's feature rows still sum to its integrated row
+            sides = kernels_by_module.get(owner[b.param], [])
         frames += _block_rows(t, b, gbar[b.param], sides, tags, feature_rows)
     frames.append(_unresolved_share_row(t, split))
+    frames += _not_captured_rows(t, split)
     return _frame(frames)
+
+
+def _owners(split: CreditSplit, kernels_by_module: dict[str, list[Kernels]]) -> dict[str, str]:
+    """{param: the module whose kernels split it}: of the factor modules sharing a param (an LM
+    head tied to its embedding), the one with kernels, else the first."""
+    owner: dict[str, str] = {}
+    for b in split.blocks:
+        if b.param not in owner or (b.module in kernels_by_module and owner[b.param] not in kernels_by_module):
+            owner[b.param] = b.module
+    return owner
+
+
+def _not_captured_rows(t: int, split: CreditSplit) -> list[dict[str, np.ndarray]]:
+    """Per param with uncaptured factor modules at step t: ‖gradient (unresolved)‖ / ‖gradient‖,
+    the share of its gradient part no sample is credited with (site: the modules, by path)."""
+    out = []
+    for param, modules in split.not_captured.items():
+        left = float(split.unresolved[GRADIENT_UNRESOLVED][param].norm())
+        whole = float(split.base.parts[GRADIENT][param].norm())
+        out.append(_rows(t, GRADIENT_UNRESOLVED, param, ",".join(modules), L.DIAGNOSTIC,
+                         np.array([left / whole if whole else 0.0]), quantity=NOT_CAPTURED_SHARE))
+    return out
 
 
 def _leaf_feature_rows(

@@ -7,7 +7,7 @@ momentum, earlier steps' (see `credit` for the rows and the mathematics).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,11 +24,16 @@ from chisel.attribution.optim_replay import (
     ReplayError,
     UpdateSplit,
 )
-from chisel.attribution.splits import Kernels, read_kernels
+from chisel.attribution.splits import _CHUNK_ELEMENTS, Kernels, read_kernels
+from chisel.capture.factor_kinds import EMBEDDING as EMBEDDING_KIND
+from chisel.capture.factor_kinds import NORMS as NORM_KINDS
 from chisel.errors import ChiselError
 from chisel.store.reader import Run
 
 GRADIENT_UNRESOLVED = "gradient (unresolved)"
+# ledger quantity: ‖gradient (unresolved)‖ / ‖gradient‖ of a param whose factor modules were not
+# all captured at a step (site: the module paths, comma-separated)
+NOT_CAPTURED_SHARE = "not_captured_share"
 MOMENTUM_UNRESOLVED = "momentum (unresolved)"
 # the leaves of the split: each sample-less part once, samples under GRADIENT / MOMENTUM
 LEAVES = (WEIGHT_DECAY, GRADIENT, GRADIENT_UNRESOLVED, MOMENTUM, MOMENTUM_UNRESOLVED, RESIDUAL)
@@ -50,16 +55,19 @@ class SampleBlock:
 
     `g` already holds the step's coefficient c. For a weight, layout(g, x) = Σ_T g_T x_Tᵀ as
     [out, in] ("linear"), its transpose ("conv1d", HF in × out) or reshaped to the conv weight
-    ("conv2d", unfolded input); for a bias, Σ_T g_T.
+    ("conv2d", unfolded input); for a bias, Σ_T g_T. "embedding": x holds token ids [n, T] and
+    layout(g, x) adds the rows g_T at the ids x_T ([vocab, d], never built per sample).
+    "layernorm" / "rmsnorm": x and g hold Σ_tokens g ⊙ x̂ and Σ_tokens g per sample (times c),
+    so the scale's term is x_i and the shift's g_i.
     """
 
     part: str  # GRADIENT (samples of this step) or MOMENTUM (samples of an earlier step)
     origin_step: int
     module: str
     param: str
-    kind: str  # "linear" | "conv1d" | "conv2d"
+    kind: str  # "linear" | "conv1d" | "conv2d" | "embedding" | "layernorm" | "rmsnorm"
     is_bias: bool
-    x: Tensor  # [n, T, in] float64
+    x: Tensor  # [n, T, in] float64 (embedding: [n, T] int64 ids; norms: [n, 1, numel])
     g: Tensor  # [n, T, out] float64, times c
     coef: Coef  # param shape or a number
 
@@ -67,25 +75,44 @@ class SampleBlock:
     def n(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def _norm(self) -> bool:
+        return self.kind in NORM_KINDS
+
+    @property
+    def _rows(self) -> Tensor:
+        """The per-sample vectors of a norm's scale or shift, or a bias: [n, numel]."""
+        return (self.g if self.is_bias or not self._norm else self.x).sum(1)
+
     def _as_weight(self, m: Tensor, shape: torch.Size) -> Tensor:
         """An [out, in] matrix in the param's own layout."""
         return m.transpose(-1, -2) if self.kind == "conv1d" else m.reshape(*m.shape[:-2], *shape)
 
     def _as_matrix(self, w: Tensor) -> Tensor:
-        """A param-shaped tensor as [out, in]."""
+        """A param-shaped tensor as [out, in] (an embedding's [vocab, d] is its own)."""
+        if self._norm:
+            raise self._no_features()
         return w.T if self.kind == "conv1d" else w.reshape(w.shape[0], -1)
 
     def total(self, shape: torch.Size) -> Tensor:
-        """Σ_i term_i, param-shaped: one matmul, no per-sample tensors."""
-        if self.is_bias:
-            return self.coef * self.g.sum((0, 1))
+        """Σ_i term_i, param-shaped: one matmul (or scatter), no per-sample tensors."""
+        if self.is_bias or self._norm:
+            return self.coef * self._rows.sum(0).reshape(shape)
+        if self.kind == EMBEDDING_KIND:
+            rows = torch.zeros(shape, dtype=self.g.dtype)
+            return self.coef * rows.index_add_(0, self.x.reshape(-1), self.g.flatten(0, 1))
         gx = self.g.flatten(0, 1).T @ self.x.flatten(0, 1)  # [out, in]
         return self.coef * self._as_weight(gx, shape)
 
     def terms(self, shape: torch.Size) -> Tensor:
         """[n, *shape]: every sample's term (materialised; for tests and small layers)."""
-        if self.is_bias:
-            return self.coef * self.g.sum(1)
+        if self.is_bias or self._norm:
+            return self.coef * self._rows.reshape(self.n, *shape)
+        if self.kind == EMBEDDING_KIND:
+            rows = torch.zeros(self.n * shape[0], *shape[1:], dtype=self.g.dtype)
+            at = self.x + shape[0] * torch.arange(self.n)[:, None]  # sample i's rows at i·vocab
+            rows.index_add_(0, at.reshape(-1), self.g.flatten(0, 1))
+            return self.coef * rows.reshape(self.n, *shape)
         gx = torch.einsum("nto,nti->noi", self.g, self.x)
         return self.coef * self._as_weight(gx, shape)
 
@@ -95,28 +122,65 @@ class SampleBlock:
 
     def attribution(self, gbar: Tensor) -> Tensor:
         """[n]: ⟨term_i, ḡ⟩ for every sample."""
-        if self.is_bias:
-            return self.g.sum(1) @ (self.coef * gbar)
+        if self.is_bias or self._norm:
+            return self._rows @ (self.coef * gbar).reshape(-1)
+        if self.kind == EMBEDDING_KIND:  # Σ_T ⟨g_T, (coef ⊙ ḡ)[id_T]⟩: a gather, no [vocab, d]
+            return (self.g * (self.coef * gbar)[self.x]).sum((1, 2))
         return (self.reads(gbar) * self.x).sum((1, 2))
 
     def kernel_shares(self, gbar: Tensor, kernels: Kernels) -> Tensor:
         """[n, K]: ⟨term_i, R_k⟩ for every sample and kernel (they sum to `attribution`)."""
+        if self._norm:
+            raise self._no_features()
         if self.is_bias:
             return kernels.sample_bias_shares(self.g, self.coef)
         self.check_width(kernels.weight)
+        if self.kind == EMBEDDING_KIND:
+            return self._embedding_shares(kernels)
         coef = self.coef if not isinstance(self.coef, Tensor) else self._as_matrix(self.coef)
         return kernels.sample_shares(self.g, self.x, coef)
 
+    def _embedding_shares(self, kernels: Kernels) -> Tensor:
+        """[n, K]: Σ_T ⟨g_T, (coef ⊙ R_k)[id_T]⟩, gathering kernel rows at the ids (kernels of
+        the Linear that shares the weight: an LM head tied to its embedding)."""
+        weight = kernels.weight * self.coef  # [K, vocab, d]
+        ids, g = self.x.reshape(-1), self.g.flatten(0, 1)  # [n·T], [n·T, d]
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[0] * weight.shape[2]))
+        parts = [
+            torch.einsum("krd,rd->rk", weight[:, ids[s : s + chunk]], g[s : s + chunk])
+            for s in range(0, ids.shape[0], chunk)
+        ]
+        return torch.cat(parts).reshape(self.n, -1, weight.shape[0]).sum(1)
+
     def summed_kernel_shares(self, gbar: Tensor, kernels: Kernels) -> Tensor:
         """[K]: Σ_i ⟨term_i, R_k⟩ = ⟨Σ_i term_i, R_k⟩, from the block's total (one matmul)."""
+        if self._norm:
+            raise self._no_features()
         total = self.total(gbar.shape)
         if self.is_bias:
             return kernels.bias_shares(total)
         self.check_width(kernels.weight)
         return kernels.shares(self._as_matrix(total))
 
+    def _no_features(self) -> CreditError:
+        return CreditError(
+            f"{self.param} is the {'shift' if self.is_bias else 'scale'} of {self.kind} "
+            f"{self.module!r}: it is elementwise, so no input features split it; its credit "
+            "has whole-sample rows only. Give features at a Linear's input."
+        )
+
     def check_width(self, directions: Tensor) -> None:
         """Refuse features whose width is not this block's input width."""
+        if self._norm:
+            raise self._no_features()
+        if self.kind == EMBEDDING_KIND:
+            if directions.ndim == 3 and directions.shape[-1] == self.g.shape[-1]:
+                return  # kernels [K, vocab, d] of a tied Linear, in the weight's own layout
+            raise CreditError(
+                f"{self.param} is read by embedding {self.module!r} from token ids: no feature "
+                "directions at its input split it. Give features at a Linear's input (a tied "
+                "LM head's features also split the embedding's terms)."
+            )
         if directions.shape[-1] != self.x.shape[-1]:
             raise CreditError(
                 f"feature directions of width {directions.shape[-1]} do not fit {self.param}, "
@@ -152,6 +216,8 @@ class CreditSplit:
     base: UpdateSplit
     blocks: list[SampleBlock]
     unresolved: dict[str, Params]  # GRADIENT_UNRESOLVED, MOMENTUM_UNRESOLVED
+    # {param: factor modules of it that have no factors at this step} (see CreditSession)
+    not_captured: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def sample_total(self, part: str) -> Params:
         """Σ of the sample terms of `part` (GRADIENT or MOMENTUM), per param."""
@@ -237,11 +303,33 @@ class CreditSession:
         coef = float(coef) / float(record.get("grads_scaled_by") or 1.0)
         modules = {}
         for module, (x, g) in self.run.factors(s).items():
-            n = x.shape[0]
-            x64 = x.to(torch.float64).reshape(n, -1, x.shape[-1])  # [n, T, in]
+            n, kind = x.shape[0], self._kinds.get(module, "linear")
             g64 = g.to(torch.float64).reshape(n, -1, g.shape[-1]) * coef  # [n, T, out]
-            modules[module] = (self._kinds.get(module, "linear"), x64, g64)
+            if kind == EMBEDDING_KIND:
+                x64 = x.long().reshape(n, -1)  # token ids [n, T]
+            elif kind in NORM_KINDS:  # both are per-sample sums of gradient terms: both get c
+                x64 = x.to(torch.float64).reshape(n, 1, -1) * coef
+                g64 = g64.reshape(n, 1, -1)
+            else:
+                x64 = x.to(torch.float64).reshape(n, -1, x.shape[-1])  # [n, T, in]
+            modules[module] = (kind, x64, g64)
         return _StepFactors(modules, self.run.tags(s))
+
+    def not_captured(self, t: int, gradient: Params) -> dict[str, tuple[str, ...]]:
+        """{param: factor modules of it without factors at step t} where step t took factors and
+        the param got a gradient: the modules whose part of it was never seen (a fused LM head,
+        a broadcast that could not be split, a module that did not run)."""
+        factors = self.factors(t)
+        if factors is None:
+            return {}
+        out: dict[str, list[str]] = {}
+        for module, params in self._params.items():
+            param = params.get("weight")
+            if module in factors.modules or param not in gradient:
+                continue
+            if bool(gradient[param].ne(0).any()):
+                out.setdefault(param, []).append(module)
+        return {p: tuple(m) for p, m in out.items()}
 
     def _evict(self, t: int) -> None:
         for s in [s for s in self._factors if s < t - self.reach or s > t]:
@@ -262,7 +350,8 @@ class CreditSession:
             GRADIENT_UNRESOLVED: {n: v - grad_sum[n] for n, v in base.parts[GRADIENT].items()},
             MOMENTUM_UNRESOLVED: {n: v - mom_sum[n] for n, v in base.parts[MOMENTUM].items()},
         }
-        return CreditSplit(t, base, blocks, unresolved)
+        missing = self.not_captured(t, base.parts[GRADIENT])
+        return CreditSplit(t, base, blocks, unresolved, missing)
 
     def _origins(self, base: UpdateSplit) -> dict[int, dict[str, float]]:
         """{s: {param: ω_s}} for the earlier steps within the horizon."""

@@ -1,42 +1,51 @@
-"""Per-sample factors (x_i, g_i) of Linear-like layers, paired call by call.
+"""Per-sample factors (x_i, g_i) of a model's layers, paired call by call.
 
 For a Linear weight W (out × in) the batch gradient is Σ_i g_i x_iᵀ, with x_i the layer input
 and g_i the gradient at its output. A forward hook keeps each call's input and registers a
 tensor hook on that call's output, so every input is paired with its own output-gradient even
 when the module runs several times per step or a forward pass is never back-propagated.
+Embeddings and norms have their own layouts (see `factor_kinds`).
+
+Nothing is left out silently: modules with trainable parameters that chisel takes no factors of
+are named in a `FactorsSkippedWarning` when recording starts, and a factor module whose weight
+got a gradient in a step without its hook seeing the computation (a trainer computing logits as
+`F.linear(h, lm_head.weight)`) is named in one when it first happens.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from chisel.capture.factor_kinds import (  # noqa: F401  (kinds re-exported for older imports)
+    CONV1D,
+    CONV2D,
+    EMBEDDING,
+    LINEAR,
+    NORMS,
+    NormSpec,
+    factor_kind,
+    factor_sketch,
+    grad_sketch,
+    module_meta,
+    norm_spec,
+    norm_sums,
+    unsupported_reason,
+    verify_embedding,
+    verify_norm,
+)
 from chisel.errors import FactorsSkippedWarning, UnknownModuleError
 
-LINEAR, CONV1D, CONV2D = "linear", "conv1d", "conv2d"
-
-
-def factor_kind(module: nn.Module) -> str | None:
-    """The factor kind of a module, or None if chisel cannot take its factors."""
-    if isinstance(module, nn.Linear):
-        return LINEAR
-    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
-        return CONV2D
-    # Hugging Face GPT-2 style Conv1D: weight is (in × out)
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight"):
-        return CONV1D
-    return None
-
-
-# layers with a weight matrix whose factors chisel does not take (updates are still recorded)
-_NO_FACTORS = (
-    nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.MultiheadAttention, nn.Bilinear,
-)
+# a factor module that did not run while its weight's gradient is not rebuilt by the modules
+# that did (relative error of the sketch above this) is reported as not captured
+GAP_TOLERANCE = 1e-3
+_SEARCH_NODES = 64  # autograd nodes searched backwards for a broadcast embedding's consumer
+SUPPORTED = "nn.Linear, Hugging Face Conv1D, nn.Conv2d (groups=1), nn.Embedding, nn.LayerNorm and RMSNorm"
 
 
 def _inside_attention(named: dict[str, nn.Module]) -> set[str]:
@@ -50,52 +59,68 @@ def _inside_attention(named: dict[str, nn.Module]) -> set[str]:
     }
 
 
-def _skipped_note(named: dict[str, nn.Module], attention: set[str]) -> str | None:
-    skipped = [
-        f"{n} ({type(m).__name__})"
-        for n, m in named.items()
-        if n and (isinstance(m, _NO_FACTORS) or (isinstance(m, nn.Conv2d) and factor_kind(m) is None))
-    ]
+def _skipped_note(named: dict[str, nn.Module], chosen: list[tuple[str, nn.Module]],
+                  attention: set[str]) -> str | None:
+    """Every module that owns trainable parameters no chosen module covers, by name."""
+    covered = {id(getattr(m, p)) for _, m in chosen for p in ("weight", "bias")
+               if isinstance(getattr(m, p, None), torch.Tensor)}
+    skipped = []
+    for name, module in named.items():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in covered]
+        if not own or name in attention:  # MHA's projections: named with the MHA itself
+            continue
+        why = unsupported_reason(module)
+        skipped.append(f"{name or '<model>'} ({type(module).__name__}{', ' + why if why else ''})")
     if not skipped:
         return None
     return (
         f"factors=True: no per-sample factors for {', '.join(skipped[:8])}"
         + (f" and {len(skipped) - 8} more" if len(skipped) > 8 else "")
-        + " (chisel takes factors of nn.Linear, Hugging Face Conv1D and nn.Conv2d with groups=1; "
+        + f" (chisel takes factors of {SUPPORTED}; "
         + ("the projections inside nn.MultiheadAttention are never called as modules; " if attention else "")
-        + "their updates are still recorded, and credit for them is reported as residual)."
+        + "their updates are still recorded, and credit for them is reported as "
+        "'gradient (unresolved)')."
     )
-
-
-def _module_meta(module: nn.Module, kind: str, params: dict[int, str]) -> dict[str, Any]:
-    """The factor kind, and the recorded names of the module's weight and bias (by identity: a
-    module path + ".weight" is not always the parameter's name, e.g. on a TransformerLens bridge)."""
-    meta: dict[str, Any] = {"kind": kind}
-    for part in ("weight", "bias"):
-        tensor = getattr(module, part, None)
-        if isinstance(tensor, torch.Tensor) and id(tensor) in params:
-            meta[part] = params[id(tensor)]
-    if kind == CONV2D:
-        meta.update(
-            kernel_size=list(module.kernel_size),
-            stride=list(module.stride),
-            padding=list(module.padding),
-            dilation=list(module.dilation),
-        )
-    return meta
 
 
 @dataclass
 class _Call:
-    """One forward call: its input, and its output-gradient once backward reaches it."""
+    """One forward call: its factor input, and its output-gradient once backward reaches it.
+
+    Norms keep their input until backward, then store (Σ g ⊙ x̂, Σ g) per sample; an embedding
+    whose ids are broadcast over the batch (a position embedding) gets its per-sample gradient
+    from the broadcasting add (`full`)."""
 
     x: torch.Tensor
     user_owned: bool  # the input is a tensor of the user's (no grad_fn), which may be reused
     g: torch.Tensor | None = None
+    spec: NormSpec | None = None
+    src: torch.Tensor | None = None  # a norm's input
+    pad: int | None = None  # an embedding's padding_idx
+    full: torch.Tensor | None = None
+    handles: list[Any] = field(default_factory=list)
 
     def set_grad(self, grad: torch.Tensor) -> None:
         # a tensor hook must return None, or it would replace the gradient
-        self.g = grad.detach()
+        grad = grad.detach()
+        if self.spec is not None:
+            self.x, self.g = norm_sums(self.spec, self.src, grad)
+            return
+        if self._splits(grad):  # the batch's rows, which sum to this broadcast's gradient
+            grad, self.x = self.full, self.x.expand(self.full.shape[0], *self.x.shape[1:])
+        if self.pad is not None:
+            grad = grad.masked_fill(self.x == self.pad, 0.0)
+        self.g = grad
+
+    def _splits(self, grad: torch.Tensor) -> bool:
+        full = self.full
+        if full is None or full.shape[1:] != grad.shape[1:]:
+            return False
+        atol = 1e-6 * float(grad.abs().max()) if grad.numel() else 0.0
+        return torch.allclose(full.sum(0, keepdim=True), grad, rtol=1e-5, atol=atol)
+
+    def catch_full(self, grad_outputs: tuple) -> None:
+        self.full = grad_outputs[0].detach() if grad_outputs and grad_outputs[0] is not None else None
 
 
 @dataclass
@@ -107,9 +132,16 @@ class FactorCapture:
     modules: dict[str, nn.Module] = field(init=False, default_factory=dict)
     meta: dict[str, dict[str, Any]] = field(init=False, default_factory=dict)
     enabled: bool = field(init=False, default=True)
+    # {module: steps seen} for factor modules whose weight got a gradient they did not capture
+    not_captured: dict[str, int] = field(init=False, default_factory=dict)
     _calls: dict[str, list[_Call]] = field(init=False, default_factory=dict)
     _handles: list[Any] = field(init=False, default_factory=list)
-    _probes: dict[str, torch.Tensor] = field(init=False, default_factory=dict)
+    _probes: dict[int, torch.Tensor] = field(init=False, default_factory=dict)
+    _specs: dict[str, NormSpec | None] = field(init=False, default_factory=dict)  # verified
+    _checked: set[str] = field(init=False, default_factory=set)  # embeddings verified
+    _failed: set[str] = field(init=False, default_factory=set)
+    _broadcast: list[tuple[_Call, Any]] = field(init=False, default_factory=list)
+    _warned: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         named = dict(self.model.named_modules())
@@ -118,37 +150,43 @@ class FactorCapture:
             chosen = [
                 (n, m) for n, m in named.items() if factor_kind(m) is not None and n not in attention
             ]
-            note = _skipped_note(named, attention)
+            note = _skipped_note(named, chosen, attention)
             if note:
                 warnings.warn(note, FactorsSkippedWarning, stacklevel=5)
         else:
-            chosen = []
-            for name in self.selection or ():
-                if name not in named:
-                    valid = [n for n, m in named.items() if factor_kind(m) is not None]
-                    raise UnknownModuleError(
-                        f"factors: the model has no module {name!r}. Modules chisel can take "
-                        f"factors of: {valid}."
-                    )
-                if name in attention:
-                    raise UnknownModuleError(
-                        f"factors: {name!r} is a projection inside nn.MultiheadAttention, which "
-                        "uses its weight directly and never calls it: no hook can see its input. "
-                        "Leave it out (its update is still recorded)."
-                    )
-                if factor_kind(named[name]) is None:
-                    raise UnknownModuleError(
-                        f"factors: module {name!r} is a {type(named[name]).__name__}; chisel takes "
-                        "factors of nn.Linear, Hugging Face Conv1D and nn.Conv2d (groups=1)."
-                    )
-                chosen.append((name, named[name]))
+            chosen = [(name, self._selected(named, name, attention)) for name in self.selection or ()]
         params = {id(p): n for n, p in self.model.named_parameters()}  # the recorded names
         for name, module in chosen:
             kind = factor_kind(module)
             assert kind is not None
             self.modules[name] = module
-            self.meta[name] = _module_meta(module, kind, params)
+            self.meta[name] = module_meta(module, kind, params)
             self._calls[name] = []
+
+    @staticmethod
+    def _selected(named: dict[str, nn.Module], name: str, attention: set[str]) -> nn.Module:
+        if name not in named:
+            valid = [n for n, m in named.items() if factor_kind(m) is not None]
+            raise UnknownModuleError(
+                f"factors: the model has no module {name!r}. Modules chisel can take "
+                f"factors of: {valid}."
+            )
+        if name in attention:
+            raise UnknownModuleError(
+                f"factors: {name!r} is a projection inside nn.MultiheadAttention, which "
+                "uses its weight directly and never calls it: no hook can see its input. "
+                "Leave it out (its update is still recorded)."
+            )
+        module = named[name]
+        if factor_kind(module) is None:
+            why = unsupported_reason(module)
+            raise UnknownModuleError(
+                f"factors: module {name!r} is a {type(module).__name__}"
+                + (f" with {why}" if why else "")
+                + f"; chisel takes factors of {SUPPORTED}."
+                + (" Build it without that option, or leave it out." if why else "")
+            )
+        return module
 
     def attach(self) -> None:
         for name, module in self.modules.items():
@@ -160,25 +198,95 @@ class FactorCapture:
         self._handles.clear()
         self.clear()
 
+    # -- the forward hooks -------------------------------------------------------------------
     def _hook(self, name: str):
-        calls = self._calls[name]
+        calls, kind = self._calls[name], self.meta[name]["kind"]
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-            if not self.enabled or not torch.is_grad_enabled():
+            if not self.enabled or not torch.is_grad_enabled() or name in self._failed:
                 return None
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            if not isinstance(output, torch.Tensor) or not output.requires_grad or not inputs:
                 return None
+            if self._broadcast:
+                self._find_broadcasts(inputs)
             x = inputs[0]
-            call = _Call(x.detach(), user_owned=x.grad_fn is None)
+            if kind == EMBEDDING:
+                call = self._embedding_call(name, module, x, output)
+            elif kind in NORMS:
+                call = self._norm_call(name, module, x, output)
+            else:
+                call = _Call(x.detach(), user_owned=x.grad_fn is None)
+            if call is None:
+                return None
             calls.append(call)
             output.register_hook(call.set_grad)
             return None
 
         return hook
 
+    def _embedding_call(self, name: str, module: nn.Module, ids: Any, out: torch.Tensor) -> _Call | None:
+        if name not in self._checked:
+            if not verify_embedding(module, ids, out):
+                return self._fail(name, module, "its output is not the rows of its weight at its "
+                                  "first argument (a subclass that offsets, scales or reads "
+                                  "something else)")
+            self._checked.add(name)
+        call = _Call(ids.detach().unsqueeze(-1), user_owned=True, pad=module.padding_idx)
+        if ids.ndim >= 1 and ids.shape[0] == 1 and out.grad_fn is not None:
+            self._broadcast.append((call, out.grad_fn))  # maybe added to a whole batch later
+        return call
+
+    def _norm_call(self, name: str, module: nn.Module, x: Any, out: torch.Tensor) -> _Call | None:
+        if name not in self._specs:
+            spec = norm_spec(module)
+            ok = isinstance(x, torch.Tensor) and spec is not None
+            self._specs[name] = verify_norm(module, spec, x.detach(), out.detach()) if ok else None
+        spec = self._specs[name]
+        if spec is None:
+            return self._fail(name, module, "its output is not (γ or 1 + γ) ⊙ x̂ + β for the "
+                              "normalised input x̂ chisel computes")
+        return _Call(x.detach(), user_owned=False, spec=spec, src=x.detach())
+
+    def _fail(self, name: str, module: nn.Module, why: str) -> None:
+        self._failed.add(name)
+        self._warned.add(name)
+        warnings.warn(
+            f"factors: no per-sample factors for {name!r} ({type(module).__name__}): {why}. Its "
+            "update is still recorded; credit reports its gradient as 'gradient (unresolved)'.",
+            FactorsSkippedWarning,
+            stacklevel=3,
+        )
+        return None
+
+    def _find_broadcasts(self, inputs: tuple) -> None:
+        """Find the add that broadcasts a batch-1 embedding output over the batch (GPT-2's
+        `inputs_embeds + position_embeds`), searching back from a later module's input, and
+        catch the unreduced gradient there: each sample's own gradient of the embedding."""
+        targets = {id(node): call for call, node in self._broadcast}
+        queue = deque(t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None)
+        seen: set[int] = set()
+        while queue and len(seen) < _SEARCH_NODES and targets:
+            node = queue.popleft()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for nxt, _ in node.next_functions:
+                if nxt is None:
+                    continue
+                call = targets.pop(id(nxt), None)
+                if call is not None and node.name() == "AddBackward0" and getattr(node, "_saved_alpha", 1) == 1:
+                    call.handles.append(node.register_prehook(call.catch_full))
+                queue.append(nxt)
+        self._broadcast = [(c, n) for c, n in self._broadcast if id(n) in targets]
+
+    # -- per step ------------------------------------------------------------------------------
     def clear(self) -> None:
         for calls in self._calls.values():
+            for call in calls:
+                for handle in call.handles:
+                    handle.remove()
             calls.clear()
+        self._broadcast.clear()
 
     def take(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
         """This step's back-propagated calls per module; forward-only calls are dropped."""
@@ -189,44 +297,104 @@ class FactorCapture:
             pairs = [(c.x.clone() if c.user_owned else c.x, c.g) for c in calls if c.g is not None]
             if pairs:
                 out[name] = pairs
+        self._drop_unsplit_broadcasts(out)
         self.clear()
         return out
 
+    def _drop_unsplit_broadcasts(self, out: dict[str, list]) -> None:
+        """An embedding call of batch 1 in a step whose batch is larger, whose per-sample
+        gradient was not found, holds the batch's sum: not a sample's. Leave it out, named."""
+        batch = max((x.shape[0] for pairs in out.values() for x, _ in pairs if x.ndim > 1), default=1)
+        for name in [n for n in out if self.meta[n]["kind"] == EMBEDDING]:
+            kept = [(x, g) for x, g in out[name] if x.shape[0] > 1 or batch == 1]
+            if len(kept) < len(out[name]):
+                self._gap(name, "its ids are broadcast over the batch and chisel could not find the "
+                          "add that broadcasts them, so its gradient cannot be split per sample")
+            if kept:
+                out[name] = kept
+            else:
+                del out[name]
+
+    def _gap(self, name: str, why: str) -> None:
+        self.not_captured[name] = self.not_captured.get(name, 0) + 1
+        if name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(
+                f"factors: {name!r} ({type(self.modules[name]).__name__}): {why}. That part of "
+                "the update is not captured; credit reports it as 'gradient (unresolved)' "
+                "(ledger quantity 'not_captured_share'). Warned once per module.",
+                FactorsSkippedWarning,
+                stacklevel=3,
+            )
+
+    # -- the clip coefficient, and gaps --------------------------------------------------------
     def grad_coef(self) -> tuple[float | None, float | None]:
-        """(c, relative residual) with `.grad ≈ c · Σ_i g_i x_iᵀ` over the Linear-like weights.
+        """(c, relative residual) with `.grad ≈ c · Σ_i (factor term)_i` over the factor weights.
 
         c folds in gradient clipping and loss-scale unscaling. It is measured on a random
-        projection of each weight (O(N·(in+out)) per layer), so it costs no extra matmul.
+        projection of each weight (O(N·(in+out)) per layer), so it costs no extra matmul. A
+        weight tied to several modules (an LM head and its embedding) is rebuilt from all of
+        them. A factor module that did not run while its weight got a gradient that the others
+        do not rebuild is reported (`not_captured`, a warning) and left out of the fit.
         """
-        num = den = gg = 0.0
-        seen = False
+        if not self.enabled:
+            return None, None
+        sketches = self._sketches()
+        silent = {pid for pid, s in sketches.items() if s["silent"]}
+        clean = [s for pid, s in sketches.items() if pid not in silent and s["fired"]]
+        fit = clean or [s for s in sketches.values() if s["fired"]]
+        num = sum(float(s["grad"] @ s["factors"]) for s in fit)
+        den = sum(float(s["factors"] @ s["factors"]) for s in fit)
+        gg = sum(float(s["grad"] @ s["grad"]) for s in fit)
+        c = num / den if den else None
+        for pid in silent:
+            s = sketches[pid]
+            norm = float(s["grad"].norm())
+            if norm == 0.0:
+                continue
+            rebuilt = s["factors"] * (c or 0.0)
+            if float((s["grad"] - rebuilt).norm()) > GAP_TOLERANCE * norm:
+                for name in s["silent"]:
+                    self._gap(name, "its weight got a gradient in a step where its forward hook "
+                              "never saw the computation (e.g. a trainer computing logits with "
+                              "F.linear(h, lm_head.weight) instead of calling the module)")
+        if c is None:
+            return None, None
+        left = sum(float((s["grad"] - c * s["factors"]).pow(2).sum()) for s in fit)
+        return c, left**0.5 / max(gg**0.5, 1e-300)
+
+    def _sketches(self) -> dict[int, dict[str, Any]]:
+        """Per weight (by identity): its gradient's sketch, the factors' sketch, and the factor
+        modules sharing it that ran (`fired`) or did not (`silent`) this step."""
+        out: dict[int, dict[str, Any]] = {}
         for name, calls in self._calls.items():
             kind = self.meta[name]["kind"]
             weight = getattr(self.modules[name], "weight", None)
-            if kind == CONV2D or weight is None or weight.grad is None:
+            if kind == CONV2D or weight is None or weight.grad is None or name in self._failed:
                 continue
+            grad = weight.grad
+            v = self._probe(weight)
+            entry = out.get(id(weight))
+            if entry is None:
+                sketch = grad_sketch(grad, v).double()
+                entry = out[id(weight)] = {"grad": sketch, "factors": torch.zeros_like(sketch),
+                                           "fired": [], "silent": []}
             pairs = [(c.x, c.g) for c in calls if c.g is not None]
             if not pairs:
+                entry["silent"].append(name)
                 continue
-            d_in = weight.shape[1] if kind == LINEAR else weight.shape[0]
-            v = self._probe(name, d_in, weight)
-            grad_v = weight.grad @ v if kind == LINEAR else v @ weight.grad  # [out]
-            r_v = sum(g.reshape(-1, g.shape[-1]).T @ (x.reshape(-1, d_in) @ v) for x, g in pairs)
-            grad_v, r_v = grad_v.double(), r_v.double()
-            num += float(grad_v @ r_v)
-            den += float(r_v @ r_v)
-            gg += float(grad_v @ grad_v)
-            seen = True
-        if not seen or den == 0.0:
-            return None, None
-        c = num / den
-        resid = max(gg - 2 * c * num + c * c * den, 0.0) ** 0.5 / max(gg**0.5, 1e-300)
-        return c, resid
+            entry["fired"].append(name)
+            for x, g in pairs:
+                entry["factors"] += factor_sketch(kind, x, g, v, grad.shape[0]).double()
+        return out
 
-    def _probe(self, name: str, size: int, like: torch.Tensor) -> torch.Tensor:
-        v = self._probes.get(name)
+    def _probe(self, like: torch.Tensor) -> torch.Tensor | None:
+        if like.ndim < 2:
+            return None
+        v = self._probes.get(id(like))
+        size = like[0].numel()
         if v is None or v.device != like.device or v.dtype != like.dtype:
             gen = torch.Generator().manual_seed(size)
             v = torch.randn(size, generator=gen, dtype=torch.float64).to(like.device, like.dtype)
-            self._probes[name] = v
+            self._probes[id(like)] = v
         return v
