@@ -124,7 +124,7 @@ def module_meta(module: nn.Module, kind: str, params: dict[int, str]) -> dict[st
     elif kind == EMBEDDING:
         meta.update(num_embeddings=module.num_embeddings, padding_idx=module.padding_idx)
     elif kind in NORMS:
-        meta.update(shape=list(module.weight.shape), offset=norm_spec(module).offset)
+        meta.update(shape=list(module.weight.shape))
     return meta
 
 
