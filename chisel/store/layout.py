@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from chisel import _names as N
 from chisel.errors import CorruptStepError, ManifestError, NotARunError
+from chisel.store.stfile import DirectFiles, crc32, encode_header, ordered, tensor_bytes, write_file
 
 _STEP_FILE = re.compile(rf"^(\d{{{N.STEP_DIGITS}}})\.safetensors$")
 
@@ -69,26 +69,36 @@ def _commit(tmp: Path, path: Path, fsync: bool) -> None:
 def checksum(tensor: torch.Tensor) -> int:
     """CRC32 of a tensor's bytes (zlib releases the GIL on large buffers: cheap off the
     training thread)."""
-    data = tensor.detach()
-    if data.device.type != "cpu":
-        data = data.cpu()
-    return zlib.crc32(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return crc32(tensor_bytes(tensor))
 
 
 def write_tensors(
-    path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, fsync: bool = False
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    *,
+    fsync: bool = False,
+    files: DirectFiles | None = None,
 ) -> None:
     """Write a safetensors file under a temporary name, then rename it into place. The record
-    and every tensor carry a CRC32 (metadata key `checksums`), verified on read."""
+    and every tensor carry a CRC32 (metadata key `checksums`), verified on read. The bytes go
+    out in one write: `files` (O_DIRECT from its staging buffer) or one `writev` of the
+    tensors' own memory."""
     tmp = _atomic_target(path)
-    flat = {k: v.detach().contiguous() for k, v in tensors.items()}
+    flat = ordered(tensors)
+    data = {k: tensor_bytes(v) for k, v in flat.items()}
     record = json.dumps(meta)
     sums = {
         "algorithm": N.CHECKSUM_ALGORITHM,
         "record": zlib.crc32(record.encode()),
-        "tensors": {k: checksum(v) for k, v in flat.items()},
+        "tensors": {k: crc32(v) for k, v in data.items()},
     }
-    save_file(flat, str(tmp), metadata={N.RECORD_KEY: record, N.CHECKSUM_KEY: json.dumps(sums)})
+    header = encode_header(flat, data, {N.RECORD_KEY: record, N.CHECKSUM_KEY: json.dumps(sums)})
+    parts = [header, *data.values()]
+    if files is not None:
+        files.write(tmp, parts)
+    else:
+        write_file(tmp, parts)
     _commit(tmp, path, fsync)
 
 

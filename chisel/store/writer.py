@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from chisel import _names as N
@@ -15,6 +17,7 @@ from chisel.capture.config import RecordConfig, torch_dtype
 from chisel.capture.packet import Keyframe, StepPacket
 from chisel.errors import WriterError
 from chisel.store.layout import RunLayout, write_tensors
+from chisel.store.stfile import DirectFiles
 
 _EXACT_IN: dict[torch.dtype, set[torch.dtype]] = {
     torch.float64: {torch.float64, torch.float32, torch.bfloat16, torch.float16},
@@ -30,10 +33,39 @@ def encoding_for(param_dtype: torch.dtype, storage: torch.dtype) -> str:
     return N.EXACT if exact else N.LOSSY
 
 
-def _segment_norms(flat: torch.Tensor, lengths: torch.Tensor) -> list[float]:
-    """‖segment‖ of each parameter in a flat vector: one kernel, no per-parameter Python."""
-    # .double() returns the tensor itself when it is float64 already: square out of place
-    return torch.segment_reduce(flat.double().square(), "sum", lengths=lengths).sqrt().tolist()
+def _segment_norms(flat: torch.Tensor, bounds: list[tuple[int, int]]) -> list[float]:
+    """‖segment‖ of each parameter in a flat vector, accumulated in float64.
+
+    numpy, not torch: one thread (torch's intra-op pool belongs to training), and the float64
+    squares are formed in numpy's small cast buffers, never as a float64 copy of the vector.
+    A float32 value squared in float64 is exact, so the norms match a float64 reference.
+    """
+    if flat.dtype == torch.bfloat16:  # numpy has no bfloat16; rare (bfloat16 parameters)
+        return torch.segment_reduce(
+            flat.double().square(), "sum", lengths=torch.tensor([b - a for a, b in bounds])
+        ).sqrt().tolist()
+    x = flat.numpy()
+    return [
+        float(np.sqrt(np.einsum("i,i->", x[a:b], x[a:b], dtype=np.float64))) for a, b in bounds
+    ]
+
+
+def _total(norms: list[float]) -> float:
+    return float(np.sqrt(np.sum(np.square(np.asarray(norms, dtype=np.float64)))))
+
+
+def _subtract(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor) -> None:
+    if a.dtype == torch.bfloat16:
+        torch.sub(a, b, out=out)
+    else:
+        np.subtract(a.numpy(), b.numpy(), out=out.numpy())
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if src.dtype == torch.bfloat16:
+        dst.copy_(src)
+    else:
+        np.copyto(dst.numpy(), src.numpy())
 
 
 class RunWriter:
@@ -57,11 +89,14 @@ class RunWriter:
             for s in shape:
                 numel *= s
             self._segments[dtype].append((name, numel))
-        self._lengths = {
-            d: torch.tensor([n for _, n in segs], dtype=torch.int64) for d, segs in self._segments.items()
-        }
+        self._bounds: dict[str, list[tuple[int, int]]] = {}  # dtype -> [(start, end)] per param
+        for dtype, segs in self._segments.items():
+            starts = np.cumsum([0] + [n for _, n in segs]).tolist()
+            self._bounds[dtype] = list(itertools.pairwise(starts))
+        self._diff: dict[str, torch.Tensor] = {}  # preallocated θ_{t+1} − θ_t per dtype (flat)
         self._prev: dict[str, torch.Tensor] = {}  # θ before the step being written (flat)
         self._recon: dict[str, torch.Tensor] = {}  # θ̂ in float64 for LOSSY groups (flat)
+        self._files = DirectFiles()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
         self._error: BaseException | None = None
         self._error_step: int | None = None
@@ -148,9 +183,9 @@ class RunWriter:
         if item.after is not None:
             tensors.update(self._encode(item.after, record))
         if item.grads is not None:
-            norms = [n for d, flat in item.grads.items() for n in _segment_norms(flat, self._lengths[d])]
             if record.get("grad_norm") is None:
-                record["grad_norm"] = float(torch.tensor(norms, dtype=torch.float64).norm())
+                norms = [n for d, flat in item.grads.items() for n in _segment_norms(flat, self._bounds[d])]
+                record["grad_norm"] = _total(norms)
             tensors.update({N.GRAD + d: flat.to(self._storage) for d, flat in item.grads.items()})
         if item.state is not None:
             tensors.update({N.STATE + k: v for k, v in item.state.items()})
@@ -161,7 +196,9 @@ class RunWriter:
                 record["tags"][name] = {"len": len(value)}
             else:
                 record["tags"][name] = value
-        write_tensors(self.layout.step_file(item.step), tensors, record, fsync=self.config.fsync)
+        write_tensors(
+            self.layout.step_file(item.step), tensors, record, fsync=self.config.fsync, files=self._files
+        )
         self.steps_written += 1
         if self.on_step is not None:
             if self.step_deltas:
@@ -170,13 +207,13 @@ class RunWriter:
                 self.on_step(record, item.tags)
 
     def _encode(self, after: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out, norms, diffs = {}, {}, {}
+        out, norms = {}, {}
         for dtype, value in after.items():
-            prev = self._prev[dtype]
-            diffs[dtype] = diff = value - prev
-            values = _segment_norms(diff, self._lengths[dtype])
+            prev, diff = self._prev[dtype], self._diff[dtype]
+            _subtract(value, prev, out=diff)  # into a buffer kept across steps: no page faults
+            values = _segment_norms(diff, self._bounds[dtype])
             norms.update(zip((name for name, _ in self._segments[dtype]), values))
-            prev.copy_(value)
+            _copy(prev, value)
             if self._group_encoding[dtype] == N.EXACT:
                 out[N.AFTER + dtype] = value
                 continue
@@ -186,9 +223,9 @@ class RunWriter:
             self._recon[dtype] += delta.double()
             out[N.DELTA + dtype] = delta
         if self.step_deltas:
-            self._deltas = self.flat.split(diffs)  # {param: its update}, views of the diffs
+            self._deltas = self.flat.split(self._diff)  # {param: its update}, views of the diffs
         record["update_norms"] = {n: norms[n] for n in self.flat.names}
-        record["update_norm"] = float(torch.tensor(list(norms.values()), dtype=torch.float64).norm())
+        record["update_norm"] = _total(list(norms.values()))
         return out
 
     def _write_keyframe(self, kf: Keyframe) -> None:
@@ -199,6 +236,7 @@ class RunWriter:
         for dtype, segments in self._segments.items():
             flat = torch.cat([kf.params[name].reshape(-1) for name, _ in segments])
             self._prev[dtype] = flat.clone()
+            self._diff[dtype] = torch.empty_like(flat)
             if self._group_encoding[dtype] == N.LOSSY:
                 self._recon[dtype] = flat.double()
 
