@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 import probes
 from chisel.attribution.weights import LinearWeight
@@ -86,6 +88,7 @@ def _tangents(
     """{weight param: its input's tangent averaged over rows} for a tangent `direction` at `site`."""
     seen: dict[str, Tensor] = {}
     handles: list[Any] = []
+    stream = _SameTensor()
 
     def seed_dual(value: Tensor) -> Tensor:
         if value.shape[-1] != direction.shape[0]:
@@ -93,12 +96,14 @@ def _tangents(
                 f"features at {site.name!r} have dimension {direction.shape[0]}, but the model "
                 f"reads {value.shape[-1]}-dimensional activations there."
             )
+        if stream.swap(value) is not value:  # the same tensor seen again (a module run twice)
+            return stream.swap(value)
         tangent = direction.to(value.dtype).expand_as(value).contiguous()
-        return fwAD.make_dual(value, tangent)
+        return stream.seed(value, fwAD.make_dual(value, tangent))
 
     def reader(w: LinearWeight):
         def pre(mod: nn.Module, args: tuple) -> None:
-            tangent = fwAD.unpack_dual(args[0]).tangent
+            tangent = fwAD.unpack_dual(stream.swap(args[0])).tangent
             if tangent is not None:
                 rows = tangent.reshape(-1, tangent.shape[-1]).double()
                 seen[w.param] = seen.get(w.param, 0) + rows.mean(0)
@@ -119,9 +124,38 @@ def _tangents(
                 handles.append(module.register_forward_pre_hook(reader(by_module[name])))
             if linear:
                 handles.append(module.register_forward_hook(stop))
-        with fwAD.dual_level(), torch.no_grad():
+        with fwAD.dual_level(), torch.no_grad(), stream:
             run_forward()
     finally:
         for h in handles:
             h.remove()
     return seen
+
+
+class _SameTensor(TorchFunctionMode):
+    """After the site fires, every op that takes the site's tensor gets its dual instead.
+
+    A hook replaces the activation for the module it feeds only: TransformerLens's
+    `hook_resid_mid` is `ln2.hook_in`, and Hugging Face's `ln_2:in` is `ln_2`'s argument, while
+    the block's residual addition reads the same tensor from a local variable. The stream at the
+    site is that tensor, wherever it flows, so the tangent must ride on all of its uses.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pairs: list[tuple[Tensor, Tensor]] = []  # (primal, dual) per firing of the site
+
+    def seed(self, primal: Tensor, dual: Tensor) -> Tensor:
+        self._pairs.append((primal, dual))  # holding the primal keeps its identity unique
+        return dual
+
+    def swap(self, a: Any) -> Any:
+        for primal, dual in self._pairs:
+            if a is primal:
+                return dual
+        return a
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self._pairs:
+            args, kwargs = tree_map(self.swap, (args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
