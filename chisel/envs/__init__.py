@@ -1,5 +1,12 @@
 """TrashWorld: the essay's environment (an agent rewarded for putting trash in a can)."""
 
+from chisel.envs.choice import (
+    ChoiceResult,
+    ChoiceTestError,
+    choice_rooms,
+    choice_test,
+    wilson_interval,
+)
 from chisel.envs.config import (
     ACTION_NAMES,
     CONCEPTS,
@@ -18,6 +25,8 @@ __all__ = [
     "ACTION_NAMES",
     "CONCEPTS",
     "ENV_ID",
+    "ChoiceResult",
+    "ChoiceTestError",
     "EvalResult",
     "Layout",
     "LayoutError",
@@ -27,6 +36,8 @@ __all__ = [
     "TrashWorldState",
     "TrashWorldVectorEnv",
     "VecTrashWorld",
+    "choice_rooms",
+    "choice_test",
     "concept_labels",
     "evaluate",
     "next_reward_source",
@@ -36,4 +47,5 @@ __all__ = [
     "register",
     "return_to_go",
     "reward_within",
+    "wilson_interval",
 ]
