@@ -142,6 +142,7 @@ class FactorCapture:
     _failed: set[str] = field(init=False, default_factory=set)
     _broadcast: list[tuple[_Call, Any]] = field(init=False, default_factory=list)
     _warned: set[str] = field(init=False, default_factory=set)
+    _shared: set[int] = field(init=False, default_factory=set)  # weights also used elsewhere
 
     def __post_init__(self) -> None:
         named = dict(self.model.named_modules())
@@ -162,6 +163,11 @@ class FactorCapture:
             self.modules[name] = module
             self.meta[name] = module_meta(module, kind, params)
             self._calls[name] = []
+        mine = {id(m.weight) for m in self.modules.values() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+        self._shared = {
+            id(p) for n, m in named.items() if n not in self.modules
+            for p in m.parameters(recurse=False) if id(p) in mine
+        }
 
     @staticmethod
     def _selected(named: dict[str, nn.Module], name: str, attention: set[str]) -> nn.Module:
@@ -341,7 +347,10 @@ class FactorCapture:
             return None, None
         sketches = self._sketches()
         silent = {pid for pid, s in sketches.items() if s["silent"]}
-        clean = [s for pid, s in sketches.items() if pid not in silent and s["fired"]]
+        # a weight also used by a module without factors (an LM head's embedding when only the
+        # head is taken) is not rebuilt by its factors: it would bias c
+        clean = [s for pid, s in sketches.items()
+                 if pid not in silent and pid not in self._shared and s["fired"]]
         fit = clean or [s for s in sketches.values() if s["fired"]]
         num = sum(float(s["grad"] @ s["factors"]) for s in fit)
         den = sum(float(s["factors"] @ s["factors"]) for s in fit)
