@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +60,13 @@ class Counterfactual:
     @property
     def unresolved_share(self) -> float:
         """‖Σ unresolved‖ / ‖θ_step − θ_0‖: the learned change no recorded sample accounts for."""
-        change = _norm({n: self.final[n] - self.initial[n] for n in self.final})
-        return _norm(self.unresolved) / change if change else 0.0
+        return self.unresolved_share_of(self.final)
+
+    def unresolved_share_of(self, names: Iterable[str]) -> float:
+        """`unresolved_share` over some params (e.g. the layers with factors)."""
+        names = list(names)
+        change = _norm({n: self.final[n] - self.initial[n] for n in names})
+        return _norm({n: self.unresolved[n] for n in names}) / change if change else 0.0
 
     def load_into(self, model: nn.Module) -> nn.Module:
         """Write the predicted θ into `model` in place (each param keeps its dtype); returns it."""

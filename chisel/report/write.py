@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from chisel.report import counterfactual_section as CS
 from chisel.report import html as H
 from chisel.report import sections as S
 from chisel.report import validation_sections as VS
@@ -52,6 +53,7 @@ def write_report(
         S.timeline_section(art, figs),
         VS.validation_section(art, s, figs),
         VS.coverage_section(art, s, figs),
+        CS.counterfactual_section(art, figs),
         S.probes_section(art, figs) if art.is_demo or art.probes is not None else None,
         S.circuits_section(art, figs),
         S.credit_section(art, figs),

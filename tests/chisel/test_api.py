@@ -34,6 +34,7 @@ PUBLIC = {
     "attribute",
     "timeline",
     "metrics",
+    "counterfactual",
     "load_ledger",
     "write_report",
     "write_comparison",
