@@ -199,10 +199,19 @@ def main() -> None:
     ap.add_argument("--buttons", nargs="*", default=["none", "early", "late"])
     ap.add_argument("--horizon", type=int, default=44,
                     help="momentum horizon in steps (44: Adam β1=0.9 keeps ≥1%% weight, credit's default rule)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="combine these counterfactual.json files (e.g. runs done in parallel) "
+                         "into <out>/counterfactual.json instead of running")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = [one_run(b, args) for b in args.buttons]
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        runs = [{**run, "rows": [r for r in part["rows"] if r["button"] == run["button"]]}
+                for part in parts for run in part["runs"]]
+        args.buttons = [run["button"] for run in runs]
+    else:
+        runs = [one_run(b, args) for b in args.buttons]
     rows = [r for run in runs for r in run["rows"]]
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

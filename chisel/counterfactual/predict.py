@@ -60,11 +60,12 @@ class _Pass:
             entry = self.pending.setdefault(b.origin_step, {})
             old = entry.get(b.param)
             entry[b.param] = (b, b.coef) if old is None else (old[0], old[1] + b.coef)
-        leaves = split.leaves()
+        # the sample-less leaves (not `split.leaves()`, which would sum every block again)
         for leaf in NON_SAMPLE:
-            for n, v in leaves[leaf].items():
+            unresolved = leaf in split.unresolved
+            for n, v in (split.unresolved if unresolved else split.base.parts)[leaf].items():
                 self.non_sample[n] += v
-                if leaf in (GRADIENT_UNRESOLVED, MOMENTUM_UNRESOLVED):
+                if unresolved:
                     self.unresolved[n] += v
         # no later step reaches back further than `reach`: those origins are final
         for s in [s for s in self.pending if s < t + 1 - self.session.reach]:

@@ -77,7 +77,7 @@ def test_linear_loss_sgd_prediction_equals_retraining(tmp_path, name):
     actual = _train(None, SGDS[name], removed, record=False)
     for n, p in actual.named_parameters():
         torch.testing.assert_close(cf.predicted[n], p.detach(), rtol=0, atol=1e-13)
-    assert cf.metric_predicted == pytest.approx(float(_linear_metric(actual)), abs=1e-12)
+    assert cf.metric_predicted == pytest.approx(float(_linear_metric(actual).detach()), abs=1e-12)
     assert abs(cf.delta_metric) > 1e-3  # the removal mattered: the test could fail
     assert cf.removed_weight == len(removed) and cf.samples == STEPS * BATCH
 
