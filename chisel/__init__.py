@@ -2,45 +2,61 @@
 
 Record every optimizer update of a training run (`record`), read it back (`load`), and
 attribute the weight changes to named features (see docs/).
+
+`import chisel` is light: each public name is imported from its module on first use (PEP 562
+module `__getattr__`), so importing chisel loads neither pandas, pyarrow, matplotlib nor the
+report, and changes no global state (tests/chisel/test_import_light.py).
 """
 
-from chisel import metrics
-from chisel.attribution.engine import AttributionInputError, attribute
-from chisel.attribution.functional import TrainModeWarning
-from chisel.attribution.ledger import load_ledger
-from chisel.attribution.timeline import timeline
-from chisel.capture.config import RecordConfig
-from chisel.errors import (
-    ChiselError,
-    CorruptStepError,
-    FactorsSkippedWarning,
-    ManifestError,
-    MissingStepsWarning,
-    NotARunError,
-    RecordConfigError,
-    ResumeMismatchError,
-    RunExistsError,
-    SkippedStepError,
-    StepOutOfRangeError,
-    StepTypeError,
-    TagError,
-    UnknownModuleError,
-    UnverifiedRunWarning,
-    WriterError,
-)
-from chisel.recorder import Recorder, record
-from chisel.report import write_comparison, write_report
-from chisel.store.reader import Run, Step, load
-from chisel.validation import (
-    ValidationError,
-    ablation_effects,
-    agreement,
-    pathway_effects,
-    pathway_shapley,
-    validation_table,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it; a name equal to its module's last part is the
+# module itself (chisel.metrics). To export a name, add one line here and one in __all__
+# (test_import_light checks that the two agree).
+_EXPORTS: dict[str, str] = {
+    "AttributionInputError": "chisel.attribution.engine",
+    "ChiselError": "chisel.errors",
+    "CorruptStepError": "chisel.errors",
+    "FactorsSkippedWarning": "chisel.errors",
+    "ManifestError": "chisel.errors",
+    "MissingStepsWarning": "chisel.errors",
+    "NotARunError": "chisel.errors",
+    "RecordConfig": "chisel.capture.config",
+    "RecordConfigError": "chisel.errors",
+    "Recorder": "chisel.recorder",
+    "ResumeMismatchError": "chisel.errors",
+    "Run": "chisel.store.reader",
+    "RunExistsError": "chisel.errors",
+    "SkippedStepError": "chisel.errors",
+    "Step": "chisel.store.reader",
+    "StepOutOfRangeError": "chisel.errors",
+    "StepTypeError": "chisel.errors",
+    "TagError": "chisel.errors",
+    "TrainModeWarning": "chisel.attribution.functional",
+    "UnknownModuleError": "chisel.errors",
+    "UnverifiedRunWarning": "chisel.errors",
+    "ValidationError": "chisel.validation",
+    "WriterError": "chisel.errors",
+    "ablation_effects": "chisel.validation",
+    "agreement": "chisel.validation",
+    "attribute": "chisel.attribution.engine",
+    "counterfactual": "chisel.counterfactual",
+    "load": "chisel.store.reader",
+    "load_ledger": "chisel.attribution.ledger",
+    "metrics": "chisel.metrics",
+    "pathway_effects": "chisel.validation",
+    "pathway_shapley": "chisel.validation",
+    "record": "chisel.recorder",
+    "timeline": "chisel.attribution.timeline",
+    "validation_table": "chisel.validation",
+    "write_comparison": "chisel.report",
+    "write_report": "chisel.report",
+}
 
 __all__ = [
     "AttributionInputError",
@@ -70,6 +86,7 @@ __all__ = [
     "ablation_effects",
     "agreement",
     "attribute",
+    "counterfactual",
     "load",
     "load_ledger",
     "metrics",
@@ -81,3 +98,55 @@ __all__ = [
     "write_comparison",
     "write_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    where = _EXPORTS.get(name)
+    if where is None:
+        raise AttributeError(f"module 'chisel' has no attribute {name!r}")
+    module = importlib.import_module(where)
+    value = module if where == f"chisel.{name}" else getattr(module, name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
+    from chisel import counterfactual, metrics
+    from chisel.attribution.engine import AttributionInputError, attribute
+    from chisel.attribution.functional import TrainModeWarning
+    from chisel.attribution.ledger import load_ledger
+    from chisel.attribution.timeline import timeline
+    from chisel.capture.config import RecordConfig
+    from chisel.errors import (
+        ChiselError,
+        CorruptStepError,
+        FactorsSkippedWarning,
+        ManifestError,
+        MissingStepsWarning,
+        NotARunError,
+        RecordConfigError,
+        ResumeMismatchError,
+        RunExistsError,
+        SkippedStepError,
+        StepOutOfRangeError,
+        StepTypeError,
+        TagError,
+        UnknownModuleError,
+        UnverifiedRunWarning,
+        WriterError,
+    )
+    from chisel.recorder import Recorder, record
+    from chisel.report import write_comparison, write_report
+    from chisel.store.reader import Run, Step, load
+    from chisel.validation import (
+        ValidationError,
+        ablation_effects,
+        agreement,
+        pathway_effects,
+        pathway_shapley,
+        validation_table,
+    )

@@ -5,13 +5,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display: the report is written by scripts and CI
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -33,11 +29,17 @@ def text(s: object) -> str:
     return s.replace("\\", "\\\\").replace("$", r"\$")
 
 
+def _subplots(*grid: int, figsize: tuple[float, float], **kw: object) -> tuple[Figure, object]:
+    """`pyplot.subplots` without pyplot: a bare `Figure` (no backend switch, no global figure
+    registry, nothing to close), rendered by Agg when saved."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kw)
+
+
 def to_png(fig: Figure, path: Path | None = None) -> bytes:
-    """The figure as PNG bytes (no metadata text), also written to `path`; the figure is closed."""
+    """The figure as PNG bytes (no metadata text), also written to `path`."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
     data = buf.getvalue()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,7 @@ def _top_columns(tl: pd.DataFrame, k: int) -> pd.DataFrame:
     return tl[final.index[:k]]
 
 
-def _draw_timeline(ax: plt.Axes, tl: pd.DataFrame, k: int) -> None:
+def _draw_timeline(ax: Axes, tl: pd.DataFrame, k: int) -> None:
     if tl.empty:
         ax.text(
             0.5,
@@ -68,7 +70,7 @@ def _draw_timeline(ax: plt.Axes, tl: pd.DataFrame, k: int) -> None:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
 
 
-def _draw_curve(ax: plt.Axes, curve: pd.DataFrame | None) -> None:
+def _draw_curve(ax: Axes, curve: pd.DataFrame | None) -> None:
     if curve is None or curve.empty or "update" not in curve:
         ax.text(
             0.5,
@@ -92,7 +94,7 @@ def timeline_figure(
     tl: pd.DataFrame, curve: pd.DataFrame | None, k: int = 8, title: str = ""
 ) -> Figure:
     """The chisel timeline (top-k features by |final|) above the reward curve, sharing steps."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=[3, 2])
+    fig, (top, bottom) = _subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=[3, 2])
     _draw_timeline(top, tl, k)
     top.set_title(text(title) or "cumulative reinforcement per feature pathway")
     _draw_curve(bottom, curve)
@@ -106,7 +108,7 @@ def timeline_pair_figure(
     tls: list[pd.DataFrame], curves: list[pd.DataFrame | None], names: list[str], k: int = 6
 ) -> Figure:
     """Two runs side by side: timelines on top, reward curves below, one column per run."""
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         2, len(tls), figsize=(7 * len(tls), 6), squeeze=False, height_ratios=[3, 2]
     )
     for j, (tl, curve, name) in enumerate(zip(tls, curves, names)):
@@ -123,7 +125,7 @@ def probes_figure(probes: pd.DataFrame, max_panels: int = 24) -> Figure:
     panels = list(probes.groupby(["concept", "metric"], sort=False))[:max_panels]
     cols = min(4, len(panels))
     rows = int(np.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows + 0.4), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows + 0.4), squeeze=False)
     ranges = probes.groupby("metric")["score"].agg(["min", "max"])
     for ax, ((concept, metric), frame) in zip(axes.flat, panels):
         grid = frame.pivot_table(index="site", columns="step", values="score", aggfunc="mean")
@@ -151,7 +153,7 @@ def circuits_figure(circ: Circuits, k: int = 10) -> Figure:
     """Horizontal bars: the k most strengthened (positive) and k most weakened circuits."""
     up, down = circ.strengthened(k), circ.weakened(k)
     bars = pd.concat([down.sort_values(ascending=False), up.sort_values()])
-    fig, ax = plt.subplots(figsize=(9, 0.3 * max(len(bars), 4) + 1.2))
+    fig, ax = _subplots(figsize=(9, 0.3 * max(len(bars), 4) + 1.2))
     colors = ["#2a7f62" if v > 0 else "#b8433a" for v in bars.to_numpy()]
     ax.barh(range(len(bars)), bars.to_numpy(), color=colors)
     ax.set_yticks(range(len(bars)), [text(n) for n in bars.index], fontsize=7)
@@ -165,7 +167,7 @@ def circuits_figure(circ: Circuits, k: int = 10) -> Figure:
 
 def credit_figure(by_source: pd.DataFrame, by_advantage: pd.DataFrame) -> Figure:
     """Credit summed per reward event and per advantage sign (two bar panels)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = _subplots(1, 2, figsize=(10, 3.4))
     for ax, frame, title in (
         (axes[0], by_source, "credit by reward event"),
         (axes[1], by_advantage, "credit by advantage sign"),
@@ -197,7 +199,7 @@ def credit_figure(by_source: pd.DataFrame, by_advantage: pd.DataFrame) -> Figure
 def credit_by_tag_figure(tables: dict[str, pd.DataFrame]) -> Figure:
     """Credit summed per tag value (or sign), one bar panel per tag (at most four)."""
     shown = list(tables.items())[:4]
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), squeeze=False)
+    fig, axes = _subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), squeeze=False)
     for ax, (tag, frame) in zip(axes[0], shown):
         values = frame["total"].to_numpy(dtype=float)
         ax.bar(range(len(frame)), values, color=["#4c72b0" if v >= 0 else "#dd8452" for v in values])
@@ -211,7 +213,7 @@ def credit_by_tag_figure(tables: dict[str, pd.DataFrame]) -> Figure:
 
 def completeness_figure(comp: pd.DataFrame) -> Figure:
     """Relative completeness error per attributed step, log scale (zeros drawn at 1e-16)."""
-    fig, ax = plt.subplots(figsize=(9, 3))
+    fig, ax = _subplots(figsize=(9, 3))
     values = np.maximum(comp[L.VALUE].to_numpy(dtype=float), 1e-16)
     ax.semilogy(comp[L.STEP].to_numpy(), values, marker="o", ms=3, lw=1)
     ax.set_xlabel("optimizer step")
@@ -224,7 +226,7 @@ def completeness_figure(comp: pd.DataFrame) -> Figure:
 def group_shares_figure(shares: dict[str, dict[str, float]], title: str = "") -> Figure:
     """Grouped bars: {run: {group: abs share}}, one bar group per concept group."""
     groups = sorted({g for s in shares.values() for g in s})
-    fig, ax = plt.subplots(figsize=(9, 3.4))
+    fig, ax = _subplots(figsize=(9, 3.4))
     width = 0.8 / max(len(shares), 1)
     for i, (run, s) in enumerate(shares.items()):
         xs = np.arange(len(groups)) + i * width
@@ -279,7 +281,7 @@ def _extremes(xs: pd.Series, ys: pd.Series, k: int = 4) -> list:
 
 
 def _scatter(
-    ax: plt.Axes, rows: pd.DataFrame, x: str, y: str, xerr: str | None, absolute: bool
+    ax: Axes, rows: pd.DataFrame, x: str, y: str, xerr: str | None, absolute: bool
 ) -> None:
     keep = rows[np.isfinite(rows[x]) & np.isfinite(rows[y])]
     if keep.empty:
@@ -315,7 +317,7 @@ def validation_figure(
     rows of panels are the x columns in order, columns the y columns. `rows` needs "label"."""
     xs = list(dict.fromkeys(p[0] for p in panels))
     ys = list(dict.fromkeys(p[1] for p in panels))
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         len(xs), len(ys), figsize=(4.1 * len(ys), 3.5 * len(xs)), squeeze=False
     )
     spec = {(x, y): (title, absolute) for x, y, title, absolute in panels}
@@ -355,7 +357,7 @@ def coverage_figure(
     """Left: each part's share of the step's movement, |part_t| / Σ_parts |part_t|, stacked
     (bounded, where a share of a Δm_t near 0 is not); right: each part's share of Δm cumulated
     over the steps up to t (the central 96% of values sets the range)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = _subplots(1, 2, figsize=(11, 3.6))
     colors = [_PART_COLORS.get(p) for p in step_mass.columns]
     axes[0].stackplot(
         step_mass.index,

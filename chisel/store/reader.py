@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +31,9 @@ from chisel.errors import (
 from chisel.store.index import as_step, gap_message, visible_steps
 from chisel.store.layout import RunLayout, read_manifest, read_meta, read_tensors
 from chisel.store.manifest import check_keyframe_shapes, check_manifest, record_problems
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Tensors = dict[str, torch.Tensor]
 
@@ -152,6 +154,8 @@ class Run:
     @property
     def steps(self) -> pd.DataFrame:
         """One row per step: step, time, skipped, lr, grad_norm, update_norm, clip_coef, …"""
+        import pandas as pd  # on use: recording and `import chisel` do not need pandas
+
         rows = []
         for t in range(len(self)):
             try:
