@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from chisel.counterfactual.predict import check_run, predict
 from chisel.counterfactual.result import Counterfactual
-from chisel.counterfactual.select import (
+from chisel.counterfactual.selection import (
     CounterfactualError,
     Selection,
     episodes,

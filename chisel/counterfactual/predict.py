@@ -26,7 +26,7 @@ from chisel.attribution.credit import (
 from chisel.attribution.functional import ParamSpace
 from chisel.attribution.optim_replay import RESIDUAL, WEIGHT_DECAY
 from chisel.counterfactual.result import Counterfactual, Params
-from chisel.counterfactual.select import CounterfactualError, Selection
+from chisel.counterfactual.selection import CounterfactualError, Selection
 from chisel.store.reader import Run
 
 NON_SAMPLE = (WEIGHT_DECAY, GRADIENT_UNRESOLVED, MOMENTUM_UNRESOLVED, RESIDUAL)

@@ -35,7 +35,7 @@ from chisel.agents.ppo import (
     make_optimizer,
     train,
 )
-from chisel.counterfactual.select import Episodes, Nothing, Selection, episodes, tag_in
+from chisel.counterfactual.selection import Episodes, Nothing, Selection, episodes, tag_in
 from chisel.demo.config import DemoConfig
 from chisel.demo.train import train_recorded
 

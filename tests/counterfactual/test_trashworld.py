@@ -17,7 +17,7 @@ from chisel.counterfactual.retrain import (
     record_base,
     retrain,
 )
-from chisel.counterfactual.select import Nothing
+from chisel.counterfactual.selection import Nothing
 from chisel.envs import TrashWorldConfig
 from tests.counterfactual.test_exact import _non_sample_sum
 

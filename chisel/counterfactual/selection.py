@@ -96,8 +96,10 @@ class TagIn:
 def tag_in(name: str, *values: float, **also: float | Iterable[float]) -> TagIn:
     """Samples whose tag `name` is one of `values`; keyword tags narrow it further.
 
-    >>> tag_in("next_reward_source", 2)                 # advantage about the button
-    >>> tag_in("next_reward_source", 1, wall_blue=1)    # about trash, wall blue
+    >>> tag_in("next_reward_source", 2)  # advantage about the button
+    TagIn(name='next_reward_source', values=(2.0,), also=())
+    >>> tag_in("next_reward_source", 1, wall_blue=1).also  # about trash, wall blue
+    (('wall_blue', (1.0,)),)
     """
     if not values:
         raise CounterfactualError(f"tag_in({name!r}) needs at least one value to match.")
