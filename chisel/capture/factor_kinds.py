@@ -65,6 +65,9 @@ def norm_spec(module: nn.Module) -> NormSpec | None:
         if _param(module, "weight") is None:
             return None
         return NormSpec(False, module.eps, len(module.normalized_shape))
+    inner = wrapped_norm(module)
+    if inner is not None:
+        return norm_spec(inner)
     weight = _param(module, "weight")
     if type(module).__name__.lower().endswith("rmsnorm") and weight is not None and weight.ndim == 1:
         if _param(module, "bias") is not None:
@@ -73,6 +76,21 @@ def norm_spec(module: nn.Module) -> NormSpec | None:
         if isinstance(eps, (int, float)):
             return NormSpec(False, float(eps), 1)
     return None
+
+
+def wrapped_norm(module: nn.Module) -> nn.Module | None:
+    """The norm a wrapper computes itself with the wrapped module's weights (a TransformerLens
+    bridge's NormalizationBridge: its `original_component` is never called), else None."""
+    try:
+        inner = getattr(module, "original_component", None)
+    except Exception:  # a bridge component not set up raises
+        return None
+    if not isinstance(inner, nn.Module) or inner is module or wrapped_norm(inner) is not None:
+        return None
+    weight = _param(module, "weight")
+    if weight is None or weight is not _param(inner, "weight") or norm_spec(inner) is None:
+        return None
+    return inner
 
 
 def unsupported_reason(module: nn.Module) -> str | None:

@@ -38,6 +38,7 @@ from chisel.capture.factor_kinds import (  # noqa: F401  (kinds re-exported for 
     unsupported_reason,
     verify_embedding,
     verify_norm,
+    wrapped_norm,
 )
 from chisel.errors import FactorsSkippedWarning, UnknownModuleError
 
@@ -148,8 +149,11 @@ class FactorCapture:
         named = dict(self.model.named_modules())
         attention = _inside_attention(named)
         if self.selection is True:
+            # a norm wrapper (TL bridge) is taken instead of the norm it wraps and never calls
+            inner = {id(wrapped_norm(m)) for m in named.values() if wrapped_norm(m) is not None}
             chosen = [
-                (n, m) for n, m in named.items() if factor_kind(m) is not None and n not in attention
+                (n, m) for n, m in named.items()
+                if factor_kind(m) is not None and n not in attention and id(m) not in inner
             ]
             note = _skipped_note(named, chosen, attention)
             if note:

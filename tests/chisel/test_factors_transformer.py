@@ -326,3 +326,22 @@ def test_unsupported_modules_are_named_with_the_reason(tmp_path):
     with pytest.raises(chisel.UnknownModuleError, match="with scale_grad_by_freq"):
         chisel.record(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path / "x",
                       factors=["freq"])
+
+
+def test_transformer_lens_bridge_norms_are_taken_at_the_bridge(tmp_path):
+    """A TL bridge's NormalizationBridge computes the norm itself with the wrapped LayerNorm's
+    weights and never calls it: chisel takes the bridge's factors, and every grad is rebuilt."""
+    pytest.importorskip("transformer_lens")
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    torch.manual_seed(8)
+    config = TransformerBridgeConfig(d_model=D, d_head=8, n_heads=2, n_layers=1, n_ctx=8,
+                                     d_vocab=11, act_fn="gelu")
+    model = TransformerBridge.boot_native(config).double()
+    ids = torch.randint(0, 11, (N, 6), generator=torch.Generator().manual_seed(9))
+    run, grads, texts, capture = _record(tmp_path, model, lambda m: m(ids).pow(2).mean())
+    assert texts == [] and capture.not_captured == {}
+    norms = {m for m, v in run.manifest["factor_modules"].items() if v["kind"] == "layernorm"}
+    assert norms == {"blocks.0._original_component.ln1", "blocks.0._original_component.ln2", "ln_final"}
+    _assert_rebuilt(run, grads, list(grads))
