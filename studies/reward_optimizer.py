@@ -66,7 +66,7 @@ class StudyConfig:
         """The settings a stored run must share to be reused."""
         out = dataclasses.asdict(self)
         out.pop("seeds"), out.pop("schedules")
-        return out
+        return json.loads(json.dumps(out))  # as stored (tuples become lists)
 
 
 QUICK = StudyConfig(seeds=(1,), total_timesteps=8_192, num_envs=32, num_steps=32,

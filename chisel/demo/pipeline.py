@@ -33,6 +33,7 @@ from chisel.agents.ppo import (
 )
 from chisel.demo import causal as C
 from chisel.demo import features as Fe
+from chisel.demo import reward_optimizer as RO
 from chisel.demo.attribute import attribute_run, attribution_plan
 from chisel.demo.config import (
     PROBE_SITES,
@@ -55,6 +56,7 @@ CONCEPT_GROUPS = {
 STAGES = 6  # train, probes, attribute, validate, causal, report
 # seed offsets: each dataset its own stream, never the training rooms
 PROBE_SEED, METRIC_SEED, EVAL_SEED = 10_000, 20_000, 30_000
+CHOICE_SEED = 40_000  # the choice test's rooms (chisel.demo.reward_optimizer)
 
 
 @dataclass
@@ -157,6 +159,8 @@ def _run(cfg: DemoConfig, watch: Stopwatch) -> Path:
             "concepts": CONCEPT_GROUPS,
             "feature_concepts": Fe.feature_concepts(features),
             "button_appeared_at_env_step": _button_step(cfg, ppo, button_on),
+            RO.DEMO_KEY: RO.demo_summary(agent, ledger, Fe.feature_concepts(features), ppo.env,
+                                         cfg.seed + CHOICE_SEED),
             "config": cfg.to_json(),
         }
         _write_demo(out, demo, watch.total())

@@ -27,6 +27,7 @@ import chisel
 import probes
 from chisel.agents.ppo import TrashAgent, agent_policy
 from chisel.attribution import ledger as L
+from chisel.demo import features as Fe
 from chisel.demo.config import ACTOR_INPUT_SITES, REWARD_WITHIN
 from chisel.demo.data import rollout, subsample
 from chisel.envs import ChoiceResult, TrashWorldConfig, choice_test
@@ -116,10 +117,6 @@ def routing(
                    {f: member[f] for f in cum.columns})
 
 
-def feature_concepts(features: probes.FeatureSet) -> dict[str, str]:
-    return {f.name: str(f.metadata.get("concept", f.name.split("@")[0])) for f in features}
-
-
 def agent_at(agent: TrashAgent, run: chisel.Run, step: int) -> TrashAgent:
     """A copy of `agent` holding the run's θ before `step` (`len(run)`: the final θ)."""
     out = copy.deepcopy(agent)
@@ -175,5 +172,41 @@ def checkpoint_routing(
     steps = list(range(0, step, every))
     ledger = chisel.attribute(run, now, features, metric, steps=steps,
                               families=(L.INTEGRATED,), points=points, progress=False)
-    return CheckpointRouting(step, routing(ledger, feature_concepts(features)), len(steps),
+    return CheckpointRouting(step, routing(ledger, Fe.feature_concepts(features)), len(steps),
                              concepts)
+
+
+DEMO_KEY = "reward_optimizer"  # demo.json: the choice test and the predictor of the demo's run
+
+
+def demo_summary(
+    agent: TrashAgent,
+    ledger: pd.DataFrame,
+    concepts: Mapping[str, str],
+    env: TrashWorldConfig,
+    seed: int,
+    rooms: int = 64,
+    curve_points: int = 64,
+) -> dict:
+    """demo.json's "reward_optimizer": the choice test of the final agent and the predictor read
+    from the demo's own ledger (features fitted on the final agent), JSON-ready."""
+    out: dict = {"choice_test": agent_choice(agent, rooms, seed=seed, config=env).summary(),
+                 "choice_seed": seed}
+    try:
+        r = routing(ledger, concepts)
+    except RoutingError as err:
+        out["routing"], out["routing_missing"] = None, str(err)
+        return out
+    keep = np.unique(np.linspace(0, len(r.steps) - 1, min(curve_points, len(r.steps))).astype(int))
+    out["routing"] = {
+        "share": _num(r.final_share),
+        "reward_predictive": float(r.reward_predictive[-1]),
+        "task": float(r.task[-1]),
+        "features": len(r.features),
+        "curve": {"step": r.steps[keep].tolist(), "share": [_num(x) for x in r.share[keep]]},
+    }
+    return out
+
+
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None

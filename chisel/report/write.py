@@ -7,6 +7,7 @@ from pathlib import Path
 
 from chisel.report import counterfactual_section as CS
 from chisel.report import html as H
+from chisel.report import reward_optimizer_section as RS
 from chisel.report import sections as S
 from chisel.report import validation_sections as VS
 from chisel.report.artifacts import FIGURES_DIR, REPORT_FILE, load_artifacts, resolve_out
@@ -49,6 +50,7 @@ def write_report(
     s = summarize(art)
     sections = [
         S.summary_section(art, s),
+        RS.reward_optimizer_section(art),
         *sections,
         S.timeline_section(art, figs),
         VS.validation_section(art, s, figs),
