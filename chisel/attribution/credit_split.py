@@ -57,8 +57,9 @@ class SampleBlock:
     [out, in] ("linear"), its transpose ("conv1d", HF in × out) or reshaped to the conv weight
     ("conv2d", unfolded input); for a bias, Σ_T g_T. "embedding": x holds token ids [n, T] and
     layout(g, x) adds the rows g_T at the ids x_T ([vocab, d], never built per sample).
-    "layernorm" / "rmsnorm": x and g hold Σ_tokens g ⊙ x̂ and Σ_tokens g per sample (times c),
-    so the scale's term is x_i and the shift's g_i.
+    "layernorm" / "rmsnorm": g holds the per-sample Σ_tokens g ⊙ x̂ (the scale's block) or
+    Σ_tokens g (the shift's), times c, and term_i = g_i; x is not read. So in every kind a
+    sample's term is linear in its g_i: scaling g_i by w_i scales term_i by w_i.
     """
 
     part: str  # GRADIENT (samples of this step) or MOMENTUM (samples of an earlier step)
@@ -67,8 +68,8 @@ class SampleBlock:
     param: str
     kind: str  # "linear" | "conv1d" | "conv2d" | "embedding" | "layernorm" | "rmsnorm"
     is_bias: bool
-    x: Tensor  # [n, T, in] float64 (embedding: [n, T] int64 ids; norms: [n, 1, numel])
-    g: Tensor  # [n, T, out] float64, times c
+    x: Tensor  # [n, T, in] float64 (embedding: [n, T] int64 ids; norms: unused)
+    g: Tensor  # [n, T, out] float64, times c (norms: [n, 1, numel])
     coef: Coef  # param shape or a number
 
     @property
@@ -82,7 +83,7 @@ class SampleBlock:
     @property
     def _rows(self) -> Tensor:
         """The per-sample vectors of a norm's scale or shift, or a bias: [n, numel]."""
-        return (self.g if self.is_bias or not self._norm else self.x).sum(1)
+        return self.g.sum(1)
 
     def _as_weight(self, m: Tensor, shape: torch.Size) -> Tensor:
         """An [out, in] matrix in the param's own layout."""
@@ -373,10 +374,12 @@ class CreditSession:
             for suffix, is_bias in (("weight", False), ("bias", True)):
                 # the recorded name (by identity at record time; older runs: the module path)
                 param = self._params.get(module, {}).get(suffix, prefix + suffix)
-                if param in coefs:
-                    blocks.append(
-                        SampleBlock(part, s, module, param, kind, is_bias, x, g, coefs[param])
-                    )
+                if param not in coefs:
+                    continue
+                rows = x if kind in NORM_KINDS and not is_bias else g  # a norm's scale: Σ g ⊙ x̂
+                blocks.append(
+                    SampleBlock(part, s, module, param, kind, is_bias, x, rows, coefs[param])
+                )
         return blocks
 
 

@@ -46,6 +46,7 @@ from chisel.errors import FactorsSkippedWarning, UnknownModuleError
 # that did (relative error of the sketch above this) is reported as not captured
 GAP_TOLERANCE = 1e-3
 _SEARCH_NODES = 64  # autograd nodes searched backwards for a broadcast embedding's consumer
+_SEARCH_CALLS = 8  # from the inputs of this many later module calls
 SUPPORTED = "nn.Linear, Hugging Face Conv1D, nn.Conv2d (groups=1), nn.Embedding, nn.LayerNorm and RMSNorm"
 
 
@@ -141,7 +142,7 @@ class FactorCapture:
     _specs: dict[str, NormSpec | None] = field(init=False, default_factory=dict)  # verified
     _checked: set[str] = field(init=False, default_factory=set)  # embeddings verified
     _failed: set[str] = field(init=False, default_factory=set)
-    _broadcast: list[tuple[_Call, Any]] = field(init=False, default_factory=list)
+    _broadcast: list[tuple[_Call, Any, int]] = field(init=False, default_factory=list)
     _warned: set[str] = field(init=False, default_factory=set)
     _shared: set[int] = field(init=False, default_factory=set)  # weights also used elsewhere
 
@@ -243,7 +244,7 @@ class FactorCapture:
             self._checked.add(name)
         call = _Call(ids.detach().unsqueeze(-1), user_owned=True, pad=module.padding_idx)
         if ids.ndim >= 1 and ids.shape[0] == 1 and out.grad_fn is not None:
-            self._broadcast.append((call, out.grad_fn))  # maybe added to a whole batch later
+            self._broadcast.append((call, out.grad_fn, 0))  # maybe added to a whole batch later
         return call
 
     def _norm_call(self, name: str, module: nn.Module, x: Any, out: torch.Tensor) -> _Call | None:
@@ -272,7 +273,7 @@ class FactorCapture:
         """Find the add that broadcasts a batch-1 embedding output over the batch (GPT-2's
         `inputs_embeds + position_embeds`), searching back from a later module's input, and
         catch the unreduced gradient there: each sample's own gradient of the embedding."""
-        targets = {id(node): call for call, node in self._broadcast}
+        targets = {id(node): call for call, node, _ in self._broadcast}
         queue = deque(t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None)
         seen: set[int] = set()
         while queue and len(seen) < _SEARCH_NODES and targets:
@@ -287,7 +288,9 @@ class FactorCapture:
                 if call is not None and node.name() == "AddBackward0" and getattr(node, "_saved_alpha", 1) == 1:
                     call.handles.append(node.register_prehook(call.catch_full))
                 queue.append(nxt)
-        self._broadcast = [(c, n) for c, n in self._broadcast if id(n) in targets]
+        # searched from the inputs of the next few modules only: a bounded cost per forward
+        self._broadcast = [(c, n, k + 1) for c, n, k in self._broadcast
+                           if id(n) in targets and k + 1 < _SEARCH_CALLS]
 
     # -- per step ------------------------------------------------------------------------------
     def clear(self) -> None:

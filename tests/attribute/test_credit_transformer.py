@@ -4,6 +4,8 @@ gradient part left unresolved drops from most of it (Linear-like factors only) t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -119,6 +121,11 @@ def test_embedding_and_norm_blocks_equal_their_materialised_terms(runs):
         terms = b.terms(shape)  # [n, *shape], materialised by brute force
         gbar = torch.randn(shape, generator=gen, dtype=torch.float64)
         torch.testing.assert_close(b.total(shape), terms.sum(0), rtol=0, atol=1e-15)
+        # every kind's term is linear in g: weighting g per sample weights the term (what a
+        # counterfactual that drops samples relies on)
+        w = torch.rand(b.n, generator=gen, dtype=torch.float64)
+        weighted = dataclasses.replace(b, g=b.g * w[:, None, None]).total(shape)
+        torch.testing.assert_close(weighted, torch.einsum("n,n...->...", w, terms), rtol=0, atol=1e-15)
         want = (terms * gbar).flatten(1).sum(1)
         torch.testing.assert_close(b.attribution(gbar), want, rtol=1e-12, atol=1e-18)
         checked.add(b.param)
