@@ -54,18 +54,35 @@ def _total(norms: list[float]) -> float:
     return float(np.sqrt(np.sum(np.square(np.asarray(norms, dtype=np.float64)))))
 
 
-def _subtract(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor) -> None:
-    if a.dtype == torch.bfloat16:
-        torch.sub(a, b, out=out)
-    else:
-        np.subtract(a.numpy(), b.numpy(), out=out.numpy())
+_CHUNK = 1 << 15  # elements per pass: the difference stays in cache between its uses
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    if src.dtype == torch.bfloat16:
-        dst.copy_(src)
-    else:
-        np.copyto(dst.numpy(), src.numpy())
+def _diff_norms(
+    after: torch.Tensor, prev: torch.Tensor, bounds: list[tuple[int, int]], out: torch.Tensor | None
+) -> list[float]:
+    """‖after − prev‖ of each segment (float64 accumulation), then prev ← after, in one pass
+    over cache-sized chunks. The difference goes to `out` (flat, kept across steps) when given,
+    else to a chunk-sized scratch buffer: no vector-sized temporary either way."""
+    if after.dtype == torch.bfloat16:  # numpy has no bfloat16; rare (bfloat16 parameters)
+        diff = after - prev
+        if out is not None:
+            out.copy_(diff)
+        prev.copy_(after)
+        return _segment_norms(diff, bounds)
+    a, b = after.numpy(), prev.numpy()
+    whole = out.numpy() if out is not None else None
+    scratch = np.empty(min(_CHUNK, len(a)), dtype=a.dtype) if whole is None else None
+    norms = []
+    for lo, hi in bounds:
+        acc = 0.0
+        for c in range(lo, hi, _CHUNK):
+            e = min(c + _CHUNK, hi)
+            d = whole[c:e] if whole is not None else scratch[: e - c]
+            np.subtract(a[c:e], b[c:e], out=d)
+            acc += float(np.einsum("i,i->", d, d, dtype=np.float64))
+            b[c:e] = a[c:e]
+        norms.append(float(np.sqrt(acc)))
+    return norms
 
 
 class RunWriter:
@@ -93,7 +110,7 @@ class RunWriter:
         for dtype, segs in self._segments.items():
             starts = np.cumsum([0] + [n for _, n in segs]).tolist()
             self._bounds[dtype] = list(itertools.pairwise(starts))
-        self._diff: dict[str, torch.Tensor] = {}  # preallocated θ_{t+1} − θ_t per dtype (flat)
+        self._diff: dict[str, torch.Tensor] = {}  # θ_{t+1} − θ_t per dtype, for step_deltas only
         self._prev: dict[str, torch.Tensor] = {}  # θ before the step being written (flat)
         self._recon: dict[str, torch.Tensor] = {}  # θ̂ in float64 for LOSSY groups (flat)
         self._files = DirectFiles()
@@ -209,11 +226,9 @@ class RunWriter:
     def _encode(self, after: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
         out, norms = {}, {}
         for dtype, value in after.items():
-            prev, diff = self._prev[dtype], self._diff[dtype]
-            _subtract(value, prev, out=diff)  # into a buffer kept across steps: no page faults
-            values = _segment_norms(diff, self._bounds[dtype])
+            diff = self._diff.get(dtype) if self.step_deltas else None
+            values = _diff_norms(value, self._prev[dtype], self._bounds[dtype], diff)
             norms.update(zip((name for name, _ in self._segments[dtype]), values))
-            _copy(prev, value)
             if self._group_encoding[dtype] == N.EXACT:
                 out[N.AFTER + dtype] = value
                 continue
@@ -232,13 +247,16 @@ class RunWriter:
         tensors = {N.PARAM + n: p for n, p in kf.params.items()}
         tensors.update({N.STATE + k: v for k, v in kf.state.items()})
         meta = {"step": kf.step, "reason": kf.reason}
+        # not through the staging buffer: it would grow to θ + optimizer state, and keyframes
+        # are rare enough for the page cache
         write_tensors(self.layout.keyframe_file(kf.step), tensors, meta, fsync=self.config.fsync)
         for dtype, segments in self._segments.items():
             flat = torch.cat([kf.params[name].reshape(-1) for name, _ in segments])
-            self._prev[dtype] = flat.clone()
-            self._diff[dtype] = torch.empty_like(flat)
+            self._prev[dtype] = flat  # torch.cat made it: a copy of its own
+            if self.step_deltas:  # the live view reads each step's update per parameter
+                self._diff[dtype] = torch.empty_like(flat)
             if self._group_encoding[dtype] == N.LOSSY:
-                self._recon[dtype] = flat.double()
+                self._recon[dtype] = flat.to(torch.float64, copy=True)  # never an alias of prev
 
     def _factors(self, item: StepPacket) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """All factors of a step packed into one flat vector per dtype (few tensors per file:
