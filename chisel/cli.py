@@ -36,9 +36,17 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    given = {k: v for k, v in (("out", args.out), ("seed", args.seed)) if v is not None}
+    if args.lm:
+        from chisel.demo_lm import LMDemoConfig, run_lm_demo
+
+        if args.button is not None:
+            raise ChiselError("chisel demo --lm has no reward button: drop --button.")
+        run_lm_demo(LMDemoConfig.make(quick=args.quick, **given))
+        return 0
     from chisel.demo import DemoConfig, run_demo
 
-    config = DemoConfig.make(quick=args.quick, out=args.out, seed=args.seed, button=args.button)
+    config = DemoConfig.make(quick=args.quick, button=args.button or "none", **given)
     run_demo(config)
     return 0
 
@@ -86,12 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
         "write report.html into the run directory (see docs/demo-run.md). About 5 minutes; "
         "--quick about one.",
     )
-    demo.add_argument("--out", default="runs/demo", help="run directory to write (replaced)")
-    demo.add_argument("--seed", type=int, default=1, help="random seed")
-    demo.add_argument("--button", choices=["none", "early", "late"], default="none",
-                      help="reward button: never, from the start, or appearing halfway through")
+    demo.add_argument("--out", default=None, help="run directory to write (replaced; default "
+                      "runs/demo, with --lm runs/demo_lm)")
+    demo.add_argument("--seed", type=int, default=None, help="random seed (default 1; --lm 0)")
+    demo.add_argument("--button", choices=["none", "early", "late"], default=None,
+                      help="reward button: never (default), from the start, or appearing halfway "
+                      "through")
     demo.add_argument("--quick", action="store_true",
                       help="a small run (256 updates, smaller datasets): under a minute")
+    demo.add_argument("--lm", action="store_true",
+                      help="the language-model scenario instead: GRPO on a tiny random-init "
+                      "GPT-2 whose reward has a spurious correlate (see docs/lm-demo.md)")
     demo.set_defaults(func=_demo)
     report = sub.add_parser("report", help="write the self-contained HTML report of a run")
     report.add_argument("run_dir", help="a run directory (chisel.record; a ledger from "
