@@ -6,7 +6,6 @@ an empty result means the rows are not there, and the report says so.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +19,7 @@ NEXT_REWARD_SOURCE_TAG = L.TAG_PREFIX + "next_reward_source"
 ADVANTAGE_TAG = L.TAG_PREFIX + "advantage"
 ADVANTAGE_SIGN_TAG = L.TAG_PREFIX + "advantage_sign"
 REWARD_SOURCES = {0: "none", 1: "trash deposited", 2: "button pressed"}
-PART_COLUMN = "part"  # credit rows may carry the leaf of the optimizer split here
-_PART_LABEL = re.compile(r"^<.+>$")
+PART_COLUMN = L.PART  # the leaf of the optimizer split a credit row belongs to
 _NOT_FEATURES = L.NOT_FEATURES  # "<mean>" included: a weight's pathway, not a feature
 
 
@@ -232,23 +230,13 @@ def credit_features_by_source(ledger: pd.DataFrame | None, k: int = 8) -> pd.Dat
 
 
 def credit_parts(ledger: pd.DataFrame | None) -> pd.Series:
-    """Credit per part of the optimizer split (weight decay, momentum, gradient, residual…).
-
-    With a `part` column: whole rows (feature "") summed by part. Otherwise: rows without a
-    sample whose feature is a part label "<…>", and the per-sample terms summed as one part.
-    """
+    """Credit per part of the optimizer split (weight decay, momentum, gradient, residual…):
+    the whole rows (feature "") summed by the ledger's `part` column."""
     rows = _rows(ledger, L.CREDIT, L.ATTRIBUTION)
     if not len(rows):
         return pd.Series(dtype="float64")
-    if PART_COLUMN in rows and rows[PART_COLUMN].notna().any():
-        whole = rows[rows[L.FEATURE] == L.WHOLE]
-        return whole.groupby(PART_COLUMN)[L.VALUE].sum()
-    no_sample = rows[rows[L.SAMPLE].isna() & rows[L.FEATURE].str.match(_PART_LABEL)]
-    parts = no_sample.groupby(L.FEATURE)[L.VALUE].sum()
-    samples = _sample_rows(ledger)
-    if len(samples):
-        parts["per-sample terms"] = float(samples[L.VALUE].sum())
-    return parts
+    whole = rows[rows[L.FEATURE] == L.WHOLE]
+    return whole.groupby(PART_COLUMN)[L.VALUE].sum()
 
 
 def momentum_unresolved(ledger: pd.DataFrame | None) -> pd.Series:

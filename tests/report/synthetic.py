@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from chisel._names import FORMAT_VERSION
 from chisel.attribution import ledger as L
 
 EVIL = "<script>alert(1)</script>"
@@ -91,45 +92,34 @@ def _geometry() -> list[dict]:
     ]
 
 
+def _sample_tags(s: int) -> dict[str, float]:
+    return {
+        "tag/advantage": [1.0, -1.0, 0.5, -0.5, 2.0, 0.0][s],
+        "tag/reward": float(s % 3 > 0),
+        "tag/reward_source": float(s % 3),
+        "tag/next_reward_source": 0.0,
+    }
+
+
 def credit_samples() -> pd.DataFrame:
-    """Per-sample whole rows: 6 samples per step, two params each (values differ per param)."""
+    """Credit rows in the engine's shape: every sample (6 per step) gets, per param, a whole row
+    and a feature row in part "gradient" at its own step (origin_step = the step); the odd
+    samples of a step also reach the next step through momentum (part "momentum", origin_step =
+    their step, their tags); and per step one weight-decay row of pi.W2 with no sample."""
     rng = np.random.default_rng(1)
     rows = []
-    for t in STEPS:
-        for s in range(6):
-            tags = {
-                "tag/advantage": [1.0, -1.0, 0.5, -0.5, 2.0, 0.0][s],
-                "tag/reward": float(s % 3 > 0),
-                "tag/reward_source": float(s % 3),
-                "tag/next_reward_source": 0.0,
-            }
+    for k, t in enumerate(STEPS):
+        reached = [(t, s, "gradient") for s in range(6)]
+        if k:
+            reached += [(STEPS[k - 1], s, "momentum") for s in range(1, 6, 2)]
+        for origin, s, part in reached:
             for param in ("pi.W2", "pi.W3"):
-                rows.append(
-                    {
-                        **L.row(t, L.CREDIT, param, SITE, L.WHOLE, L.ATTRIBUTION, rng.normal()),
-                        L.SAMPLE: s,
-                        L.ORIGIN_STEP: t,
-                        **tags,
-                    }
-                )
-                rows.append(
-                    {
-                        **L.row(
-                            t,
-                            L.CREDIT,
-                            param,
-                            SITE,
-                            f"holding_trash@{SITE}",
-                            L.ATTRIBUTION,
-                            rng.normal(),
-                        ),
-                        L.SAMPLE: s,
-                        L.ORIGIN_STEP: t,
-                        **tags,
-                    }
-                )
-        for part in ("<weight_decay>", "<momentum>"):
-            rows.append(L.row(t, L.CREDIT, "pi.W2", SITE, part, L.ATTRIBUTION, rng.normal()))
+                for feature in (L.WHOLE, f"holding_trash@{SITE}"):
+                    row = L.row(t, L.CREDIT, param, SITE, feature, L.ATTRIBUTION, rng.normal())
+                    extra = {L.PART: part, L.SAMPLE: s, L.ORIGIN_STEP: origin}
+                    rows.append({**row, **extra, **_sample_tags(s)})
+        decay = L.row(t, L.CREDIT, "pi.W2", SITE, L.WHOLE, L.ATTRIBUTION, rng.normal())
+        rows.append({**decay, L.PART: "weight_decay"})
     return pd.DataFrame(rows)
 
 
@@ -141,7 +131,7 @@ def credit_groups(count: bool = True) -> pd.DataFrame:
     raw = credit_samples()
     per_sample = raw[raw[L.SAMPLE].notna()].copy()
     per_sample["tag/advantage_sign"] = np.where(per_sample["tag/advantage"] >= 0, 1.0, -1.0)
-    keys = [L.STEP, L.FAMILY, L.PARAM, L.SITE, L.FEATURE, L.QUANTITY, L.ORIGIN_STEP]
+    keys = [L.STEP, L.FAMILY, L.PART, L.PARAM, L.SITE, L.FEATURE, L.QUANTITY, L.ORIGIN_STEP]
     tags = ["tag/reward_source", "tag/next_reward_source", "tag/advantage_sign"]
     whole = per_sample[per_sample[L.FEATURE] == L.WHOLE]
     groups = whole.groupby(keys + tags, dropna=False)[L.VALUE].agg(["sum", "size"])
@@ -364,7 +354,7 @@ def make_run(
     """A run directory: manifest.json and (unless artifacts=False) every demo artifact;
     validation: True (full), "partial" (no Shapley, no ablation on the return) or False."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    (root / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION}))
     if artifacts:
         ledger(credit).to_parquet(root / "ledger.parquet")
         probes_frame().to_parquet(root / "probes.parquet")

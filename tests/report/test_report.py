@@ -131,8 +131,10 @@ def test_credit_tables_match_a_brute_force_sum(run_dir):
         whole[whole["tag/advantage"] < 0].value.sum()
     )
     parts = T.credit_parts(led)
-    assert parts["<momentum>"] == pytest.approx(raw[raw.feature == "<momentum>"].value.sum())
-    assert parts["per-sample terms"] == pytest.approx(whole.value.sum())
+    whole_rows = raw[raw.feature == ""]
+    for part in ("gradient", "momentum", "weight_decay"):
+        assert parts[part] == pytest.approx(whole_rows[whole_rows.part == part].value.sum())
+    assert parts.sum() == pytest.approx(whole_rows.value.sum())
 
 
 def test_credit_tables_read_credit_by_groups(tmp_path):
@@ -155,7 +157,8 @@ def test_credit_tables_read_credit_by_groups(tmp_path):
         whole[whole["tag/advantage"] < 0].value.sum()
     )
     parts = T.credit_parts(grouped)
-    assert parts["<momentum>"] == pytest.approx(raw[raw.feature == "<momentum>"].value.sum())
+    momentum = raw[(raw.feature == "") & (raw.part == "momentum")]
+    assert len(momentum) and parts["momentum"] == pytest.approx(momentum.value.sum())
     assert T.credit_features_by_source(grouped).empty  # feature rows carry no tags
     page = write_report(tmp_path / "grouped").read_text()
     assert "Not shown: credit" not in page
