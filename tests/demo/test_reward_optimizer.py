@@ -127,3 +127,18 @@ def test_study_short_variant(tmp_path):
     # a second call reuses the stored run instead of training again
     again = study.run_study(cfg, tmp_path / "out", say=lambda m: pytest.fail(m))
     assert again == records
+
+
+def test_within_schedule_correlation_ignores_the_schedule_effect():
+    study = _study()
+    groups = ["a"] * 5 + ["b"] * 5
+    x = np.r_[np.arange(5.0), np.arange(5.0) + 10]
+    y_between = np.r_[np.full(5, 0.0), np.full(5, 1.0)] + np.array([3, 1, 4, 0, 2] * 2) * 1e-3
+    out = study.within_schedules(x, y_between, groups, reps=2000)
+    # pooled, x and y agree on the schedule; within each, the orders are unrelated
+    assert study.spearman(x, y_between)[0] > 0.6
+    rho = study.spearman(np.arange(5.0), np.array([3, 1, 4, 0, 2.0]))[0]
+    assert out["rho_within"] == {"a": pytest.approx(rho), "b": pytest.approx(rho)}
+    assert out["rho_within_mean"] == pytest.approx(rho) and out["p_within"] > 0.3
+    same = study.within_schedules(x, x, groups, reps=2000)
+    assert same["rho_within_mean"] == 1.0 and same["p_within"] < 0.05
