@@ -15,14 +15,15 @@ got a gradient in a step without its hook seeing the computation (a trainer comp
 from __future__ import annotations
 
 import warnings
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from chisel.capture.factor_kinds import (  # noqa: F401  (kinds re-exported for older imports)
+from chisel.capture.factor_calls import Call as _Call
+from chisel.capture.factor_calls import catch_broadcasts
+from chisel.capture.factor_kinds import (  # noqa: F401  (LINEAR, CONV1D re-exported)
     CONV1D,
     CONV2D,
     EMBEDDING,
@@ -34,7 +35,6 @@ from chisel.capture.factor_kinds import (  # noqa: F401  (kinds re-exported for 
     grad_sketch,
     module_meta,
     norm_spec,
-    norm_sums,
     unsupported_reason,
     verify_embedding,
     verify_norm,
@@ -45,7 +45,6 @@ from chisel.errors import FactorsSkippedWarning, UnknownModuleError
 # a factor module that did not run while its weight's gradient is not rebuilt by the modules
 # that did (relative error of the sketch above this) is reported as not captured
 GAP_TOLERANCE = 1e-3
-_SEARCH_NODES = 64  # autograd nodes searched backwards for a broadcast embedding's consumer
 _SEARCH_CALLS = 8  # from the inputs of this many later module calls
 SUPPORTED = "nn.Linear, Hugging Face Conv1D, nn.Conv2d (groups=1), nn.Embedding, nn.LayerNorm and RMSNorm"
 
@@ -86,46 +85,6 @@ def _skipped_note(named: dict[str, nn.Module], chosen: list[tuple[str, nn.Module
 
 
 @dataclass
-class _Call:
-    """One forward call: its factor input, and its output-gradient once backward reaches it.
-
-    Norms keep their input until backward, then store (Σ g ⊙ x̂, Σ g) per sample; an embedding
-    whose ids are broadcast over the batch (a position embedding) gets its per-sample gradient
-    from the broadcasting add (`full`)."""
-
-    x: torch.Tensor
-    user_owned: bool  # the input is a tensor of the user's (no grad_fn), which may be reused
-    g: torch.Tensor | None = None
-    spec: NormSpec | None = None
-    src: torch.Tensor | None = None  # a norm's input
-    pad: int | None = None  # an embedding's padding_idx
-    full: torch.Tensor | None = None
-    handles: list[Any] = field(default_factory=list)
-
-    def set_grad(self, grad: torch.Tensor) -> None:
-        # a tensor hook must return None, or it would replace the gradient
-        grad = grad.detach()
-        if self.spec is not None:
-            self.x, self.g = norm_sums(self.spec, self.src, grad)
-            return
-        if self._splits(grad):  # the batch's rows, which sum to this broadcast's gradient
-            grad, self.x = self.full, self.x.expand(self.full.shape[0], *self.x.shape[1:])
-        if self.pad is not None:
-            grad = grad.masked_fill(self.x == self.pad, 0.0)
-        self.g = grad
-
-    def _splits(self, grad: torch.Tensor) -> bool:
-        full = self.full
-        if full is None or full.shape[1:] != grad.shape[1:]:
-            return False
-        atol = 1e-6 * float(grad.abs().max()) if grad.numel() else 0.0
-        return torch.allclose(full.sum(0, keepdim=True), grad, rtol=1e-5, atol=atol)
-
-    def catch_full(self, grad_outputs: tuple) -> None:
-        self.full = grad_outputs[0].detach() if grad_outputs and grad_outputs[0] is not None else None
-
-
-@dataclass
 class FactorCapture:
     """Forward hooks on the chosen modules; `take()` hands over one step's paired factors."""
 
@@ -149,9 +108,9 @@ class FactorCapture:
     def __post_init__(self) -> None:
         named = dict(self.model.named_modules())
         attention = _inside_attention(named)
+        # a norm wrapper (TL bridge) is taken instead of the norm it wraps and never calls
+        inner = {id(wrapped_norm(m)) for m in named.values() if wrapped_norm(m) is not None}
         if self.selection is True:
-            # a norm wrapper (TL bridge) is taken instead of the norm it wraps and never calls
-            inner = {id(wrapped_norm(m)) for m in named.values() if wrapped_norm(m) is not None}
             chosen = [
                 (n, m) for n, m in named.items()
                 if factor_kind(m) is not None and n not in attention and id(m) not in inner
@@ -168,9 +127,10 @@ class FactorCapture:
             self.modules[name] = module
             self.meta[name] = module_meta(module, kind, params)
             self._calls[name] = []
-        mine = {id(m.weight) for m in self.modules.values() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+        weights = [getattr(m, "weight", None) for m in self.modules.values()]
+        mine = {id(w) for w in weights if isinstance(w, torch.Tensor)}
         self._shared = {
-            id(p) for n, m in named.items() if n not in self.modules
+            id(p) for n, m in named.items() if n not in self.modules and id(m) not in inner
             for p in m.parameters(recurse=False) if id(p) in mine
         }
 
@@ -270,24 +230,8 @@ class FactorCapture:
         return None
 
     def _find_broadcasts(self, inputs: tuple) -> None:
-        """Find the add that broadcasts a batch-1 embedding output over the batch (GPT-2's
-        `inputs_embeds + position_embeds`), searching back from a later module's input, and
-        catch the unreduced gradient there: each sample's own gradient of the embedding."""
         targets = {id(node): call for call, node, _ in self._broadcast}
-        queue = deque(t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None)
-        seen: set[int] = set()
-        while queue and len(seen) < _SEARCH_NODES and targets:
-            node = queue.popleft()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            for nxt, _ in node.next_functions:
-                if nxt is None:
-                    continue
-                call = targets.pop(id(nxt), None)
-                if call is not None and node.name() == "AddBackward0" and getattr(node, "_saved_alpha", 1) == 1:
-                    call.handles.append(node.register_prehook(call.catch_full))
-                queue.append(nxt)
+        catch_broadcasts(inputs, targets)
         # searched from the inputs of the next few modules only: a bounded cost per forward
         self._broadcast = [(c, n, k + 1) for c, n, k in self._broadcast
                            if id(n) in targets and k + 1 < _SEARCH_CALLS]
