@@ -53,9 +53,10 @@ def load(art: RunArtifacts) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def _button_sentence(rows: list[dict], button: str) -> str | None:
-    row = next((r for r in rows if r["button"] == button and r["scenario"] == "button never pays"), None)
-    if row is None:
+    found = [r for r in rows if r["button"] == button and r["scenario"] == "button never pays"]
+    if not found:
         return None
+    row = max(found, key=lambda r: r["step"])  # the end of the run
     p_path, a_path = row["predicted/pathway_button_press"], row["actual/pathway_button_press"]
     p_lp, a_lp = row["predicted/logprob_press_button_visible"], row["actual/logprob_press_button_visible"]
     final = row["final/pathway_button_press"]
