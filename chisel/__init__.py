@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from chisel._version import __version__
 
 # public name -> the module that defines it; a name equal to its module's last part is the
 # module itself (chisel.metrics). To export a name, add one line here and one in __all__

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from chisel import _names as N
+from chisel._version import __version__
 from chisel.capture.config import RecordConfig, StorageDtype, dtype_name
 from chisel.capture.hooks import StepCapture
 from chisel.capture.optim import hook_target
@@ -32,12 +33,6 @@ from chisel.store.layout import RunLayout, read_manifest, write_json
 from chisel.store.manifest import check_manifest
 from chisel.store.reader import complete_steps
 from chisel.store.writer import RunWriter
-
-
-def _version() -> str:
-    from chisel import __version__
-
-    return __version__
 
 
 class Recorder:
@@ -243,7 +238,7 @@ class Recorder:
         recorded = {id(p) for p in cap.params}
         return {
             "format_version": N.FORMAT_VERSION,
-            "chisel_version": _version(),
+            "chisel_version": __version__,
             "torch_version": torch.__version__,
             "created": _dt.datetime.now().isoformat(),
             "model": {"class": type(model).__name__, "repr": repr(model)[:20000]},

@@ -38,7 +38,7 @@ def test_import_chisel_is_light_and_recording_loads_no_analysis_stack(tmp_path):
         " 'recorded': sorted(sys.modules)}))\n"
     )
     assert _heavy(out["import"]) == []
-    assert [m for m in out["import"] if m.startswith("chisel")] == ["chisel"]
+    assert [m for m in out["import"] if m.startswith("chisel")] == ["chisel", "chisel._version"]
     # the target is 0.3 s beyond torch (measured ~0.01 s); the margin absorbs a loaded machine
     assert out["seconds"] < 1.0
     assert out["steps"] == 1
