@@ -235,3 +235,99 @@ def test_credit_equals_integrated_per_feature(attributed):
     by = rows.groupby([L.FAMILY, *keys])[L.VALUE].sum().unstack(0)
     assert by[L.CREDIT].notna().all() and by[L.INTEGRATED].notna().all()
     assert (by[L.CREDIT] - by[L.INTEGRATED]).abs().max() <= 1e-10 * by[L.INTEGRATED].abs().max()
+
+
+# -- a planted stream direction in a toy transformer ------------------------------------------------
+# GPT-2 (2 layers, d=64) reads sequences of content tokens 2..15 and answers, at the last position,
+# token 0 if the last token is of class A (2..8), else token 1. The embedding writes the class as
+# ±0.5·u on a planted unit direction u and stays frozen, so the class reaches the stream at layer 0
+# only along u: the readers downstream must learn to read u, and the loss is the answer's binary
+# log-probability. A feature u at `transformer.h.0:out` (hook_resid_post of layer 0) must take far
+# more of the metric's change than random directions at the same site.
+P_VOCAB, P_CTX, P_D, P_STEPS = 16, 4, 64, 8
+P_SITE = "transformer.h.0:out"
+
+
+def _answer_logp(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(x).logits[:, -1, :2]  # the two answer tokens
+    return torch.log_softmax(logits, -1).gather(-1, y[:, None]).mean()
+
+
+def _planted_batch(gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(2, P_VOCAB, (n, P_CTX), generator=gen)
+    return x, (x[:, -1] >= 9).long()
+
+
+def _planted_gpt2(seed: int) -> tuple[nn.Module, torch.Tensor]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(P_D, generator=gen, dtype=torch.float64)
+    u = (u - u.mean()) / (u - u.mean()).norm()  # a direction LayerNorm's centring keeps
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=P_VOCAB, n_positions=P_CTX, n_embd=P_D, n_layer=2, n_head=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)
+    model = GPT2LMHeadModel(cfg)
+    model.lm_head = nn.Linear(P_D, P_VOCAB)  # an unembed bias (TransformerLens has b_U): centred
+    model = model.double().eval()
+    sign = torch.zeros(P_VOCAB, dtype=torch.float64)
+    sign[2:9], sign[9:] = 1.0, -1.0
+    with torch.no_grad():
+        model.transformer.wte.weight.add_(0.5 * sign[:, None] * u)
+    for p in (*model.transformer.wte.parameters(), *model.transformer.wpe.parameters()):
+        p.requires_grad_(False)  # the embedding keeps writing the class along u only
+    return model, u
+
+
+class _Planted:
+    """One seed's recorded run, its metric, and the shares of u and of random directions."""
+
+    def __init__(self, root, seed: int) -> None:
+        self.model, self.u = _planted_gpt2(seed)
+        gen = torch.Generator().manual_seed(100 + seed)
+        self.run_dir = root / f"planted{seed}"
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(trained, lr=1e-2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with chisel.record(self.model, opt, self.run_dir, dtype="float64") as rec:
+                for _ in range(P_STEPS):
+                    x, y = _planted_batch(gen, 64)
+                    (-_answer_logp(self.model, x, y)).backward()
+                    rec.tag()
+                    opt.step()
+                    opt.zero_grad()
+        x, y = _planted_batch(gen, 64)
+        self.metric = lambda m: _answer_logp(m, x, y)
+        self.randoms = [torch.randn(P_D, generator=gen, dtype=torch.float64) for _ in range(4)]
+
+    def share(self, direction: torch.Tensor, model: nn.Module | None = None) -> float:
+        """The direction's cumulative share over the run (alone: one feature per attribution)."""
+        feature = probes.custom("d", P_SITE, direction)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ledger = chisel.attribute(self.run_dir, model or self.model, [feature], self.metric,
+                                      families=("integrated",), points=4)
+        return float(chisel.timeline(ledger).iloc[-1]["d"])
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root, cache = tmp_path_factory.mktemp("planted"), {}
+
+    def get(seed: int) -> _Planted:
+        if seed not in cache:
+            cache[seed] = _Planted(root, seed)
+        return cache[seed]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(3))
+def test_a_planted_stream_direction_is_recovered_in_a_transformer(planted, seed):
+    p = planted(seed)
+    share = p.share(p.u)
+    randoms = [p.share(r) for r in p.randoms]
+    mean_random = sum(abs(r) for r in randoms) / len(randoms)
+    assert share > 0 and share >= 10 * mean_random, (share, randoms)
