@@ -42,7 +42,7 @@ class LMDemoConfig:
     """Sampled tokens per completion; reward looks at the last one. With 1 the ending is
     chosen at the marker's own position (the marker is in the stream there; the cue must be
     fetched by attention): the shortcut a policy-gradient learner finds first."""
-    steps: int = 160
+    steps: int = 120
     """GRPO updates (one optimizer step per generation batch)."""
     prompts_per_step: int = 16
     """Prompts per generation batch."""
@@ -60,7 +60,7 @@ class LMDemoConfig:
     """Gauss-Legendre points along each update path."""
     horizon: int = 8
     """Earlier steps whose samples receive credit through Adam's momentum."""
-    metric_prompts: int = 512
+    metric_prompts: int = 256
     """Held-out test prompts of the metric (marker independent of the cue)."""
     probe_prompts: int = 1024
     """Held-out test prompts the probes and the SAE are fitted on."""
@@ -68,9 +68,9 @@ class LMDemoConfig:
     """Latents of the SAE trained on the stream at `SITE` (0: none)."""
     sae_steps: int = 2000
     """Adam steps of the SAE."""
-    validation_permutations: int = 40
+    validation_permutations: int = 16
     """Sampled permutations (each with its reverse) of the Shapley values."""
-    curve_every: int = 10
+    curve_every: int = 5
     """Test accuracy (agreeing / conflicting marker) on every this-many updates."""
 
     def __post_init__(self) -> None:
@@ -130,7 +130,7 @@ QUICK: dict[str, Any] = {
     "factors_every": 8,
     "attribute_every": 8,
     "points": 4,
-    "metric_prompts": 256,
+    "metric_prompts": 128,
     "probe_prompts": 512,
     "validation_permutations": 8,
     "sae_steps": 300,

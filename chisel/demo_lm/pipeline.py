@@ -21,7 +21,13 @@ import torch
 
 import chisel
 from chisel.demo_lm import task as T
-from chisel.demo_lm.attribute import METRIC_NAME, attribute_run, attribution_plan, metric_data
+from chisel.demo_lm.attribute import (
+    METRIC_NAME,
+    AttributionPlan,
+    attribute_run,
+    attribution_plan,
+    metric_data,
+)
 from chisel.demo_lm.config import SITE, LMDemoConfig
 from chisel.demo_lm.features import build_features
 from chisel.demo_lm.report import LM_DEMO_FILE, lm_summary, write_lm_report
@@ -88,20 +94,7 @@ def _run(cfg: LMDemoConfig, say: Callable[[str], None]) -> Path:
     done(3, t0)
 
     t0 = stage(4, "lm_demo.json, report.html")
-    demo = {
-        "seed": cfg.seed,
-        "quick": cfg.quick,
-        "site": SITE,
-        "metric": METRIC_NAME,
-        "metric_prompts": cfg.metric_prompts,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "training_curve": trained.curve,
-        "final_test": test_accuracy(model, probe_prompts, cfg.completion_len),
-        "attributed_steps": plan.sample,
-        "credit_steps": plan.credit,
-        "features": feature_info,
-        "config": cfg.to_json(),
-    }
+    demo = demo_record(cfg, model, trained.curve, probe_prompts, plan, feature_info)
     demo["answer"] = lm_summary(ledger, validation, demo, cfg.out)
     (cfg.out / LM_DEMO_FILE).write_text(json.dumps(demo, indent=1))
     report = write_lm_report(cfg.out, demo)
@@ -110,3 +103,28 @@ def _run(cfg: LMDemoConfig, say: Callable[[str], None]) -> Path:
     (cfg.out / LM_DEMO_FILE).write_text(json.dumps(demo, indent=1))
     say(f"wrote {report} in {demo['wall_time_s']['total']:.0f} s")
     return report
+
+
+def demo_record(
+    cfg: LMDemoConfig,
+    model: torch.nn.Module,
+    curve: list[dict],
+    probe_prompts: T.Prompts,
+    plan: AttributionPlan,
+    feature_info: dict,
+) -> dict:
+    """lm_demo.json's contents before the answer (`lm_summary` adds it)."""
+    return {
+        "seed": cfg.seed,
+        "quick": cfg.quick,
+        "site": SITE,
+        "metric": METRIC_NAME,
+        "metric_prompts": cfg.metric_prompts,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training_curve": curve,
+        "final_test": test_accuracy(model, probe_prompts, cfg.completion_len),
+        "attributed_steps": plan.sample,
+        "credit_steps": plan.credit,
+        "features": feature_info,
+        "config": cfg.to_json(),
+    }

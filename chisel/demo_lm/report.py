@@ -46,20 +46,23 @@ def lm_summary(ledger: pd.DataFrame, validation: dict, demo: dict, out: Path) ->
     group_tl = tl.T.groupby(lambda n: concepts.get(n, "unlabelled")).sum().T  # [steps, groups]
     integrated = ledger[ledger[L.FAMILY] == L.INTEGRATED]
     delta = float(integrated[integrated[L.QUANTITY] == L.DELTA_METRIC][L.VALUE].sum())
+    curve = pd.DataFrame(demo["training_curve"])
+    follows = curve["follows_marker_conflict"]
+    peak_update = int(curve["update"][follows[follows == follows.max()].index[-1]])  # last one
+    early = group_tl[group_tl.index <= peak_update]  # up to the peak of marker-following
     groups = {}
     for g in group_tl.columns:
         col = group_tl[g]
         groups[g] = {"final": float(col.iloc[-1]), "peak": float(col.max()),
-                     "peak_step": int(col.idxmax())}
+                     "peak_step": int(col.idxmax()),
+                     "at_marker_peak": float(early[g].iloc[-1]) if len(early) else 0.0}
     ranked = tl.iloc[-1].sort_values(ascending=False)
-    curve = pd.DataFrame(demo["training_curve"])
-    follows = curve["follows_marker_conflict"]
     answer: dict[str, Any] = {
         "delta_metric_attributed": delta,
         "groups": groups,
         "top_features": [[n, float(v), concepts.get(n, "?")] for n, v in ranked.head(5).items()],
         "follows_marker_peak": float(follows.max()),
-        "follows_marker_peak_update": int(curve["update"][follows.idxmax()]),
+        "follows_marker_peak_update": peak_update,
         "final_test": demo["final_test"],
         "credit_by_marker_agrees": _credit_by(ledger, "marker_agrees"),
         "validation": _validation_numbers(out, concepts),
@@ -131,6 +134,9 @@ def lm_section(answer: dict[str, Any], demo: dict[str, Any]) -> tuple[str, str, 
             f"peaked at {H.num(marker['peak'])} (update {marker['peak_step']}) and ends at "
             f"{H.num(marker['final'])}"
             + (f", against {H.num(task['final'])} for the task cue's" if task else "")
+            + f". Up to update {answer['follows_marker_peak_update']} (when the model followed "
+            f"the marker most) the marker's features had {H.num(marker['at_marker_peak'])}"
+            + (f", the cue's {H.num(task['at_marker_peak'])}" if task else "")
             + ". Held against interventions on the final model: reverting the marker's learned "
             f"pathways lowers the metric by {H.num(v.get(SPURIOUS, {}).get('removal', math.nan))} "
             f"(Shapley value of those pathways {H.num(v.get(SPURIOUS, {}).get('shapley', math.nan))}); "
@@ -151,13 +157,15 @@ def lm_section(answer: dict[str, Any], demo: dict[str, Any]) -> tuple[str, str, 
         paras.append(H.para(
             "Which experience did it: credit for the whole change, by whether the sample's marker "
             f"agreed with its cue: agreeing {H.num(credit.get('1', 0.0))}, conflicting "
-            f"{H.num(credit.get('0', 0.0))} (the rest is momentum, weight decay and the "
-            "embeddings' unresolved share)."
+            f"{H.num(credit.get('0', 0.0))} (the rest: weight decay and any share no "
+            "per-sample factor covers)."
         ))
-    rows = [[GROUPS.get(k, k), H.num(x["peak"]), str(x["peak_step"]), H.num(x["final"]),
+    rows = [[GROUPS.get(k, k), H.num(x["at_marker_peak"]), H.num(x["peak"]), str(x["peak_step"]),
+             H.num(x["final"]),
              H.num(v.get(k, {}).get("removal")), H.num(v.get(k, {}).get("shapley"))]
             for k, x in g.items()]
-    paras.append(H.table(["features", "peak cumulative share", "at update", "final",
+    paras.append(H.table(["features", "share by the marker peak", "peak cumulative share",
+                          "at update", "final",
                           "removal effect", "Shapley"], rows))
     return ANCHOR, TITLE, "".join(paras)
 

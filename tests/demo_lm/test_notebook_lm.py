@@ -1,0 +1,36 @@
+"""notebooks/03_tiny_lm.ipynb executes end to end (GRPO on a tiny GPT-2 with recording, probes
+and an SAE in the residual stream, attribution, validation, the answer and the report)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+nbclient = pytest.importorskip("nbclient")
+nbformat = pytest.importorskip("nbformat")
+
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "03_tiny_lm.ipynb"
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_lm_notebook_executes(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHISEL_NB_OUT", str(tmp_path / "runs"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "40 updates recorded" in text and "marker_agrees" in text
+    assert "Did the spurious marker get reinforced?" in text
+    run_dir = tmp_path / "runs" / "tiny_lm"
+    for name in ("manifest.json", "ledger.parquet", "validation.parquet", "report.html"):
+        assert (run_dir / name).is_file(), name
+    page = (run_dir / "report.html").read_text()
+    for anchor in ("summary", "lm-answer", "timeline", "validation", "credit", "completeness"):
+        assert f'<section id="{anchor}">' in page, anchor
+    assert not re.search(r"trash|wall_blue|TrashWorld", page, re.I)
