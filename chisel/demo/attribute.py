@@ -68,6 +68,8 @@ def attribute_run(
     writer = L.LedgerWriter(run.path / LEDGER_FILE, tags)
     try:
         writer.write(ledger)
-    finally:
-        writer.close()
+    except BaseException:
+        writer.abort()  # a half-written ledger never takes the finished one's name
+        raise
+    writer.close()
     return ledger
