@@ -53,8 +53,9 @@ def counterfactual(
             `episodes(fraction, seed)`, a sample set {step: [i, …]} / (step, i) pairs, "all",
             or None (nothing).
         metric: `model -> scalar tensor` (see chisel.metrics).
-        horizon: earlier steps whose samples keep momentum credit (None: credit's default, the
-            steps holding 99% of the buffer's mass). Momentum beyond it stays, unremoved.
+        horizon: earlier steps whose samples keep momentum credit (None: the steps whose
+            momentum weight is >= 1%, credit's default rule: 44 for Adam's β1 = 0.9). Momentum
+            beyond it stays, unremoved (part of `unresolved`).
         until: predict θ before this step (default: the end of the run).
 
     First order: Adam's denominators, clip coefficients and the collected data stay as

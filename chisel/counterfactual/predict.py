@@ -11,6 +11,7 @@ the steps are split, and each selection's weighted factor product is formed once
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,8 @@ from torch import Tensor, nn
 
 from chisel.attribution.credit import (
     GRADIENT_UNRESOLVED,
+    MAX_HORIZON,
+    MIN_WEIGHT,
     MOMENTUM_UNRESOLVED,
     CreditSession,
     SampleBlock,
@@ -110,6 +113,7 @@ def predict(
 ) -> list[list[Counterfactual]]:
     """[checkpoint][selection] counterfactuals at each step of `at` (ascending), in one pass."""
     at = sorted(set(at))
+    horizon = default_horizon(run) if horizon is None else horizon
     session = CreditSession(run, horizon=horizon)
     space = ParamSpace(model, metric) if metric is not None else None
     p = _Pass(run, selections, session)
@@ -175,3 +179,24 @@ def check_run(run: Run, until: int | None) -> int:
     if not 0 <= step <= end:
         raise CounterfactualError(f"until={until}: give a step in [0, {end}] (θ before that step).")
     return step
+
+
+def default_horizon(run: Run) -> int | None:
+    """Credit's default reach as a number of steps: the earlier steps whose momentum weight is
+    still >= 1% (β^k >= MIN_WEIGHT: 44 for Adam's β1 = 0.9, 0 without momentum), so that both the
+    credit session and the prediction keep only those steps' factors in memory. Read from the
+    recorded param group (torch's "betas" / "momentum"); None when it holds neither."""
+    first = next((t for t in range(len(run)) if not run.record(t).get("skipped")), None)
+    groups = run.record(first).get("groups") if first is not None else None
+    group = groups[0] if groups else {}
+    if group.get("betas"):
+        decay = float(group["betas"][0])
+    elif "momentum" in group:
+        decay = float(group.get("momentum") or 0.0)
+    else:
+        return None
+    if decay <= 0:
+        return 0
+    if decay >= 1:
+        return MAX_HORIZON
+    return min(MAX_HORIZON, math.floor(math.log(MIN_WEIGHT) / math.log(decay)) + 1)

@@ -183,3 +183,26 @@ def test_bad_inputs_say_what_to_do(tmp_path):
         opt.step()
     with pytest.raises(CounterfactualError, match="no per-sample factors"):
         counterfactual(chisel.load(tmp_path / "bare"), remove="all")
+
+
+def test_default_horizon_is_credits_one_percent_rule(tmp_path):
+    """horizon=None resolves to the steps whose momentum weight is >= 1% (credit's default), so
+    the prediction equals the one with credit's own default session."""
+    _, run = _bandit(tmp_path / "run", "adamw")
+    from chisel.counterfactual.predict import default_horizon
+
+    assert default_horizon(run) == 44  # 0.9**43 >= 0.01 > 0.9**44
+    cf = counterfactual(run, remove="all")
+    assert cf.horizon == 44
+    session = CreditSession(run)  # credit's default: min_weight 1e-2, reach 500
+    expected = {n: v.double().clone() for n, v in run.params(0).items()}
+    for t in range(len(run)):
+        split = split_update(run, t, session)
+        for leaf in (WEIGHT_DECAY, RESIDUAL):
+            for n, v in split.base.parts[leaf].items():
+                expected[n] += v
+        for leaf in (GRADIENT_UNRESOLVED, MOMENTUM_UNRESOLVED):
+            for n, v in split.unresolved[leaf].items():
+                expected[n] += v
+    for n in expected:
+        torch.testing.assert_close(cf.predicted[n], expected[n], rtol=0, atol=1e-13)
