@@ -118,7 +118,10 @@ class SampleBlock:
         return self.coef * self._as_weight(gx, shape)
 
     def reads(self, gbar: Tensor) -> Tensor:
-        """H = G (coef ⊙ ḡ) [n, T, in]: the metric's read of each input row; ⟨term_i, ḡ⟩ = Σ H⊙X."""
+        """H = G (coef ⊙ ḡ) [n, T, in]: the metric's read of each input row; ⟨term_i, ḡ⟩ = Σ H⊙X
+        (Linear-like kinds: an embedding's input is token ids, a norm's is elementwise)."""
+        if self.kind == EMBEDDING_KIND:
+            raise CreditError(f"{self.param}: embedding {self.module!r} reads token ids, not vectors.")
         return self.g @ self._as_matrix(self.coef * gbar)
 
     def attribution(self, gbar: Tensor) -> Tensor:
