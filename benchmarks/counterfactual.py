@@ -32,6 +32,7 @@ import torch
 from torch.func import functional_call
 
 import chisel
+from chisel.agents.ppo import make_agent
 from chisel.counterfactual import counterfactuals
 from chisel.counterfactual import retrain as R
 from chisel.demo.config import DemoConfig
@@ -87,8 +88,10 @@ def scenarios(button: str, args: argparse.Namespace) -> list[R.Scenario]:
     if button == "none":
         out += [R.drop_episodes(0.5, k) for k in range(args.subsets)]
         for i, f in enumerate(args.fractions):
-            out += [R.drop_episodes(f, 1000 * (i + 1) + k) for k in range(args.sweep)]
-        out.append(R.no_trash_reward_when_blue())
+            out += [R.drop_episodes(f, 1000 * (i + 1) + k)
+                    for k in range(args.sweep_from, args.sweep)]
+        if args.sweep_from == 0:
+            out.append(R.no_trash_reward_when_blue())
     else:
         out += [R.button_never_pays(), R.drop_episodes(0.5, 0)]
         if button == "early":
@@ -104,10 +107,18 @@ def one_run(button: str, args: argparse.Namespace) -> dict:
     marks = sorted({2**k for k in range(ppo.num_iterations.bit_length())} | {ppo.num_iterations})
     checkpoints = [per_rollout * k for k in marks if k <= ppo.num_iterations]
     out = args.out / f"base-{button}"
-    say(f"{button}: recording the base run ({ppo.num_updates} updates) into {out}")
-    base = R.record_base(out, ppo, button=button)
-    run = chisel.load(out)
-    probe = Probe(base.agent, ppo.env, args.seed, button_on=button != "none")
+    if args.reuse and (out / "manifest.json").is_file():
+        say(f"{button}: reusing the base run in {out}")
+        run = chisel.load(out)
+        agent = make_agent(ppo)
+        with torch.no_grad():
+            for name, p in agent.named_parameters():
+                p.copy_(run.params(len(run))[name])
+    else:
+        say(f"{button}: recording the base run ({ppo.num_updates} updates) into {out}")
+        agent = R.record_base(out, ppo, button=button).agent
+        run = chisel.load(out)
+    probe = Probe(agent, ppo.env, args.seed, button_on=button != "none")
     cases = scenarios(button, args)
     say(f"{button}: predicting {len(cases)} selections at {len(checkpoints)} checkpoints")
     t = time.perf_counter()
@@ -196,6 +207,10 @@ def main() -> None:
     ap.add_argument("--subsets", type=int, default=20, help="50%% episode subsets for the LDS")
     ap.add_argument("--fractions", type=float, nargs="*", default=[0.1, 0.25, 0.75])
     ap.add_argument("--sweep", type=int, default=4, help="subsets per swept fraction")
+    ap.add_argument("--sweep-from", type=int, default=0,
+                    help="first sweep subset index (to add subsets to an earlier run; with "
+                         "--subsets 0 --reuse, then --merge)")
+    ap.add_argument("--reuse", action="store_true", help="reuse base runs already in --out")
     ap.add_argument("--buttons", nargs="*", default=["none", "early", "late"])
     ap.add_argument("--horizon", type=int, default=44,
                     help="momentum horizon in steps (44: Adam β1=0.9 keeps ≥1%% weight, credit's default rule)")
@@ -205,11 +220,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.merge:
+    if args.merge:  # rows of the same (run, selection, checkpoint) are the same retraining
         parts = [json.loads(p.read_text()) for p in args.merge]
-        runs = [{**run, "rows": [r for r in part["rows"] if r["button"] == run["button"]]}
-                for part in parts for run in part["runs"]]
-        args.buttons = [run["button"] for run in runs]
+        rows_by = {(r["button"], r["scenario"], r["step"]): r for p in parts for r in p["rows"]}
+        meta = {run["button"]: run for p in parts for run in p["runs"]}
+        runs = [{**m, "rows": [r for r in rows_by.values() if r["button"] == b]}
+                for b, m in meta.items()]
+        args.buttons = list(meta)
     else:
         runs = [one_run(b, args) for b in args.buttons]
     rows = [r for run in runs for r in run["rows"]]
