@@ -73,6 +73,7 @@ class _Pass:
         # no later step reaches back further than `reach`: those origins are final
         for s in [s for s in self.pending if s < t + 1 - self.session.reach]:
             self._add(self.removed, self.pending.pop(s), s)
+            self.weights.pop(s, None)  # counted already; never asked for again
 
     def _weights(self, s: int, block: SampleBlock) -> list[Tensor]:
         if s not in self.weights:

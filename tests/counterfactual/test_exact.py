@@ -148,6 +148,8 @@ def test_bandit_all_and_nothing(tmp_path, opt_name, horizon):
     miss = counterfactual(run, remove=tag_in("reward", 0), horizon=horizon)
     for n in expected:
         torch.testing.assert_close(hit.removed[n] + miss.removed[n], every.removed[n], rtol=0, atol=1e-13)
+    assert every.samples == every.removed_weight == 12 * 16
+    assert hit.removed_weight + miss.removed_weight == 12 * 16 and 0 < hit.removed_weight < 12 * 16
 
 
 def test_until_predicts_the_prefix(tmp_path):
