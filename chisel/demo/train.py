@@ -26,7 +26,13 @@ from chisel.envs import TrashWorldConfig
 def ppo_config(cfg: DemoConfig) -> PPOConfig:
     """The reference PPO run; a late button appears halfway through training."""
     env = TrashWorldConfig(button=cfg.button, button_after_steps=cfg.total_timesteps // 2)
-    return PPOConfig(env=env, seed=cfg.seed, total_timesteps=cfg.total_timesteps)
+    return PPOConfig(
+        env=env,
+        seed=cfg.seed,
+        total_timesteps=cfg.total_timesteps,
+        num_envs=cfg.num_envs,
+        learning_rate=cfg.learning_rate,
+    )
 
 
 def train_recorded(cfg: DemoConfig, ppo: PPOConfig) -> tuple[TrainResult, list[dict]]:

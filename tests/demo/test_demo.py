@@ -66,9 +66,10 @@ def test_every_artifact_exists(run_dir):
         assert (run_dir / name).is_file(), name
     assert {p.stem for p in (run_dir / "figures").glob("*.png")} == FIGURES
     run = chisel.load(run_dir)
-    assert len(run) == PPOConfig(total_timesteps=QUICK["total_timesteps"]).num_updates == 256
+    ppo = PPOConfig(total_timesteps=QUICK["total_timesteps"], num_envs=QUICK["num_envs"])
+    assert len(run) == ppo.num_updates == 512
     assert set(run.factors(0)) == {"pi_fc1", "pi_fc2", "pi_out"}
-    assert run.factors(1) == {} or not run.factors(1)  # factors every 8th step only
+    assert run.factors(1) == {} or not run.factors(1)  # factors every 16th step only
     tags = run.tags(8)
     assert {
         "advantage",
@@ -113,15 +114,16 @@ def test_demo_json_is_sane(run_dir, demo):
     assert demo["quick"] is True and demo["button"] == "none" and demo["seed"] == 1
     r = demo["returns"]
     assert 1.0 < r["oracle"] <= 2.0 and 0.0 <= r["random"] < 0.2 * r["oracle"]
-    assert r["agent"] >= 0.0 and r["ratio"] == pytest.approx(r["agent"] / r["oracle"])
+    assert r["ratio"] == pytest.approx(r["agent"] / r["oracle"])
+    assert r["ratio"] >= 0.5  # the quick preset learns (issue 14: it used to reach 2% of the oracle)
     wall = demo["wall_time_s"]
     assert {"train", "probes", "attribute", "validate", "causal", "report", "total"} <= set(wall)
     assert wall["total"] >= sum(v for k, v in wall.items() if k != "total") - 1e-6
     curve = pd.DataFrame(demo["training_curve"])
-    assert list(curve["update"]) == [16 * (i + 1) for i in range(16)]
+    assert list(curve["update"]) == [16 * (i + 1) for i in range(32)]
     assert curve.env_steps.is_monotonic_increasing
-    assert demo["attributed_steps"] == list(range(0, 256, 2))
-    assert demo["credit_steps"] == list(range(0, 256, 8))
+    assert demo["attributed_steps"] == list(range(0, 512, 4))
+    assert demo["credit_steps"] == list(range(0, 512, 16))
     assert demo["action_names"] == list(ACTION_NAMES)
     assert demo["concepts"]["reward_predictive"] == ["reward_within_k"]
     assert demo["concepts"]["spurious"] == ["wall_blue"]
@@ -157,7 +159,7 @@ def test_dictionary_latents_join_the_features_with_concepts(run_dir, demo):
 def test_probe_table_covers_checkpoints_sites_concepts(run_dir):
     table = pd.read_parquet(run_dir / "probes.parquet")
     assert list(table.columns) == ["step", "site", "concept", "metric", "score"]
-    assert sorted(table.step.unique()) == [0, 128, 256]
+    assert sorted(table.step.unique()) == [0, 256, 512]
     assert {"hook_obs", "hook_pi_hidden1", "hook_pi_hidden2", "hook_logits"} <= set(table.site)
     assert {"holding_trash", "wall_blue", "reward_within_k"} <= set(table.concept)
     assert table.score.between(0, 1).all()
@@ -172,7 +174,9 @@ def test_causal_json_follows_the_contract(run_dir):
     assert len(top["features"]) == len(bottom["features"]) == causal["k"] == 3
     assert set(top["features"]).isdisjoint(bottom["features"])
     assert set(top["features"] + bottom["features"] + rand["features"]) <= names
-    assert rand["seeds"] == QUICK["causal_seeds"] and rand["std"] >= 0
+    assert rand["seeds"] == QUICK["causal_seeds"]
+    # the seeds draw different directions, and projecting them out moves the return differently
+    assert len(set(rand["features"])) > causal["k"] and rand["std"] > 0
     probed = [f for f in features if f.source == "probe" and f.site.startswith("hook_pi_hidden")]
     assert len(causal["singles"]) == len(probed)  # the causal check ablates probes only
 
