@@ -310,7 +310,7 @@ class CreditSession:
             n, kind = x.shape[0], self._kinds.get(module, "linear")
             g64 = g.to(torch.float64).reshape(n, -1, g.shape[-1]) * coef  # [n, T, out]
             if kind == EMBEDDING_KIND:
-                x64 = x.long().reshape(n, -1)  # token ids [n, T]
+                x64 = _token_ids(x, module, s).reshape(n, -1)  # [n, T]
             elif kind in NORM_KINDS:  # both are per-sample sums of gradient terms: both get c
                 x64 = x.to(torch.float64).reshape(n, 1, -1) * coef
                 g64 = g64.reshape(n, 1, -1)
@@ -384,6 +384,21 @@ class CreditSession:
                     SampleBlock(part, s, module, param, kind, is_bias, x, rows, coefs[param])
                 )
         return blocks
+
+
+def _token_ids(x: Tensor, module: str, s: int) -> Tensor:
+    """An embedding's stored ids as int64; ids cast to a compact float `factor_dtype` are exact
+    only up to 2^(mantissa bits + 1) (bfloat16: 256), so larger ones are refused."""
+    if not x.is_floating_point():
+        return x.long()
+    limit = int(2 / torch.finfo(x.dtype).eps)  # 2^(mantissa bits + 1)
+    if x.numel() and (bool((x != x.round()).any()) or float(x.abs().max()) > limit):
+        raise CreditError(
+            f"step {s}: the token ids of embedding {module!r} were stored as {x.dtype} (the run's "
+            f"factor_dtype), which holds integers exactly only up to {limit}; they are lost. "
+            "Record with factor_dtype=None (or float32) to get credit rows for embeddings."
+        )
+    return x.long()
 
 
 def split_update(

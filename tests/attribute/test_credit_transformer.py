@@ -169,3 +169,24 @@ def test_credit_rows_close_and_the_tied_weight_splits_by_the_heads_features(runs
         assert sorted(mine[L.SAMPLE].unique()) == list(range(N))
         assert mine["tag/reward"].notna().all()
     assert (rows[L.QUANTITY] == C.NOT_CAPTURED_SHARE).sum() == 0
+
+
+@pytest.mark.parametrize("vocab", [200, 1000])
+def test_token_ids_under_a_compact_factor_dtype(tmp_path, vocab):
+    """The writer casts every factor to `factor_dtype`: bfloat16 keeps ids up to 256 exactly;
+    larger ones are refused by credit, with the fix, rather than credited to the wrong rows."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Embedding(vocab, 3), nn.Linear(3, 1)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.tensor([[1, 199, 5], [7, 0, 199]]) + (vocab - 200)
+    with chisel.record(model, opt, tmp_path / "run", factors=True, factor_dtype="bfloat16"):
+        model(ids).sum().backward()
+        opt.step()
+    run = chisel.load(tmp_path / "run")
+    if vocab == 200:
+        split = C.split_update(run, 0)
+        block = next(b for b in split.blocks if b.kind == "embedding")
+        assert torch.equal(block.x, ids)
+    else:
+        with pytest.raises(C.CreditError, match="holds integers exactly only up to 256"):
+            C.split_update(run, 0)
