@@ -12,6 +12,7 @@ import sys
 import warnings
 from typing import Any
 
+from chisel.envs.config import BUTTON_MODES
 from chisel.errors import ChiselError
 
 USER_ERROR = 2
@@ -97,11 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="run directory to write (replaced; default "
                       "runs/demo, with --lm runs/demo_lm)")
     demo.add_argument("--seed", type=int, default=None, help="random seed (default 1; --lm 0)")
-    demo.add_argument("--button", choices=["none", "early", "late"], default=None,
+    demo.add_argument("--button", choices=BUTTON_MODES, default=None,
                       help="reward button: never (default), from the start, or appearing halfway "
                       "through")
     demo.add_argument("--quick", action="store_true",
-                      help="a small run (256 updates, smaller datasets): under a minute")
+                      help="a small run (512 updates of smaller rollouts, smaller datasets): about a minute")
     demo.add_argument("--lm", action="store_true",
                       help="the language-model scenario instead: GRPO on a tiny random-init "
                       "GPT-2 whose reward has a spurious correlate (see docs/lm-demo.md)")

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from chisel.envs.config import BUTTON_MODES, ButtonMode
 from chisel.errors import ChiselError
-
-ButtonMode = Literal["none", "early", "late"]
-BUTTON_MODES: tuple[str, ...] = ("none", "early", "late")
 
 # hook sites of the reference agent (chisel.agents.ppo.TrashAgent)
 ACTOR_INPUT_SITES: tuple[str, ...] = ("hook_obs", "hook_pi_hidden1", "hook_pi_hidden2")

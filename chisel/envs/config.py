@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from chisel.errors import ChiselError
 
@@ -34,6 +34,7 @@ GONE, FLOOR, HELD = 0, 1, 2  # deposited or absent / lying on the floor / carrie
 NO_REWARD, TRASH_REWARD, BUTTON_REWARD = 0, 1, 2
 
 ButtonMode = Literal["none", "early", "late"]
+BUTTON_MODES: tuple[str, ...] = get_args(ButtonMode)
 Cell = tuple[int, int]
 
 
@@ -92,7 +93,7 @@ class TrashWorldConfig:
         for field in ("p_no_trash", "p_blue_given_trash", "p_blue_given_no_trash"):
             if not 0.0 <= getattr(self, field) <= 1.0:
                 raise bad(field, "a probability must lie in [0, 1]")
-        if self.button not in ("none", "early", "late"):
+        if self.button not in BUTTON_MODES:
             raise bad("button", 'choose "none", "early" or "late"')
         needed = 2 + self.n_trash + 1  # agent, can, trash, button on distinct cells
         if self.height * self.width < needed:
