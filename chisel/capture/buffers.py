@@ -7,6 +7,7 @@ however many parameters the model has: the writer thread then spends almost no P
 
 from __future__ import annotations
 
+import mmap
 import queue
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -76,12 +77,49 @@ class FlatLayout:
         }
 
 
+PAGE = 4096  # alignment of a buffer set's memory (O_DIRECT writes straight from it)
+TAIL_ROOM = 1 << 16  # bytes after θ and grads for a step's small tensors (tags)
+
+
 @dataclass
 class Buffers:
     after: dict[str, torch.Tensor]  # dtype -> flat θ after the step
     grads: dict[str, torch.Tensor] | None  # dtype -> flat gradient
     after_views: list[torch.Tensor]
     grad_views: list[torch.Tensor] | None
+    # CPU runs: all of the above lie back to back in one page-aligned block, in step-file order
+    # (per dtype, widest first: after, then grad), followed by TAIL_ROOM spare bytes
+    region: Region | None = None
+
+
+@dataclass
+class Region:
+    """A page-aligned block of memory: `used` bytes of θ and grads, then spare room."""
+
+    memory: mmap.mmap
+    data: Any  # numpy uint8 array over the whole block
+    used: int
+
+
+def _region_flats(layout: FlatLayout, grads: bool) -> tuple[Region, dict, dict | None]:
+    """θ and grad vectors carved from one anonymous mmap (page-aligned, returned to the OS
+    when dropped), laid out as the step file stores them."""
+    import numpy as np
+
+    order = sorted(layout.sizes, key=lambda d: -_dtype(d).itemsize)
+    parts = [(kind, d) for d in order for kind in (("after", "grad") if grads else ("after",))]
+    used = sum(layout.sizes[d] * _dtype(d).itemsize for _, d in parts)
+    memory = mmap.mmap(-1, -(-(used + TAIL_ROOM) // PAGE) * PAGE)
+    data = np.frombuffer(memory, dtype=np.uint8)
+    after: dict[str, torch.Tensor] = {}
+    grad: dict[str, torch.Tensor] = {}
+    offset = 0
+    for kind, d in parts:
+        n = layout.sizes[d]
+        flat = torch.frombuffer(memory, dtype=_dtype(d), count=n, offset=offset) if n else torch.empty(0, dtype=_dtype(d))
+        (after if kind == "after" else grad)[d] = flat
+        offset += n * _dtype(d).itemsize
+    return Region(memory, data, used), after, (grad if grads else None)
 
 
 class BufferPool:
@@ -96,11 +134,14 @@ class BufferPool:
         self._free: queue.Queue[Buffers] = queue.Queue()
 
     def _new(self) -> Buffers:
-        after = self._layout.empty(pin=self._pin)
-        grads = self._layout.empty(pin=self._pin) if self._grads else None
-        return Buffers(
-            after, grads, self._layout.views(after), self._layout.views(grads) if grads is not None else None
-        )
+        region = None
+        if self._pin:  # CUDA: pinned memory for asynchronous device-to-host copies
+            after = self._layout.empty(pin=True)
+            grads = self._layout.empty(pin=True) if self._grads else None
+        else:
+            region, after, grads = _region_flats(self._layout, self._grads)
+        views = self._layout.views(grads) if grads is not None else None
+        return Buffers(after, grads, self._layout.views(after), views, region)
 
     def acquire(self, on_wait: Callable[[], None]) -> Buffers:
         try:

@@ -195,6 +195,7 @@ class StepCapture:
             factors=self.factors.take() if self.factors is not None else {},
             tags=self.tags.take(),
             release=lambda: self._pool.release(buffers),
+            region=buffers.region,
         )
         self._send(packet)
 

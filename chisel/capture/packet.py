@@ -38,3 +38,6 @@ class StepPacket:
     factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     tags: dict[str, Any] = field(default_factory=dict)
     release: Callable[[], None] = lambda: None
+    # the page-aligned block `after` and `grads` live in (capture.buffers.Region), CPU runs only:
+    # the writer may place the step's small tensors after them and write the block as it is
+    region: Any = None

@@ -79,11 +79,12 @@ def write_tensors(
     *,
     fsync: bool = False,
     files: DirectFiles | None = None,
+    block: Any = None,
 ) -> None:
     """Write a safetensors file under a temporary name, then rename it into place. The record
     and every tensor carry a CRC32 (metadata key `checksums`), verified on read. The bytes go
-    out in one write: `files` (O_DIRECT from its staging buffer) or one `writev` of the
-    tensors' own memory."""
+    out in one write: `files` (O_DIRECT; `block`: see `DirectFiles.write`) or one `writev` of
+    the tensors' own memory."""
     tmp = _atomic_target(path)
     flat = ordered(tensors)
     data = {k: tensor_bytes(v) for k, v in flat.items()}
@@ -96,7 +97,7 @@ def write_tensors(
     header = encode_header(flat, data, {N.RECORD_KEY: record, N.CHECKSUM_KEY: json.dumps(sums)})
     parts = [header, *data.values()]
     if files is not None:
-        files.write(tmp, parts)
+        files.write(tmp, parts, block)
     else:
         write_file(tmp, parts)
     _commit(tmp, path, fsync)

@@ -85,6 +85,42 @@ def _diff_norms(
     return norms
 
 
+def _pack(
+    item: StepPacket, head: dict[str, torch.Tensor], rest: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """The step's tensors in file order, and the packet's region (a page-aligned uint8 array)
+    when they lie back to back from its start (else None).
+
+    When θ and the grads are the packet's page-aligned region, in file order, the small
+    tensors (tags) are copied into the region's spare room right after them: the whole data
+    section is then one block of memory, written without a staging copy."""
+    region = item.region
+    if region is None or not head:
+        return {**rest, **head}, None
+    order = {d: i for i, d in enumerate(sorted(item.after or {}, key=lambda d: -torch_dtype(d).itemsize))}
+    keys = sorted(head, key=lambda k: (order.get(k.split("/", 1)[1], -1), not k.startswith(N.AFTER)))
+    start = head[keys[0]].data_ptr()
+    end = start
+    for k in keys:  # exactly the region's layout? (lossy deltas and cast grads are not in it)
+        if head[k].data_ptr() != end:
+            return {**rest, **head}, None
+        end += head[k].numel() * head[k].element_size()
+    if start != region.data.ctypes.data or end - start != region.used:
+        return {**rest, **head}, None
+    tail = sorted(rest.items(), key=lambda kv: -kv[1].element_size())
+    offset = region.used
+    placed: dict[str, torch.Tensor] = {}
+    for key, value in tail:
+        n = value.numel() * value.element_size()
+        if offset % value.element_size() or offset + n > len(region.data) or value.device.type != "cpu":
+            return {**rest, **head}, None
+        view = region.data[offset : offset + n]
+        view[:] = value.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        placed[key] = torch.from_numpy(view).view(value.dtype).view(value.shape)
+        offset += n
+    return {**{k: head[k] for k in keys}, **placed}, region.data
+
+
 class RunWriter:
     """Consumes packets from a bounded queue in a daemon thread; failures are re-raised by
     `check()` in the training thread (at the next step, or at `close()`)."""
@@ -197,13 +233,14 @@ class RunWriter:
             factors, index = self._factors(item)
             tensors.update(factors)
             record.update(index)
+        head: dict[str, torch.Tensor] = {}  # θ and grads: in the packet's region, if it has one
         if item.after is not None:
-            tensors.update(self._encode(item.after, record))
+            head.update(self._encode(item.after, record))
         if item.grads is not None:
             if record.get("grad_norm") is None:
                 norms = [n for d, flat in item.grads.items() for n in _segment_norms(flat, self._bounds[d])]
                 record["grad_norm"] = _total(norms)
-            tensors.update({N.GRAD + d: flat.to(self._storage) for d, flat in item.grads.items()})
+            head.update({N.GRAD + d: flat.to(self._storage) for d, flat in item.grads.items()})
         if item.state is not None:
             tensors.update({N.STATE + k: v for k, v in item.state.items()})
         record["tags"] = {}
@@ -213,8 +250,14 @@ class RunWriter:
                 record["tags"][name] = {"len": len(value)}
             else:
                 record["tags"][name] = value
+        tensors, block = _pack(item, head, tensors)
         write_tensors(
-            self.layout.step_file(item.step), tensors, record, fsync=self.config.fsync, files=self._files
+            self.layout.step_file(item.step),
+            tensors,
+            record,
+            fsync=self.config.fsync,
+            files=self._files,
+            block=block,
         )
         self.steps_written += 1
         if self.on_step is not None:
@@ -251,12 +294,18 @@ class RunWriter:
         # are rare enough for the page cache
         write_tensors(self.layout.keyframe_file(kf.step), tensors, meta, fsync=self.config.fsync)
         for dtype, segments in self._segments.items():
-            flat = torch.cat([kf.params[name].reshape(-1) for name, _ in segments])
-            self._prev[dtype] = flat  # torch.cat made it: a copy of its own
-            if self.step_deltas:  # the live view reads each step's update per parameter
+            flat = self._prev.get(dtype)
+            if flat is None:  # the first keyframe; later ones are copied in place (no transient)
+                flat = self._prev[dtype] = torch.empty(self.flat.sizes[dtype], dtype=torch_dtype(dtype))
+            for (name, _), (lo, hi) in zip(segments, self._bounds[dtype]):
+                flat[lo:hi].copy_(kf.params[name].reshape(-1))
+            if self.step_deltas and dtype not in self._diff:  # the live view reads each update
                 self._diff[dtype] = torch.empty_like(flat)
             if self._group_encoding[dtype] == N.LOSSY:
-                self._recon[dtype] = flat.to(torch.float64, copy=True)  # never an alias of prev
+                if dtype in self._recon:
+                    self._recon[dtype].copy_(flat)
+                else:
+                    self._recon[dtype] = flat.to(torch.float64, copy=True)  # never an alias of prev
 
     def _factors(self, item: StepPacket) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """All factors of a step packed into one flat vector per dtype (few tensors per file:
