@@ -29,8 +29,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 import probes
-from chisel.attribution.weights import LinearWeight
-from probes.sites import Site, hook_site
+from chisel.attribution.weights import FeatureSiteError, LinearWeight
+from probes.sites import Site, hook_site, module_at
 
 _REACHED = 1e-9  # a reader whose input tangent is below this (relative to ‖d‖) is not reached
 
@@ -90,7 +90,15 @@ def _tangents(
     handles: list[Any] = []
     stream = _SameTensor()
 
-    def seed_dual(value: Tensor) -> Tensor:
+    def seed_dual(value: Any) -> Tensor:
+        if not isinstance(value, Tensor):
+            raise FeatureSiteError(
+                f"the activation at {site.name!r} is a {type(value).__name__}, not a tensor (a "
+                "Hugging Face attention module returns (output, weights)), so features there name "
+                "no direction of it. Put them at a site that carries one tensor: the submodule "
+                f"that produces the output you mean ({_inner_sites(model, site)}), or the ':in' "
+                "of the module that reads it."
+            )
         if value.shape[-1] != direction.shape[0]:
             raise probes.FeatureDimensionError(
                 f"features at {site.name!r} have dimension {direction.shape[0]}, but the model "
@@ -130,6 +138,17 @@ def _tangents(
         for h in handles:
             h.remove()
     return seen
+
+
+def _inner_sites(model: nn.Module, site: Site) -> str:
+    """The ':out' sites of a module site's last children, as suggestions."""
+    if site.kind == "hook":
+        return "e.g. a submodule's ':out'"
+    children = [name for name, _ in module_at(model, site.target).named_children()]
+    prefix = f"{site.target}." if site.target else ""
+    if not children:
+        return "it has no submodules"
+    return "e.g. " + ", ".join(repr(f"{prefix}{c}:out") for c in children[-3:])
 
 
 class _SameTensor(TorchFunctionMode):

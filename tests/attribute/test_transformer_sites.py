@@ -238,6 +238,23 @@ def test_credit_equals_integrated_per_feature(attributed):
     assert (by[L.CREDIT] - by[L.INTEGRATED]).abs().max() <= 1e-10 * by[L.INTEGRATED].abs().max()
 
 
+
+def test_a_site_whose_activation_is_a_tuple_is_refused_by_name(tmp_path):
+    """HF attention returns (output, weights): a feature there names no direction, and the error
+    says so and names the submodules whose outputs are single tensors."""
+    from chisel.attribution.weights import FeatureSiteError
+
+    model = _gpt2()
+    tokens = torch.randint(0, VOCAB, (2, CTX), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with chisel.record(model, opt, tmp_path / "run", dtype="float64") as rec:
+        (-_metric(tokens)(model)).backward()
+        rec.tag()
+        opt.step()
+    feature = probes.custom("f", "transformer.h.0.attn:out", torch.randn(D))
+    with pytest.raises(FeatureSiteError, match=r"is a tuple, not a tensor.*'transformer\.h\.0\.attn\.c_proj:out'"):
+        chisel.attribute(tmp_path / "run", model, [feature], _metric(tokens))
+
 # -- a planted stream direction in a toy transformer ------------------------------------------------
 # GPT-2 (2 layers, d=64) reads sequences of content tokens 2..15 and answers, at the last position,
 # token 0 if the last token is of class A (2..8), else token 1. The embedding writes the class as
