@@ -4,6 +4,10 @@ The metric is the mean log-prob of the final model's greedy ending on held-out t
 (marker independent of the cue): what the policy became, so a feature's share says how much of
 that change ran through the feature. Geometry + integrated on every `attribute_every`-th update,
 all three families on the updates with per-sample factors; credit summed by the tags `CREDIT_BY`.
+
+A second metric asks about the shortcut itself (`marker_metric`: the log-prob of the marker's
+ending where the marker contradicts the cue), attributed with the integrated family alone on the
+same updates (ledger_marker.parquet): did the updates raise it, and through which features?
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from chisel.demo_lm.config import CREDIT_BY, LMDemoConfig
 from chisel.report.artifacts import LEDGER_FILE
 
 METRIC_NAME = "log-prob of the final model's greedy ending on held-out test prompts"
+MARKER_METRIC_NAME = "log-prob of the marker's ending on test prompts where it contradicts the cue"
+MARKER_LEDGER_FILE = "ledger_marker.parquet"  # integrated attribution of the marker metric
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,39 @@ def metric_data(model: torch.nn.Module, prompts: T.Prompts, completion_len: int)
     greedy = T.complete(model, prompts.ids, completion_len, None)  # [N, L]
     ids = torch.cat([prompts.ids, greedy[:, :-1]], 1)
     return MetricData(prompts, ids, greedy[:, -1])
+
+
+def marker_metric(prompts: T.Prompts) -> Callable[[torch.nn.Module], torch.Tensor]:
+    """The shortcut itself: mean log-prob of the marker's ending on the test prompts whose
+    marker contradicts the cue (one-token completions: the ending is the next token)."""
+    conflict = ~prompts.agrees
+    ids = prompts.ids[conflict]  # [M, PROMPT_LEN]
+    follow = torch.tensor(T.ENDS)[prompts.marker[conflict]]  # [M]
+
+    def metric(model: torch.nn.Module) -> torch.Tensor:
+        logp = torch.log_softmax(T.logits(model, ids)[:, -1], -1)  # [M, V]
+        return logp.gather(-1, follow[:, None]).mean()
+
+    return metric
+
+
+def attribute_marker(
+    run: chisel.Run,
+    model: torch.nn.Module,
+    features: probes.FeatureSet,
+    prompts: T.Prompts,
+    plan: AttributionPlan,
+    cfg: LMDemoConfig,
+) -> pd.DataFrame:
+    """Integrated attribution of `marker_metric` on the sampled updates (MARKER_LEDGER_FILE)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*have no recorded bias")
+        ledger = chisel.attribute(
+            run, model, features, marker_metric(prompts), steps=plan.sample,
+            families=(L.INTEGRATED,), points=cfg.points, progress=False,
+        )
+    ledger.to_parquet(run.path / MARKER_LEDGER_FILE, index=False)
+    return ledger
 
 
 @dataclass(frozen=True)

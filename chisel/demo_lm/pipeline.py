@@ -4,7 +4,8 @@ validation, report.
 Stages (each timed into lm_demo.json's wall_time_s):
 1. train      GRPO inside `chisel.record` (every update, factors every `factors_every`).
 2. features   probes for the cue (task) and the marker (spurious) + SAE latents at `SITE`.
-3. attribute  geometry + integrated on a sample of updates, credit on the factor steps.
+3. attribute  geometry + integrated on a sample of updates, credit on the factor steps; the
+           marker metric (integrated) on the same updates.
 4. validate   pathway removal, Shapley values, ablation (metric, conflict accuracy).
 5. report     lm_demo.json, then report.html (the generic report + the LM section).
 """
@@ -22,8 +23,10 @@ import torch
 import chisel
 from chisel.demo_lm import task as T
 from chisel.demo_lm.attribute import (
+    MARKER_METRIC_NAME,
     METRIC_NAME,
     AttributionPlan,
+    attribute_marker,
     attribute_run,
     attribution_plan,
     metric_data,
@@ -87,6 +90,7 @@ def _run(cfg: LMDemoConfig, say: Callable[[str], None]) -> Path:
     plan = attribution_plan(len(run), cfg)
     t0 = stage(2, f"{len(plan.sample)} of {len(run)} updates (credit on {len(plan.credit)})")
     ledger = attribute_run(run, model, features, metric, plan, cfg)
+    marker = attribute_marker(run, model, features, held_out.prompts, plan, cfg)
     done(2, t0)
 
     t0 = stage(3, "pathway removal, Shapley values, ablation (metric, conflict accuracy)")
@@ -95,7 +99,7 @@ def _run(cfg: LMDemoConfig, say: Callable[[str], None]) -> Path:
 
     t0 = stage(4, "lm_demo.json, report.html")
     demo = demo_record(cfg, model, trained.curve, probe_prompts, plan, feature_info)
-    demo["answer"] = lm_summary(ledger, validation, demo, cfg.out)
+    demo["answer"] = lm_summary(ledger, validation, demo, cfg.out, marker)
     (cfg.out / LM_DEMO_FILE).write_text(json.dumps(demo, indent=1))
     report = write_lm_report(cfg.out, demo)
     done(4, t0)
@@ -119,6 +123,7 @@ def demo_record(
         "quick": cfg.quick,
         "site": SITE,
         "metric": METRIC_NAME,
+        "marker_metric": MARKER_METRIC_NAME,
         "metric_prompts": cfg.metric_prompts,
         "parameters": sum(p.numel() for p in model.parameters()),
         "training_curve": curve,

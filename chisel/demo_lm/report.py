@@ -39,8 +39,15 @@ def _concepts(out: Path) -> dict[str, str]:
     return {f.name: str(f.metadata.get("concept", "unlabelled")) for f in features}
 
 
-def lm_summary(ledger: pd.DataFrame, validation: dict, demo: dict, out: Path) -> dict[str, Any]:
-    """The numbers behind the answer (saved in lm_demo.json["answer"])."""
+def lm_summary(
+    ledger: pd.DataFrame,
+    validation: dict,
+    demo: dict,
+    out: Path,
+    marker: pd.DataFrame | None = None,
+) -> dict[str, Any]:
+    """The numbers behind the answer (saved in lm_demo.json["answer"]); `marker` is the
+    integrated ledger of the marker metric (`attribute_marker`), when there is one."""
     concepts = _concepts(out)
     tl = chisel.timeline(ledger)  # cumulative share of Δm per feature, [steps, features]
     group_tl = tl.T.groupby(lambda n: concepts.get(n, "unlabelled")).sum().T  # [steps, groups]
@@ -68,9 +75,30 @@ def lm_summary(ledger: pd.DataFrame, validation: dict, demo: dict, out: Path) ->
         "validation": _validation_numbers(out, concepts),
         "spearman": {k: v.get("rho") for k, v in validation.get("spearman", {}).items()},
     }
-    marker = groups.get(SPURIOUS, {"peak": 0.0})
-    answer["marker_reinforced"] = bool(marker["peak"] > 0)
+    spurious = groups.get(SPURIOUS, {"peak": 0.0})
+    answer["marker_reinforced"] = bool(spurious["peak"] > 0)
+    if marker is not None:
+        answer["marker_metric"] = _marker_metric(marker, concepts, peak_update)
     return answer
+
+
+def _marker_metric(marker: pd.DataFrame, concepts: dict[str, str], peak: int) -> dict[str, Any]:
+    """The marker metric's change summed over the attributed updates, up to the peak of
+    marker-following and over the whole run, and each concept group's share of it."""
+    rows = marker[(marker[L.FAMILY] == L.INTEGRATED) & (marker[L.QUANTITY] == L.DELTA_METRIC)]
+    delta = rows.groupby(L.STEP)[L.VALUE].sum().cumsum()  # [steps]
+    tl = chisel.timeline(marker)
+    group_tl = tl.T.groupby(lambda n: concepts.get(n, "unlabelled")).sum().T
+    early = delta.index <= peak
+    return {
+        "delta_to_peak": float(delta[early].iloc[-1]) if early.any() else 0.0,
+        "delta_final": float(delta.iloc[-1]),
+        "groups": {
+            g: {"to_peak": float(group_tl[g][early].iloc[-1]) if early.any() else 0.0,
+                "final": float(group_tl[g].iloc[-1])}
+            for g in group_tl.columns
+        },
+    }
 
 
 def _credit_by(ledger: pd.DataFrame, tag: str) -> dict[str, float]:
@@ -104,7 +132,7 @@ def lm_section(answer: dict[str, Any], demo: dict[str, Any]) -> tuple[str, str, 
     """(anchor, title, body markup) of the answer in words, with its numbers."""
     g, v = answer["groups"], answer["validation"]
     final = answer["final_test"]
-    marker, task = g.get(SPURIOUS), g.get(TASK)
+    marker, task = g.get(SPURIOUS), g.get(TASK)  # concept groups' timelines
     paras = [H.para(
         f"A {demo['parameters']:,}-parameter random-init GPT-2 was trained by GRPO for "
         f"{demo['config']['steps']} updates to end its completion with the ending its prompt's "
@@ -144,6 +172,18 @@ def lm_section(answer: dict[str, Any], demo: dict[str, Any]) -> tuple[str, str, 
             f"{H.num(ablate.get(C.ABLATION_PREFIX + 'metric', math.nan))}"
             + (f" and the conflict accuracy by {H.num(conflict)}" if conflict is not None else "")
             + "."
+        ))
+    mm = answer.get("marker_metric")
+    if mm is not None:
+        mg = mm["groups"]
+        share = ", ".join(f"{GROUPS.get(k, k)} {H.num(x['to_peak'])}" for k, x in mg.items())
+        share_end = ", ".join(f"{GROUPS.get(k, k)} {H.num(x['final'])}" for k, x in mg.items())
+        paras.append(H.para(
+            f"The shortcut itself, as its own metric ({demo.get('marker_metric', 'marker metric')}"
+            f", integrated attribution summed over the same sampled updates): up to update "
+            f"{answer['follows_marker_peak_update']} the updates raised it by "
+            f"{H.num(mm['delta_to_peak'])}, through {share}; over the whole run it changed by "
+            f"{H.num(mm['delta_final'])}, through {share_end}."
         ))
     if TASK in v:
         paras.append(H.para(

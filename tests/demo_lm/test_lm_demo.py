@@ -79,7 +79,8 @@ def demo(run_dir) -> dict:
 
 @pytest.mark.slow
 def test_quick_run_writes_every_artifact(run_dir, demo):
-    for name in ("manifest.json", "ledger.parquet", "validation.parquet", "validation.json",
+    for name in ("manifest.json", "ledger.parquet", "ledger_marker.parquet", "validation.parquet",
+                 "validation.json",
                  "lm_demo.json", "report.html", "features"):
         assert (run_dir / name).exists(), name
     assert not (run_dir / "demo.json").exists()  # not a TrashWorld demo: the generic report
@@ -125,6 +126,15 @@ def test_the_answer_is_the_run_own_numbers(run_dir, demo):
     assert answer["validation"][SPURIOUS]["ablation_metric"] == pytest.approx(
         probe["ablation_metric"].iloc[0])
     assert {"removal", "shapley", "ablation_conflict_accuracy"} <= set(table.columns)
+    # the shortcut's own metric: its change up to the marker-following peak, from its ledger
+    marker_ledger = pd.read_parquet(run_dir / "ledger_marker.parquet")
+    deltas = marker_ledger[marker_ledger[L.QUANTITY] == L.DELTA_METRIC]
+    early = deltas[deltas[L.STEP] <= answer["follows_marker_peak_update"]][L.VALUE].sum()
+    assert answer["marker_metric"]["delta_to_peak"] == pytest.approx(early, rel=1e-12)
+    assert answer["marker_metric"]["delta_final"] == pytest.approx(deltas[L.VALUE].sum(), rel=1e-12)
+    # its attribution closes too (integrated, 4 points)
+    rel = marker_ledger[marker_ledger[L.QUANTITY] == L.COMPLETENESS_REL][L.VALUE]
+    assert len(rel) == len(demo["attributed_steps"]) and rel.max() < 1e-4
 
 
 @pytest.mark.slow
@@ -137,5 +147,6 @@ def test_the_report_answers_in_words_with_validation(run_dir, demo):
     verdict = "Yes" if demo["answer"]["marker_reinforced"] else "No"
     assert f"Did the spurious marker get reinforced? {verdict}:" in page
     assert "Which features did the reward chisel?" in page
+    assert "The shortcut itself, as its own metric" in page
     assert "Not shown: the validation by intervention" not in page
     assert not re.search(r"trash|wall_blue|button|TrashWorld", page, re.I)
