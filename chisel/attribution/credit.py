@@ -249,7 +249,7 @@ def credit_rows(
     gbar = {n: v.to(torch.float64) for n, v in gbar.items()}
     if kernels_by_module is None:
         kernels_by_module = _module_kernels(split, gbar, features_by_module or {})
-    owner = _owners(split, kernels_by_module)
+    owner = _owners(split, kernels_by_module, session)
     frames = []
     for leaf in (WEIGHT_DECAY, GRADIENT_UNRESOLVED, MOMENTUM_UNRESOLVED, RESIDUAL):
         parts = split.unresolved[leaf] if leaf in split.unresolved else split.base.parts[leaf]
@@ -277,13 +277,19 @@ def credit_rows(
     return _frame(frames)
 
 
-def _owners(split: CreditSplit, kernels_by_module: dict[str, list[Kernels]]) -> dict[str, str]:
+def _owners(
+    split: CreditSplit, kernels_by_module: dict[str, list[Kernels]], session: CreditSession
+) -> dict[str, str]:
     """{param: the module whose kernels split it}: of the factor modules sharing a param (an LM
-    head tied to its embedding), the one with kernels, else the first."""
+    head tied to its embedding), the one with kernels (even with no factors at this step: a
+    fused head), else the first with factors."""
     owner: dict[str, str] = {}
     for b in split.blocks:
-        if b.param not in owner or (b.module in kernels_by_module and owner[b.param] not in kernels_by_module):
-            owner[b.param] = b.module
+        owner.setdefault(b.param, b.module)
+    for module in kernels_by_module:
+        param = session.param_of(module)
+        if param is not None and owner.get(param) not in kernels_by_module:
+            owner[param] = module
     return owner
 
 

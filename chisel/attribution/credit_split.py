@@ -288,6 +288,10 @@ class CreditSession:
     def __repr__(self) -> str:
         return f"CreditSession({self.run!r}, horizon={self.horizon}, reach={self.reach})"
 
+    def param_of(self, module: str, part: str = "weight") -> str | None:
+        """The recorded name of a factor module's weight (or bias), None if not a factor module."""
+        return self._params.get(module, {}).get(part)
+
     def kind(self, module: str) -> str:
         """The factor layout of a module: "linear", "conv1d" (HF, in × out) or "conv2d"."""
         return self._kinds.get(module, "linear")

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 import chisel
 from chisel.attribution import credit as C
+from chisel.attribution.splits import read_kernels
 
 TOL = 1e-10
 VOCAB, D, N, T = 50, 16, 4, 7
@@ -241,6 +242,19 @@ def test_a_fused_lm_head_is_named_and_left_unresolved(tmp_path):
     share = rows[rows["quantity"] == C.NOT_CAPTURED_SHARE]
     assert list(share["param"]) == ["transformer.wte.weight"] and list(share["site"]) == ["lm_head"]
     assert 0.5 < float(share["value"].iloc[0]) <= 1.0  # the head's part dominates the tied grad
+    # features at the head's input still split every part of the tied weight (the embedding's
+    # sample rows and the unresolved head part): per feature, credit sums to ⟨ΔW, R_k⟩
+    update = run.update(0)["transformer.wte.weight"].double()
+    gbar = torch.randn(update.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    kernels = read_kernels(("f",), ("lm_head:in",), torch.eye(D, dtype=torch.float64)[:1], gbar)
+    gbars = {n: gbar if n == "transformer.wte.weight" else torch.zeros_like(v)
+             for n, v in run.update(0).items()}
+    rows = C.credit_rows(run, 0, gbars, kernels_by_module={"lm_head": [kernels]})
+    tied = rows[(rows["param"] == "transformer.wte.weight") & (rows["quantity"] == "attribution")]
+    per_feature = tied[tied["feature"] != ""].groupby("feature")["value"].sum()
+    for k, label in enumerate(kernels.labels):
+        assert abs(per_feature[label] - float(kernels.shares(update)[k])) <= 1e-12 * float(update.norm())
+    assert (tied[tied["sample"].notna()]["feature"] == "f").any()  # the embedding's sample rows
     # what was captured (the embedding's rows) is still exact for the other params
     _assert_rebuilt(run, grads, [n for n in grads if n != "transformer.wte.weight"])
 
