@@ -125,16 +125,22 @@ def _num(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def run_study(cfg: StudyConfig, out: Path, say: Callable[[str], None] = print) -> list[dict]:
-    """Every (schedule, seed) of `cfg`, reusing runs stored in out/runs.jsonl."""
-    out.mkdir(parents=True, exist_ok=True)
-    store = out / "runs.jsonl"
+def stored_runs(store: Path, cfg: StudyConfig) -> dict[tuple[str, int], dict]:
+    """Runs in runs.jsonl made with the same settings, by (schedule, seed)."""
     done = {}
     if store.exists():
         for line in store.read_text().splitlines():
             rec = json.loads(line)
             if rec["key"] == cfg.key():
                 done[(rec["schedule"], rec["seed"])] = rec
+    return done
+
+
+def run_study(cfg: StudyConfig, out: Path, say: Callable[[str], None] = print) -> list[dict]:
+    """Every (schedule, seed) of `cfg`, reusing runs stored in out/runs.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "runs.jsonl"
+    done = stored_runs(store, cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -213,7 +219,14 @@ def analyse(records: list[dict], cfg: StudyConfig) -> dict[str, Any]:
         rho, n = spearman(x, y)
         corr[str(f)] = {"rho": _num(rho), "n": n, "p": _num(permutation_p(x, y)),
                         **within_schedules(x, y, [r["schedule"] for r in records])}
-    return {"per_schedule": per_schedule, "spearman_vs_final_choice": corr}
+    baseline = {}  # the behaviour itself, measured early: does the ledger add to it?
+    for f in cfg.choice_at[:-1]:
+        x = np.array([r["choice"][str(f)]["button_rate"] for r in records])
+        rho, n = spearman(x, y)
+        baseline[str(f)] = {"rho": _num(rho), "n": n, "p": _num(permutation_p(x, y)),
+                            **within_schedules(x, y, [r["schedule"] for r in records])}
+    return {"per_schedule": per_schedule, "spearman_vs_final_choice": corr,
+            "baseline_choice_vs_final_choice": baseline}
 
 
 def within_schedules(x: np.ndarray, y: np.ndarray, groups: list[str], reps: int = 10_000,
@@ -303,7 +316,7 @@ def _f(x: float | None, d: int = 3) -> str:
 
 
 def markdown(records: list[dict], analysis: dict, cfg: StudyConfig, command: str,
-             seconds: float) -> str:
+             timing: str) -> str:
     final = str(cfg.choice_at[-1])
     lines = [
         "# Reward-optimizer study: results",
@@ -316,7 +329,7 @@ def markdown(records: list[dict], analysis: dict, cfg: StudyConfig, command: str
         f"{len(records)} runs ({', '.join(cfg.schedules)} × seeds "
         f"{', '.join(map(str, cfg.seeds))}), {cfg.total_timesteps:,} env steps each "
         f"({records[0]['updates'] if records else '?'} updates), {cfg.choice_rooms} choice rooms "
-        f"per checkpoint; wall time {seconds / 60:.0f} min. No run is left out.",
+        f"per checkpoint; {timing}. No run is left out.",
         "",
         "![reward-optimizer study](figures/reward-optimizer.png)",
         "",
@@ -354,6 +367,12 @@ def markdown(records: list[dict], analysis: dict, cfg: StudyConfig, command: str
         lines.append(f"| {100 * f:.0f}% of training{note} | {_f(c['rho'], 2)} | {c['n']} | "
                      f"{_f(c['p'], 4)} | {within} | {_f(c['rho_within_mean'], 2)} | "
                      f"{_f(c['p_within'], 4)} |")
+    for f in cfg.choice_at[:-1]:
+        c = analysis["baseline_choice_vs_final_choice"][str(f)]
+        within = ", ".join(f"{s} {_f(v, 2)}" for s, v in c["rho_within"].items())
+        lines.append(f"| baseline: the choice test itself at {100 * f:.0f}% | {_f(c['rho'], 2)} | "
+                     f"{c['n']} | {_f(c['p'], 4)} | {within} | {_f(c['rho_within_mean'], 2)} | "
+                     f"{_f(c['p_within'], 4)} |")
     lines += [
         "",
         f"ρ within each schedule ({len(cfg.seeds)} runs each; — where a side is constant) asks whether the "
@@ -381,13 +400,13 @@ def markdown(records: list[dict], analysis: dict, cfg: StudyConfig, command: str
 
 
 def write_outputs(records: list[dict], cfg: StudyConfig, docs: Path, results: Path,
-                  command: str, seconds: float) -> dict:
+                  command: str, timing: str) -> dict:
     analysis = analyse(records, cfg)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "figures").mkdir(exist_ok=True)
     figure(records, analysis, cfg).savefig(docs / "figures" / "reward-optimizer.png")
     (docs / "reward-optimizer-study.md").write_text(
-        markdown(records, analysis, cfg, command, seconds), encoding="utf-8")
+        markdown(records, analysis, cfg, command, timing), encoding="utf-8")
     results.parent.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k != "key"} for r in records]
     results.write_text(json.dumps({"config": cfg.key(), "seeds": list(cfg.seeds),
@@ -410,11 +429,17 @@ def main(argv: list[str] | None = None) -> None:
     docs = args.docs or (args.out if args.quick else ROOT / "docs")
     results = (args.out if args.quick else ROOT / "studies" / "results") / "reward_optimizer.json"
     start = time.perf_counter()
+    reused = len(set(stored_runs(args.out / "runs.jsonl", cfg))
+                 & {(s, seed) for s in cfg.schedules for seed in cfg.seeds})
     records = run_study(cfg, args.out, lambda m: print(m, flush=True))
+    train_min = sum(r["train_seconds"] for r in records) / 60
+    timing = (f"PPO training {train_min:.0f} min summed over the runs (1 thread each, on a "
+              f"shared 2-core machine); this invocation trained {len(records) - reused} runs, "
+              f"reused {reused} from runs.jsonl, and took "
+              f"{(time.perf_counter() - start) / 60:.1f} min")
     command = "python studies/reward_optimizer.py " + " ".join(argv if argv is not None
                                                                else sys.argv[1:])
-    analysis = write_outputs(records, cfg, docs, results, command.strip(),
-                             time.perf_counter() - start)
+    analysis = write_outputs(records, cfg, docs, results, command.strip(), timing)
     print(json.dumps(analysis["spearman_vs_final_choice"]), flush=True)
 
 

@@ -113,7 +113,7 @@ def test_study_short_variant(tmp_path):
                               num_envs=16, num_steps=32, choice_rooms=16, attribute_every=4,
                               probe_rooms=8, probe_steps=16, metric_states=64)
     records = study.run_study(cfg, tmp_path / "out", say=lambda m: None)
-    analysis = study.write_outputs(records, cfg, tmp_path / "docs", tmp_path / "r.json", "cmd", 1.0)
+    analysis = study.write_outputs(records, cfg, tmp_path / "docs", tmp_path / "r.json", "cmd", "timing")
     (rec,) = records
     assert rec["updates"] == 32 and set(rec["choice"]) == {"0.25", "0.5", "0.75", "1.0"}
     for c in rec["choice"].values():
