@@ -174,6 +174,10 @@ def summarize(rows: list[dict], subsets: int) -> dict:
                                "mean_abs_error": float(np.mean(np.abs(np.subtract(p, a)))),
                                "mean_abs_actual": float(np.mean(np.abs(a)))})
     end = max((r["step"] for r in none), default=0)
+    at_end = [r for r in none if r["step"] == end]
+    rho, n = spearman(np.array([r[f"predicted/{PRIMARY}"] for r in at_end]),
+                      np.array([r[f"actual/{PRIMARY}"] for r in at_end]))
+    out["pooled"] = {"step": end, "metric": PRIMARY, "spearman": rho, "n": n}  # every fraction
     for f in sorted({r["nominal_fraction"] for r in none}):
         at = [r for r in none if r["step"] == end and r["nominal_fraction"] == f]
         p, a = (np.array([r[f"{k}/{PRIMARY}"] for r in at]) for k in ("predicted", "actual"))
@@ -231,7 +235,7 @@ def main() -> None:
         runs = [one_run(b, args) for b in args.buttons]
     rows = [r for run in runs for r in run["rows"]]
     result = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": json.loads(json.dumps(vars(args), default=str)),
         "primary_metric": PRIMARY,
         "metrics": list(METRICS),
         "runs": [{k: v for k, v in run.items() if k != "rows"} for run in runs],
