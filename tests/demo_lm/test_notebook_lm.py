@@ -27,6 +27,7 @@ def test_tiny_lm_notebook_executes(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "40 updates recorded" in text and "marker_agrees" in text
     assert "Did the spurious marker get reinforced?" in text
+    assert "The shortcut itself, as its own metric" in text
     run_dir = tmp_path / "runs" / "tiny_lm"
     for name in ("manifest.json", "ledger.parquet", "validation.parquet", "report.html"):
         assert (run_dir / name).is_file(), name
