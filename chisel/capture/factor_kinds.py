@@ -36,11 +36,15 @@ class NormSpec:
     eps: float | None  # None: torch.finfo(x.dtype).eps (nn.RMSNorm's default)
     dims: int
     offset: float = 0.0  # 1.0 for Gemma-style RMSNorm, which scales by (1 + γ)
+    compute: torch.dtype | None = None  # float32: the HF RMSNorms compute in it whatever x's dtype
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """x̂, computed in float32 at least (as the HF RMSNorms do), returned in x's dtype."""
+        """x̂, computed in float32 at least (in `compute` if set), returned in x's dtype."""
         dims = tuple(range(-self.dims, 0))
-        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        if self.compute is not None:
+            work = x.to(self.compute)
+        else:
+            work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         if self.centred:
             work = work - work.mean(dims, keepdim=True)
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
@@ -147,17 +151,19 @@ def module_meta(module: nn.Module, kind: str, params: dict[int, str]) -> dict[st
 
 
 def verify_norm(module: nn.Module, spec: NormSpec, x: torch.Tensor, out: torch.Tensor) -> NormSpec | None:
-    """The spec whose (offset + γ) ⊙ x̂ + β reproduces the module's output (γ or 1 + γ), or None."""
+    """The spec whose (offset + γ) ⊙ x̂ + β reproduces the module's output (γ or 1 + γ; x̂ in
+    x's precision or in float32), or None."""
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(out.dtype, 2e-2)
+    bias = getattr(module, "bias", None)
     with torch.no_grad():
-        xhat = spec.normalise(x)
-        bias = getattr(module, "bias", None)
-        for offset in (0.0, 1.0):
-            pred = (offset + module.weight) * xhat
-            if isinstance(bias, torch.Tensor):
-                pred = pred + bias
-            if pred.shape == out.shape and torch.allclose(pred.to(out.dtype), out, rtol=tol, atol=tol):
-                return NormSpec(spec.centred, spec.eps, spec.dims, offset)
+        for compute in (None, torch.float32):
+            xhat = NormSpec(spec.centred, spec.eps, spec.dims, 0.0, compute).normalise(x)
+            for offset in (0.0, 1.0):
+                pred = (offset + module.weight) * xhat
+                if isinstance(bias, torch.Tensor):
+                    pred = pred + bias
+                if pred.shape == out.shape and torch.allclose(pred.to(out.dtype), out, rtol=tol, atol=tol):
+                    return NormSpec(spec.centred, spec.eps, spec.dims, offset, compute)
     return None
 
 

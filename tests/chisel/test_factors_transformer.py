@@ -359,3 +359,21 @@ def test_transformer_lens_bridge_norms_are_taken_at_the_bridge(tmp_path):
     norms = {m for m, v in run.manifest["factor_modules"].items() if v["kind"] == "layernorm"}
     assert norms == {"blocks.0._original_component.ln1", "blocks.0._original_component.ln2", "ln_final"}
     _assert_rebuilt(run, grads, list(grads))
+
+
+def test_hugging_face_llama_rmsnorm_and_tied_embeddings(tmp_path):
+    """LlamaRMSNorm (found by duck type) normalises in float32 whatever the input's dtype: the
+    first-call check finds that, and the scale's factors are exact for a float64 model too."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(10)
+    config = transformers.LlamaConfig(
+        hidden_size=D, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=16, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).double()
+    ids = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(11))
+    run, grads, texts, capture = _record(tmp_path, model, _lm_loss(ids))
+    assert texts == [] and capture.not_captured == {}
+    kinds = {m: v["kind"] for m, v in run.manifest["factor_modules"].items() if v["kind"] != "linear"}
+    assert kinds == {"model.embed_tokens": "embedding", "model.layers.0.input_layernorm": "rmsnorm",
+                     "model.layers.0.post_attention_layernorm": "rmsnorm", "model.norm": "rmsnorm"}
+    _assert_rebuilt(run, grads, list(grads))
