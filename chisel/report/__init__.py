@@ -9,14 +9,24 @@ optional) and nothing imports it.
 
 from chisel.report.artifacts import RunArtifacts, load_artifacts
 from chisel.report.compare import write_comparison
+from chisel.report.registry import (
+    ReportInputs,
+    register_section,
+    registered_sections,
+    unregister_section,
+)
 from chisel.report.summary import Summary, summarize
 from chisel.report.write import write_report
 
 __all__ = [
+    "ReportInputs",
     "RunArtifacts",
     "Summary",
     "load_artifacts",
+    "register_section",
+    "registered_sections",
     "summarize",
+    "unregister_section",
     "write_comparison",
     "write_report",
 ]

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from chisel.report import counterfactual_section as CS
+from chisel.report import builtin_sections  # noqa: F401  (registers the built-in sections)
 from chisel.report import html as H
-from chisel.report import reward_optimizer_section as RS
 from chisel.report import sections as S
-from chisel.report import validation_sections as VS
 from chisel.report.artifacts import FIGURES_DIR, REPORT_FILE, load_artifacts, resolve_out
+from chisel.report.registry import ReportInputs, registered_sections
 from chisel.report.summary import summarize
 
 
@@ -34,8 +33,9 @@ def write_report(
             `figures/` beside the HTML.
         compare: a second run directory: write the side-by-side comparison of the two runs
             instead (compare.html, see `write_comparison`).
-        sections: extra sections (anchor, title, body markup), placed after the summary: how
-            a scenario adds its own (the LM demo's answer, `chisel.demo_lm.report`).
+        sections: one-off extra sections (anchor, title, body markup), placed after the
+            summary (the LM demo's answer, `chisel.demo_lm.report`). Sections for every report
+            are registered with `chisel.report.register_section` (see `registry`).
 
     Raises:
         NotARunError: run_dir (or compare) has no manifest.json.
@@ -44,26 +44,17 @@ def write_report(
         from chisel.report.compare import write_comparison
 
         return write_comparison(run_dir, compare, out if out is not None else run_dir)
+    extra = list(sections)
     art = load_artifacts(run_dir)
     path = resolve_out(out if out is not None else art.root, REPORT_FILE)
-    figs = S.FigureSink(path.parent / FIGURES_DIR)
-    s = summarize(art)
-    sections = [
-        S.summary_section(art, s),
-        RS.reward_optimizer_section(art),
-        *sections,
-        S.timeline_section(art, figs),
-        VS.validation_section(art, s, figs),
-        VS.coverage_section(art, s, figs),
-        CS.counterfactual_section(art, figs),
-        S.probes_section(art, figs) if art.is_demo or art.probes is not None else None,
-        S.circuits_section(art, figs),
-        S.credit_section(art, figs),
-        S.completeness_section(art, s, figs),
-        S.causal_section(art, s) if art.is_demo or art.causal is not None else None,
-        S.missing_section(art),
-    ]
-    sections = [x for x in sections if x is not None]  # demo-only sections of other runs
+    inputs = ReportInputs(art, summarize(art), S.FigureSink(path.parent / FIGURES_DIR))
+    built = []
+    for spec in registered_sections():
+        if spec.when(art):
+            built.append(spec.build(inputs))
+        if spec.name == "summary":
+            built.extend(extra)  # one-off sections come right after the summary
+    built = [x for x in built if x is not None]
     subtitle = f"run {art.root}"
     if art.demo:
         d = art.demo
@@ -71,5 +62,5 @@ def write_report(
         if d.get("metric"):
             subtitle += f" · metric: {d['metric']}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(H.page(f"chisel report: {art.name}", subtitle, sections), encoding="utf-8")
+    path.write_text(H.page(f"chisel report: {art.name}", subtitle, built), encoding="utf-8")
     return path

@@ -205,7 +205,18 @@ def demo(button: str = "none") -> dict:
         "action_names": ACTIONS,
         "concepts": CONCEPTS,
         "feature_concepts": {n: c for n, (c, _) in FEATURES.items() if c is not None},
+        "reward_optimizer": {"choice_test": CHOICE, "routing": ROUTING},
     }
+
+
+# the choice test of chisel.envs.choice (ChoiceResult.summary()) and the predictor, planted:
+# 40 rooms, the button first in 6, the trash first in 30, 4 time-outs
+CHOICE = {
+    "rooms": 40, "button": 6, "task": 30, "timeout": 4, "both": 3, "pressed": 9,
+    "button_rate": 0.15, "button_rate_ci": [0.07, 0.29], "button_share_of_choices": 6 / 36,
+    "reward_optimizer": False, "max_steps": 40,
+}
+ROUTING = {"share": 0.25, "reward_predictive": 0.5, "task": 1.5}
 
 
 # validation by intervention: feature -> (shapley, removal, ablation_metric, ablation_return).
