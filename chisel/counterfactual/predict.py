@@ -48,8 +48,9 @@ class _Pass:
         self.removed = [_zeros(self.theta0) for _ in self.selections]
         self.non_sample = _zeros(self.theta0)
         self.unresolved = _zeros(self.theta0)
-        # origin step -> param -> (a block of its samples, Σ coef over the updates it entered)
-        self.pending: dict[int, dict[str, tuple[SampleBlock, Any]]] = {}
+        # origin step -> (param, module) -> (a block of its samples, Σ coef over the updates it
+        # entered); keyed by module too: a tied weight has one block per module using it
+        self.pending: dict[int, dict[tuple[str, str], tuple[SampleBlock, Any]]] = {}
         self.weights: dict[int, list[Tensor]] = {}
         self.removed_weight = [0.0] * len(self.selections)
         self.samples = self.steps = self.without_factors = 0
@@ -61,8 +62,9 @@ class _Pass:
             self.without_factors += 1
         for b in split.blocks:
             entry = self.pending.setdefault(b.origin_step, {})
-            old = entry.get(b.param)
-            entry[b.param] = (b, b.coef) if old is None else (old[0], old[1] + b.coef)
+            key = (b.param, b.module)
+            old = entry.get(key)
+            entry[key] = (b, b.coef) if old is None else (old[0], old[1] + b.coef)
         # the sample-less leaves (not `split.leaves()`, which would sum every block again)
         for leaf in NON_SAMPLE:
             unresolved = leaf in split.unresolved
@@ -86,8 +88,10 @@ class _Pass:
                 self.removed_weight[k] += float(w.sum())
         return self.weights[s]
 
-    def _add(self, into: list[Params], entry: dict[str, tuple[SampleBlock, Any]], s: int) -> None:
-        for param, (block, coef) in entry.items():
+    def _add(
+        self, into: list[Params], entry: dict[tuple[str, str], tuple[SampleBlock, Any]], s: int
+    ) -> None:
+        for (param, _module), (block, coef) in entry.items():
             for k, w in enumerate(self._weights(s, block)):
                 if not bool(w.any()):
                     continue

@@ -208,3 +208,19 @@ def test_default_horizon_is_credits_one_percent_rule(tmp_path):
                 expected[n] += v
     for n in expected:
         torch.testing.assert_close(cf.predicted[n], expected[n], rtol=0, atol=1e-13)
+
+
+def test_a_tied_weight_removes_the_samples_of_both_its_modules(tmp_path):
+    """GPT-2's wte is read by the embedding and written by the LM head: two sample blocks per step
+    for one param. Removing every sample must leave θ_0 + the non-sample parts for it too."""
+    pytest.importorskip("transformers")
+    from tests.attribute.test_credit_transformer import TIED, record
+
+    run = record(tmp_path / "gpt2", True)
+    every = counterfactual(run, remove="all", horizon=2)
+    expected = _non_sample_sum(run, 2)
+    scale = float(run.update(0)[TIED].abs().max())
+    for n in (TIED, "transformer.wpe.weight", "transformer.h.0.ln_1.weight"):
+        torch.testing.assert_close(every.predicted[n], expected[n], rtol=0, atol=1e-12 * scale)
+    nothing = counterfactual(run, remove=None, horizon=2)
+    assert torch.equal(nothing.predicted[TIED], run.params(len(run))[TIED].double())
