@@ -297,3 +297,30 @@ def test_a_model_holding_tensors_with_history_can_be_attributed(tmp_path):
         tmp_path / "run", model, [probes.custom("f", "net.2:in", torch.randn(8))], metric
     )
     assert len(effects) and effects["effect"].notna().all()
+
+
+def test_a_forward_patched_on_the_instance_does_not_run_the_original(recwarn):
+    """TRL/accelerate wrap `model.forward` in a closure over the original model: the private copy
+    must run its own modules (else its hooks never fire and the metric reads the wrong θ)."""
+    from chisel.attribution.copying import ForwardPatchWarning, private_copy
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    original = model.forward
+    model.forward = lambda *a, **k: original(*a, **k)  # a closure over the original model
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        copied = private_copy(model)
+    assert any(issubclass(w.category, ForwardPatchWarning) for w in seen)
+    with torch.no_grad():
+        copied[0].weight.zero_()
+        copied[0].bias.fill_(1.0)
+    x = torch.randn(4, 3)
+    assert torch.equal(copied(x), torch.ones(4, 2))  # the copy's own parameters
+    assert "forward" in model.__dict__  # the user's model is left as it was
+    # a plain bound method of the module itself is kept, silently
+    plain = torch.nn.Linear(3, 2)
+    plain.forward = plain.forward
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = private_copy(plain)
+    assert kept.forward.__self__ is kept
