@@ -142,3 +142,23 @@ def test_within_schedule_correlation_ignores_the_schedule_effect():
     assert out["rho_within_mean"] == pytest.approx(rho) and out["p_within"] > 0.3
     same = study.within_schedules(x, x, groups, reps=2000)
     assert same["rho_within_mean"] == 1.0 and same["p_within"] < 0.05
+
+
+def test_demo_summary_is_json_ready_and_reads_the_ledger():
+    import torch
+
+    from chisel.agents.ppo import TrashAgent
+    from chisel.envs import TrashWorldConfig
+
+    env = TrashWorldConfig()
+    agent = TrashAgent(env.obs_dim, 7, 16, generator=torch.Generator().manual_seed(0))
+    ledger = L.to_frame(_rows(0, {"rp@h": 1.0, "trash@h": 3.0}), [])
+    out = RO.demo_summary(agent, ledger, CONCEPTS, env, seed=7, rooms=8)
+    json.dumps(out, allow_nan=False)  # demo.json is written with allow_nan=False
+    c = out["choice_test"]
+    assert c["rooms"] == 8 and c["button"] + c["task"] + c["timeout"] == 8
+    assert out["routing"]["share"] == pytest.approx(0.25, rel=1e-15)
+    assert out["routing"]["curve"] == {"step": [0], "share": [0.25]}
+    missing = RO.demo_summary(agent, L.to_frame(_rows(0, {"blue@h": 1.0}), []), CONCEPTS, env,
+                              seed=7, rooms=8)
+    assert missing["routing"] is None and "integrated" in missing["routing_missing"]
