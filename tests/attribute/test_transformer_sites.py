@@ -69,6 +69,10 @@ SITES = {
         "last_resid_post": "blocks.1.hook_resid_post",
         "mlp": "blocks.0.mlp.hook_post",
         "attn": "blocks.0.attn.hook_z",
+        "attn_out": "blocks.0.hook_attn_out",
+        "mlp_out": "blocks.0.hook_mlp_out",
+        "mlp_pre": "blocks.0.mlp.hook_pre",
+        "attn_v": "blocks.0.attn.hook_v",
     },
     "gpt2": {
         "resid_pre": "transformer.h.0:in",
@@ -77,8 +81,18 @@ SITES = {
         "last_resid_post": "transformer.h.1:out",
         "mlp": "transformer.h.0.mlp.act:out",
         "attn": "transformer.h.0.attn.c_proj:in",
+        # a Linear's own ":out" binds as written by it only (its tangent stops there, like every
+        # Linear output's); the next module's site is the same tensor and starts a tangent
+        "attn_out": "transformer.h.0.attn.resid_dropout:out",
+        "mlp_out": "transformer.h.0.mlp.dropout:out",
+        "mlp_pre": "transformer.h.0.mlp.act:in",
     },
 }
+# Sites that are a weight's own output go in a second attribution: a weight whose output carries
+# features writes by those, not by the features carried back to it from the stream or through an
+# activation (`hook_attn_out` would take `hook_resid_mid`'s place on attn.o). GPT-2 fuses q, k, v in
+# one Conv1D whose output no module reads (it is split in code): no `attn_v` there.
+OUTPUTS = ("attn_out", "mlp_out", "mlp_pre", "attn_v")
 # who must read / write each site's features (parameter names with the bridge's
 # "._original_component" removed)
 READERS = {
@@ -92,6 +106,8 @@ READERS = {
         "last_resid_post": {"head.weight"},
         "mlp": {"layers.0.mlp.fc_out.weight"},
         "attn": {"layers.0.attn.o.weight"},
+        "mlp_pre": {"layers.0.mlp.fc_out.weight"},  # through the GELU
+        "attn_v": {"layers.0.attn.o.weight"},  # through the attention pattern
     },
     "gpt2": {
         "resid_pre": {f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")}
@@ -103,13 +119,21 @@ READERS = {
         "last_resid_post": {"transformer.wte.weight"},
         "mlp": {"transformer.h.0.mlp.c_proj.weight"},
         "attn": {"transformer.h.0.attn.c_proj.weight"},
+        "mlp_pre": {"transformer.h.0.mlp.c_proj.weight"},
     },
 }
+for _kind in READERS:  # an output projection's output is read by whoever reads the stream after it
+    READERS[_kind]["attn_out"] = READERS[_kind]["resid_mid"]
+    READERS[_kind]["mlp_out"] = READERS[_kind]["resid_post"]
 WRITERS = {
     "bridge": {"resid_mid": "layers.0.attn.o.weight", "resid_post": "layers.0.mlp.fc_out.weight",
-               "last_resid_post": "layers.1.mlp.fc_out.weight", "mlp": "layers.0.mlp.fc_in.weight"},
+               "last_resid_post": "layers.1.mlp.fc_out.weight", "mlp": "layers.0.mlp.fc_in.weight",
+               "attn_out": "layers.0.attn.o.weight", "mlp_out": "layers.0.mlp.fc_out.weight",
+               "mlp_pre": "layers.0.mlp.fc_in.weight", "attn_v": "layers.0.attn.v.weight"},
     "gpt2": {"resid_mid": "transformer.h.0.attn.c_proj.weight", "resid_post": "transformer.h.0.mlp.c_proj.weight",
-             "last_resid_post": "transformer.h.1.mlp.c_proj.weight", "mlp": "transformer.h.0.mlp.c_fc.weight"},
+             "last_resid_post": "transformer.h.1.mlp.c_proj.weight", "mlp": "transformer.h.0.mlp.c_fc.weight",
+             "attn_out": "transformer.h.0.attn.c_proj.weight", "mlp_out": "transformer.h.0.mlp.c_proj.weight",
+             "mlp_pre": "transformer.h.0.mlp.c_fc.weight"},
 }
 MAKERS = {"bridge": _bridge, "gpt2": _gpt2}
 
@@ -135,8 +159,9 @@ def _widths(model: nn.Module, sites: list[str], metric) -> dict[str, int]:
 
 @pytest.fixture(scope="module", params=list(MAKERS))
 def attributed(request, tmp_path_factory):
-    """(model kind, ledger): two Adam steps of next-token loss, recorded with factors, attributed
-    in all three families with two random features at every site of `SITES`."""
+    """(model kind, {group: ledger}): two Adam steps of next-token loss, recorded with factors,
+    attributed in all three families with two random features at every site of `SITES`: the
+    weights' own outputs (`OUTPUTS`) in one attribution, the other sites in another."""
     kind = request.param
     model = MAKERS[kind]()
     tokens = torch.randint(0, VOCAB, (BATCH, CTX), generator=torch.Generator().manual_seed(1))
@@ -152,30 +177,33 @@ def attributed(request, tmp_path_factory):
                 opt.step()
                 opt.zero_grad()
         metric = _metric(tokens)
-        sites = list(SITES[kind].values())
-        widths = _widths(model, sites, metric)
+        widths = _widths(model, list(SITES[kind].values()), metric)
         gen = torch.Generator().manual_seed(2)
-        features = [
-            probes.custom(f"{name}{i}", site, torch.randn(widths[site], generator=gen))
-            for name, site in SITES[kind].items()
-            for i in range(2)
-        ]
-        ledger = chisel.attribute(run_dir, model, features, metric)
-    return kind, ledger
+        ledgers = {}
+        for group in ("stream", "outputs"):
+            features = [
+                probes.custom(f"{name}{i}", site, torch.randn(widths[site], generator=gen))
+                for name, site in SITES[kind].items()
+                if (name in OUTPUTS) == (group == "outputs")
+                for i in range(2)
+            ]
+            ledgers[group] = chisel.attribute(run_dir, model, features, metric)
+    return kind, ledgers
+
+
+def test_every_step_is_complete(attributed):
+    for ledger in attributed[1].values():
+        rel = ledger[ledger[L.QUANTITY] == L.COMPLETENESS_REL][L.VALUE]
+        assert len(rel) == 2 and rel.max() <= 1e-8
 
 
 CASES = [(kind, name) for kind in MAKERS for name in SITES[kind]]
 
 
-def test_every_step_is_complete(attributed):
-    _, ledger = attributed
-    rel = ledger[ledger[L.QUANTITY] == L.COMPLETENESS_REL][L.VALUE]
-    assert len(rel) == 2 and rel.max() <= 1e-8
-
-
-@pytest.mark.parametrize("name", list(SITES["bridge"]))
+@pytest.mark.parametrize(("attributed", "name"), CASES, indirect=["attributed"])
 def test_a_site_binds_in_every_family(attributed, name):
-    kind, ledger = attributed
+    kind, ledgers = attributed
+    ledger = ledgers["outputs" if name in OUTPUTS else "stream"]
     feature = f"{name}0"
     rows = ledger[ledger[L.FEATURE] == feature]
     assert set(rows[L.SITE]) == {SITES[kind][name]}
@@ -190,6 +218,9 @@ def test_a_site_binds_in_every_family(attributed, name):
     for family in (L.INTEGRATED, L.CREDIT):
         got = {_plain(p) for p in writes[writes[L.FAMILY] == family][L.PARAM] if p.endswith("weight")}
         assert got == want, family
+    # geometry splits a weight's own output only (not features carried back to it)
+    geometry = rows[(rows[L.FAMILY] == L.GEOMETRY) & (rows[L.QUANTITY] == L.WRITE)]
+    assert {_plain(p) for p in geometry[L.PARAM]} == (want if name in OUTPUTS else set())
 
 
 def _layer(params: pd.Series) -> pd.Series:
@@ -213,7 +244,11 @@ def _layer_sums(ledger: pd.DataFrame, family: str, quantity: str) -> pd.Series:
 def test_the_splits_close_on_each_layer_share(attributed):
     """feature + <mean> + <bias> + <residual> = the layer's (weight + bias) share, on the read and
     the write side, in the integrated and the credit family."""
-    _, ledger = attributed
+    for ledger in attributed[1].values():
+        _check_closure(ledger)
+
+
+def _check_closure(ledger: pd.DataFrame) -> None:
     whole = ledger[(ledger[L.FAMILY] == L.INTEGRATED) & (ledger[L.QUANTITY] == L.ATTRIBUTION)
                    & (ledger[L.FEATURE] == L.WHOLE) & (ledger[L.PARAM] != "")]
     share = whole.groupby([whole[L.STEP], _layer(whole[L.PARAM])])[L.VALUE].sum()
@@ -229,7 +264,11 @@ def test_the_splits_close_on_each_layer_share(attributed):
 def test_credit_equals_integrated_per_feature(attributed):
     """Every split row (features, <mean>, <residual>; the bias's whole <bias> row aside) of the
     credit family sums over samples and parts to the integrated row."""
-    _, ledger = attributed
+    for ledger in attributed[1].values():
+        _check_credit(ledger)
+
+
+def _check_credit(ledger: pd.DataFrame) -> None:
     keys = [L.STEP, L.PARAM, L.QUANTITY, L.FEATURE]
     rows = ledger[ledger[L.QUANTITY].isin([L.ATTRIBUTION, L.WRITE_ATTRIBUTION])]
     rows = rows[~rows[L.FEATURE].isin([L.WHOLE, L.DIAGNOSTIC, L.BIAS])]
