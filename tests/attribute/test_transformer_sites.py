@@ -2,10 +2,12 @@
 family, on a TransformerLens bridge and on a Hugging Face GPT-2 with tied embeddings: the stream
 before and after each sublayer (read by every later layer through norms and residual additions,
 written by the attention / MLP output projection), the MLP's hidden activation and the attention's
-mixed values (read by the output projection). Float64, eval mode: the sums close to rounding.
+mixed values (read by the output projection), and the weights' own outputs (written by them, read
+downstream). Float64, eval mode: the sums close to rounding. Then a stream direction planted in a
+toy GPT-2 is recovered, and the approximation of a LayerNorm's own change during a step measured.
 
-One recorded run and one attribution per model (features at all of its sites at once) keep this
-file fast; each site's checks read that shared ledger.
+One recorded run per model, attributed twice (the weights' own outputs, the other sites) with
+features at all of its sites at once, keeps this file fast; each site's checks read those ledgers.
 """
 
 from __future__ import annotations
