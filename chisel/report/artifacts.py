@@ -7,6 +7,7 @@ recorded in `RunArtifacts.missing` with the reason, so the report can say what i
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from chisel.attribution import ledger as L
-from chisel.store.layout import read_manifest
+from chisel.store import read_manifest
 
 # artifact files of a demo run directory
 LEDGER_FILE = "ledger.parquet"
@@ -78,13 +79,16 @@ class RunArtifacts:
 
 
 def _read_parquet(
-    path: Path, needs: tuple[str, ...], missing: list[Missing]
+    path: Path,
+    needs: tuple[str, ...],
+    missing: list[Missing],
+    read: Callable[[Path], pd.DataFrame] = pd.read_parquet,
 ) -> pd.DataFrame | None:
-    if not path.is_file():
+    if not path.exists():
         missing.append(Missing(path.name, f"{path.name} is not in the run directory"))
         return None
     try:
-        frame = pd.read_parquet(path)
+        frame = read(path)
     except Exception as err:  # a truncated or foreign file: report it, do not crash
         missing.append(
             Missing(path.name, f"{path.name} cannot be read ({type(err).__name__}: {err})")
@@ -119,7 +123,8 @@ def load_artifacts(run_dir: str | Path) -> RunArtifacts:
     root = Path(run_dir)
     manifest = read_manifest(root)
     missing: list[Missing] = []
-    ledger = _read_parquet(root / LEDGER_FILE, _LEDGER_NEEDS, missing)
+    # the ledger through chisel's own reader: a file, or a directory of parts (engine="ray")
+    ledger = _read_parquet(root / LEDGER_FILE, _LEDGER_NEEDS, missing, L.load_ledger)
     if ledger is not None and L.SAMPLE not in ledger.columns:
         ledger = ledger.assign(**{L.SAMPLE: pd.array([None] * len(ledger), dtype="Int64")})
     probes = _read_parquet(root / PROBES_FILE, PROBE_COLUMNS, missing)
