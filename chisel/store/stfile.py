@@ -34,6 +34,7 @@ _CODES: dict[torch.dtype, str] = {
 }
 _IOV_MAX = 512  # well below every platform's IOV_MAX (1024 on Linux)
 _ALIGN = 4096  # O_DIRECT: buffer address, file offset and length in multiples of this
+STAGING = 8 << 20  # bytes: files larger than this are staged piece by piece
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -147,21 +148,14 @@ class DirectFiles:
             size = len(header) + data.nbytes  # the file's exact length
             assert block is not None
             iov = [staging, block[: -(-data.nbytes // _ALIGN) * _ALIGN]]
-            self._direct(path, iov, size, parts, "in place")
+            self._direct(path, [iov], size, parts, "in place")
             return
-        padded = -(-total // _ALIGN) * _ALIGN
-        staging = self._staging(padded)
-        pos = 0
-        for a in arrays:
-            staging[pos : pos + a.nbytes] = a
-            pos += a.nbytes
-        staging[total:padded] = 0
-        self._direct(path, [staging], total, parts, "staged")
+        staging = self._staging(min(-(-total // _ALIGN) * _ALIGN, STAGING))
+        self._direct(path, _chunks(arrays, staging), total, parts, "staged")
 
-    def _direct(
-        self, path: str | os.PathLike, iov: list[np.ndarray], size: int, parts: list[Any], how: str
-    ) -> None:
-        padded = sum(a.nbytes for a in iov)
+    def _direct(self, path: str | os.PathLike, writes: Any, size: int, parts: list[Any], how: str) -> None:
+        """Write `size` bytes to `path` with O_DIRECT: `writes` yields lists of page-aligned
+        buffers (whole pages), each list one `writev`; the file is then cut to `size`."""
         try:
             fd = os.open(path, _FLAGS | os.O_DIRECT, 0o666)
         except OSError as err:
@@ -171,18 +165,23 @@ class DirectFiles:
             self.counts["page cache"] += 1
             write_file(path, parts)
             return
+        complete = True
         try:
-            written = os.writev(fd, iov) if padded else 0
-            if written == padded:
+            for iov in writes:
+                want = sum(a.nbytes for a in iov)
+                if os.writev(fd, iov) != want:
+                    complete = False  # short: the rest would start unaligned
+                    break
+            if complete:
                 os.ftruncate(fd, size)  # the file ends where its data ends
         except OSError as err:
             if err.errno != errno.EINVAL:
                 raise
-            written = -1  # an alignment this device does not accept
+            complete = False
+            self.direct = False  # an alignment this device does not accept
         finally:
             os.close(fd)
-        if written != padded:  # short or refused: write the whole file through the page cache
-            self.direct = written >= 0
+        if not complete:  # write the whole file again, through the page cache
             self.counts["page cache"] += 1
             write_file(path, parts)
             return
@@ -211,3 +210,22 @@ def _pad_header(header: bytes) -> bytes:
     n = int.from_bytes(header[:8], "little")
     pad = -len(header) % _ALIGN
     return (n + pad).to_bytes(8, "little") + header[8:] + b" " * pad
+
+
+def _chunks(arrays: list[np.ndarray], staging: np.ndarray) -> Any:
+    """The bytes of `arrays`, back to back, copied through `staging` (whole pages): yields
+    [staging] each time it is full, then the last piece padded with zeros to a page."""
+    pos = 0
+    for a in arrays:
+        done = 0
+        while done < a.nbytes:
+            n = min(a.nbytes - done, staging.nbytes - pos)
+            staging[pos : pos + n] = a[done : done + n]
+            pos, done = pos + n, done + n
+            if pos == staging.nbytes:
+                yield [staging]
+                pos = 0
+    if pos:
+        end = -(-pos // _ALIGN) * _ALIGN
+        staging[pos:end] = 0
+        yield [staging[:end]]

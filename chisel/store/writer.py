@@ -290,9 +290,9 @@ class RunWriter:
         tensors = {N.PARAM + n: p for n, p in kf.params.items()}
         tensors.update({N.STATE + k: v for k, v in kf.state.items()})
         meta = {"step": kf.step, "reason": kf.reason}
-        # not through the staging buffer: it would grow to θ + optimizer state, and keyframes
-        # are rare enough for the page cache
-        write_tensors(self.layout.keyframe_file(kf.step), tensors, meta, fsync=self.config.fsync)
+        write_tensors(
+            self.layout.keyframe_file(kf.step), tensors, meta, fsync=self.config.fsync, files=self._files
+        )
         for dtype, segments in self._segments.items():
             flat = self._prev.get(dtype)
             if flat is None:  # the first keyframe; later ones are copied in place (no transient)

@@ -4,6 +4,7 @@ too slow for the training loop (every buffer of the pool and every queue slot in
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,16 +66,20 @@ print(json.dumps({"extra": extra, "training": training, "param_bytes": params}))
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_peak_memory_of_a_slowed_writer_is_within_the_documented_bound(tmp_path):
+    # glibc then maps every block of 64 KiB or more on its own and unmaps it when freed: the RSS
+    # measures what chisel holds, not what the allocator keeps of freed blocks (which varies
+    # from run to run by a few θ; docs/recording.md states that slack separately)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "run")], capture_output=True, text=True, check=True
+        [sys.executable, "-c", CHILD, str(tmp_path / "run")],
+        capture_output=True, text=True, check=True, env=env,
     )
     out = json.loads(done.stdout.strip().splitlines()[-1])
     ratio = out["extra"] / out["param_bytes"]
-    # docs/recording.md: (queue_size + 2) step packets + θ + one keyframe, plus up to 2 θ that the
-    # C allocator keeps of freed keyframe copies. Here (Adam, grads on, queue_size 4) a packet is
-    # θ + grads = 2θ and a keyframe θ + 2 moments = 3θ: (4 + 2)·2 + 1 + 3 + 2 = 18 θ.
+    # docs/recording.md: (queue_size + 2) step packets + θ + one keyframe. Here (Adam, grads on,
+    # queue_size 4) a packet is θ + grads = 2θ and a keyframe θ + 2 moments = 3θ: 16 θ.
     queue_size, packet, keyframe = 4, 2, 3
-    bound = (queue_size + 2) * packet + 1 + keyframe + 2
+    bound = (queue_size + 2) * packet + 1 + keyframe
     assert ratio <= bound, f"peak extra memory {ratio:.1f}x the parameter bytes > {bound}x"
     # and the pool really filled: the queue's packets were all held at once
     assert ratio >= queue_size * packet, f"only {ratio:.1f}x: the writer was not slowed enough"
