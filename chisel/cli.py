@@ -1,5 +1,5 @@
 """The `chisel` command line: `chisel demo`, `chisel report RUN_DIR`, `chisel info RUN_DIR`,
-`chisel verify RUN_DIR`, `chisel tensorboard RUN_DIR`.
+`chisel verify RUN_DIR`, `chisel tensorboard RUN_DIR`, `chisel attribute RUN_DIR`.
 
 A user error (a `ChiselError`, a `probes` error, a path that cannot be read or written) is one
 line `chisel: error: …` on stderr and exit code 2, never a traceback.
@@ -72,6 +72,13 @@ def _tensorboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attribute(args: argparse.Namespace) -> int:
+    from chisel.attribution.distributed import run_cli
+
+    print(f"wrote {run_cli(args)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chisel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--out", default=None,
                        help="folder for the event files (default: RUN_DIR/tensorboard)")
     board.set_defaults(func=_tensorboard)
+    attr = sub.add_parser(
+        "attribute", help="attribute a run's updates to features and write the ledger",
+        description="chisel.attribute from the shell. The metric and the model are named by "
+        "import path (module:attr), so that Ray workers can rebuild them too.",
+    )
+    attr.add_argument("run_dir", help="a directory written by chisel.record")
+    attr.add_argument("--metric", required=True, help="module:attr of a metric (model -> scalar)")
+    attr.add_argument("--model", required=True,
+                      help="module:function returning a fresh model of the run's architecture")
+    attr.add_argument("--features", default=None, help="a FeatureSet directory (FeatureSet.save)")
+    attr.add_argument("--families", nargs="+", default=None,
+                      help="geometry, integrated, credit (default: all)")
+    attr.add_argument("--horizon", type=int, default=None,
+                      help="earlier steps given momentum credit (default: 99%% of the mass)")
+    attr.add_argument("--engine", choices=("serial", "ray"), default="serial",
+                      help="ray: the steps split over Ray tasks, one parquet part each")
+    attr.add_argument("--tasks", type=int, default=None,
+                      help="ray: step ranges (default: the cluster's CPUs)")
+    attr.add_argument("--address", default=None,
+                      help="ray: cluster address (default: a running instance, else a local one)")
+    attr.add_argument("--out", default=None, help="ledger path (default: RUN_DIR/ledger.parquet; "
+                      "with --engine ray a directory, RUN_DIR/ledger)")
+    attr.set_defaults(func=_attribute)
     return parser
 
 

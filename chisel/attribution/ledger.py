@@ -10,6 +10,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from chisel.errors import ChiselError
+
+
+class LedgerNotFoundError(ChiselError, FileNotFoundError):
+    """A ledger directory without parquet parts."""
+
+
 # columns every row has
 STEP, FAMILY, PARAM, SITE, FEATURE, QUANTITY, VALUE = (
     "step", "family", "param", "site", "feature", "quantity", "value",
@@ -112,5 +119,17 @@ class LedgerWriter:
 
 
 def load_ledger(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a ledger written by `chisel.attribute(..., out=...)`."""
-    return pd.read_parquet(path)
+    """Read a ledger written by `chisel.attribute(..., out=...)`: a parquet file, or a directory
+    of parquet parts (`engine="ray"`), read as one table sorted by step."""
+    path = Path(path)
+    if not path.is_dir():
+        return pd.read_parquet(path)
+    parts = sorted(path.glob("*.parquet"))  # dot-named files are parts still being written
+    parts = [p for p in parts if not p.name.startswith((".", "_"))]
+    if not parts:
+        raise LedgerNotFoundError(
+            f"{path} holds no ledger parts (*.parquet); write them with "
+            "chisel.attribute(..., engine='ray', out=...)."
+        )
+    frame = pd.read_parquet([str(p) for p in parts])
+    return frame.sort_values(STEP, kind="stable", ignore_index=True)

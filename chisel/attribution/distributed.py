@@ -1,0 +1,410 @@
+"""Attribution on a cluster engine (Ray): `chisel.attribute(..., engine="ray")`.
+
+Attribution is independent per step given ḡ's inputs, so the chosen steps are cut into contiguous
+ranges, one Ray task each. Every task opens the run from its (shared) directory, rebuilds the
+model and the metric, and writes its rows as one parquet file per step range,
+`<out>/part-<first>-<last>.parquet`, written under a dot-name and renamed into place when complete.
+`chisel.load_ledger(out)`, `pandas.read_parquet(out)` and `pyarrow.dataset.dataset(out)` read
+the directory as one table, sorted by step.
+
+Exactly the serial ledger: a task computes its steps with the serial engine's own step function;
+the only state the serial engine carries across steps is credit's optimizer replay (the momentum
+back-flow reads earlier steps' gradients and factors from the run directory, which every task
+can read). Each task replays the optimizer from the state point that the serial engine's state
+before the task's first step comes from (a keyframe at least `horizon` steps back; with
+`optim_state="every_step"`, possibly the serial start itself, so late tasks replay longer), so
+every float is computed the same way.
+
+What a worker needs must be rebuildable there: the metric by import (`"module:attr"`, or a
+module-level function), the model from a `"module:function"` factory or by pickling (its
+parameter values are shipped from the driver either way: readings of residual-stream features
+depend on them).
+"""
+
+from __future__ import annotations
+
+import bisect
+import importlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from chisel.attribution import engine as E
+from chisel.attribution import ledger as L
+from chisel.attribution.binding import AttributionInputError, bind
+from chisel.attribution.functional import ParamSpace
+from chisel.store.reader import Run, load
+
+ENGINES = ("serial", "ray")
+PART_NAME = "part-{first:09d}-{last:09d}.parquet"  # zero-padded: name order is step order
+
+
+class NotShippableError(AttributionInputError):
+    """A metric or model that a worker process cannot rebuild (a lambda, a closure, a local class)."""
+
+
+@dataclass(frozen=True)
+class RayEngine:
+    """Where and how the steps run on Ray (`engine="ray"` is `RayEngine()`)."""
+
+    address: str | None = None
+    """Ray cluster to join ("auto", "ray://head:10001"); None: the running instance, else a
+    local one started here (and shut down after)."""
+    tasks: int | None = None
+    """Contiguous step ranges (one task and one parquet file each); None: the cluster's CPUs."""
+    num_cpus: float = 1.0
+    """CPUs Ray reserves per task."""
+    num_gpus: float = 0.0
+    """GPUs Ray reserves per task (pass device="cuda" too)."""
+    init_options: tuple[tuple[str, Any], ...] = ()
+    """Extra `ray.init` keywords when this call starts Ray, e.g. (("num_cpus", 2),)."""
+
+    def __post_init__(self) -> None:
+        if self.tasks is not None and (isinstance(self.tasks, bool) or not isinstance(self.tasks, int) or self.tasks < 1):
+            raise AttributionInputError(f"RayEngine(tasks={self.tasks!r}): give an int >= 1 or None.")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise AttributionInputError("RayEngine: num_cpus and num_gpus must be >= 0.")
+
+
+def as_engine(engine: Any) -> RayEngine | None:
+    """None for the serial engine, else the `RayEngine` to use."""
+    if isinstance(engine, RayEngine):
+        return engine
+    if engine == "serial":
+        return None
+    if engine == "ray":
+        return RayEngine()
+    raise AttributionInputError(
+        f"engine={engine!r}; use one of {ENGINES} or a chisel.attribution.distributed.RayEngine."
+    )
+
+
+# -- rebuilding the metric and the model in a worker ------------------------------------------
+def resolve(spec: str, what: str) -> Any:
+    """The object named by "package.module:attr.path"."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise NotShippableError(
+            f"{what}={spec!r} is not 'module:attr'; name an importable object, e.g. "
+            f"'mypackage.metrics:{'METRIC' if what == 'metric' else 'make_model'}'."
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise NotShippableError(
+            f"{what}={spec!r}: cannot import {module_name!r} ({err}). The module must be "
+            "importable wherever the workers run (installed, or on PYTHONPATH)."
+        ) from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise NotShippableError(f"{what}={spec!r}: module {module_name!r} has no {attr!r}.")
+        obj = getattr(obj, part)
+    return obj
+
+
+def spec_of(metric: Any) -> str:
+    """A metric as "module:attr": a spec string as given, or a module-level function's name."""
+    if isinstance(metric, str):
+        found = resolve(metric, "metric")
+        if not callable(found):
+            raise NotShippableError(f"metric={metric!r} names a {type(found).__name__}, not a callable.")
+        return metric
+    module, name = getattr(metric, "__module__", None), getattr(metric, "__qualname__", "")
+    if module and module != "__main__" and "<" not in name and name:
+        try:
+            if resolve(f"{module}:{name}", "metric") is metric:
+                return f"{module}:{name}"
+        except NotShippableError:
+            pass
+    raise NotShippableError(
+        f"the metric {metric!r} cannot be rebuilt by a worker: it is a lambda, a closure (as "
+        "chisel.metrics builds) or lives in __main__. Define it at module level in an importable "
+        "module (e.g. `METRIC = chisel.metrics.logprob(obs, actions)` in mymetrics.py) and pass "
+        "metric='mymetrics:METRIC'."
+    )
+
+
+@dataclass(frozen=True)
+class _ModelRecipe:
+    """How a worker rebuilds the driver's model: a factory spec or a pickled module, then the
+    driver's parameter values."""
+
+    factory: str | None
+    module: nn.Module | None
+    state: dict[str, torch.Tensor]
+
+    def build(self) -> nn.Module:
+        model = resolve(self.factory, "model")() if self.factory else self.module
+        model.load_state_dict(self.state)
+        return model
+
+
+def _model(model: Any) -> tuple[nn.Module, _ModelRecipe]:
+    if isinstance(model, str):
+        factory = resolve(model, "model")
+        built = factory() if callable(factory) else None
+        if not isinstance(built, nn.Module):
+            raise NotShippableError(
+                f"model={model!r} must name a function that returns a fresh nn.Module (called with "
+                f"no arguments); it gave {type(built).__name__}."
+            )
+        return built, _ModelRecipe(model, None, built.state_dict())
+    if not isinstance(model, nn.Module):
+        raise AttributionInputError(f"model is a {type(model).__name__}; give an nn.Module or 'module:function'.")
+    from ray import cloudpickle
+
+    try:
+        cloudpickle.dumps(model)
+    except Exception as err:  # any pickling failure means the same fix
+        raise NotShippableError(
+            f"the model cannot be pickled for the workers ({type(err).__name__}: {err}). Pass "
+            "model='module:function' naming a function that builds it; its parameters are "
+            "copied from the model you trained either way."
+        ) from err
+    return model, _ModelRecipe(None, model, model.state_dict())
+
+
+def _features(features: Any) -> Any:
+    if isinstance(features, (str, os.PathLike)):
+        import probes
+
+        return probes.FeatureSet.load(features)
+    return E._feature_set(features)
+
+
+# -- the driver --------------------------------------------------------------------------------
+def ranges(steps: Sequence[int], tasks: int) -> list[list[int]]:
+    """`steps` cut into at most `tasks` contiguous, nearly equal, non-empty ranges."""
+    k = max(1, min(tasks, len(steps)))
+    size, extra = divmod(len(steps), k)
+    out, start = [], 0
+    for i in range(k):
+        stop = start + size + (i < extra)
+        out.append(list(steps[start:stop]))
+        start = stop
+    return [r for r in out if r]
+
+
+def _ledger_dir(run: Run, out: Any) -> Path:
+    if out is None or out is False:
+        raise AttributionInputError(
+            "engine='ray' writes the ledger as a directory of parquet parts: give out=True "
+            "(<run>/ledger/) or out='a/directory'."
+        )
+    path = run.path / "ledger" if out is True else Path(out)
+    if path.exists() and not path.is_dir():
+        raise AttributionInputError(
+            f"out={str(path)!r} is a file; engine='ray' writes a directory of parquet parts. Give "
+            "a directory path (it is created)."
+        )
+    if path.is_dir() and any(path.glob("*.parquet")):
+        raise AttributionInputError(
+            f"{path} already holds ledger parts; remove them or choose another out, so that no "
+            "stale range mixes into this ledger."
+        )
+    return path
+
+
+def attribute_ray(
+    run: Run | str | os.PathLike,
+    model: nn.Module | str,
+    features: Any,
+    metric: Callable[[nn.Module], torch.Tensor] | str,
+    *,
+    engine: RayEngine,
+    steps: int | Iterable[int] | None,
+    families: Sequence[str],
+    points: int,
+    dtype: torch.dtype,
+    split: str,
+    device: Any,
+    out: Any,
+    horizon: int | None,
+    credit_by: Sequence[str] | None,
+    progress: bool | None,
+    return_ledger: bool,
+    batch_points: bool | None,
+    centred: bool,
+    reference: Any,
+) -> pd.DataFrame | None:
+    """`chisel.attribute(..., engine=RayEngine(...))`; see the module doc."""
+    import ray
+
+    run = run if isinstance(run, Run) else load(run)
+    E._check_options(families, points, split, dtype, device, None, credit_by)
+    directory = _ledger_dir(run, out)
+    metric_spec = spec_of(metric)
+    built, recipe = _model(model)
+    E._check_model(run, built)
+    feature_set = _features(features)
+    chosen = [t for t in E._steps(run, steps) if not run.record(t).get("skipped")]
+    tag_columns = E._tag_columns(run, chosen) if L.CREDIT in families else []
+    origins = _replay_origins(run, chosen, horizon, credit_by) if L.CREDIT in families else {}
+    options = dict(
+        families=tuple(families), points=points, dtype=dtype, split=split, device=device,
+        horizon=horizon, credit_by=None if credit_by is None else tuple(credit_by),
+        batch_points=batch_points, centred=centred, reference=reference,
+    )
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=engine.address, **dict(engine.init_options))
+    written: list[Path] = []
+    try:
+        tasks = engine.tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        remote = ray.remote(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus)(_attribute_range)
+        directory.mkdir(parents=True, exist_ok=True)
+        refs = []
+        for part in ranges(chosen, tasks):
+            path = directory / PART_NAME.format(first=part[0], last=part[-1])
+            written.append(path)
+            refs.append(remote.remote(
+                str(run.path), recipe, metric_spec, feature_set, part, origins.get(part[0]), tag_columns,
+                options, str(path),
+            ))
+        _wait(ray, refs, progress)
+    except BaseException as err:
+        for path in written:  # no partial ledger: drop this call's parts
+            path.unlink(missing_ok=True)
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, Exception) and isinstance(err, ray.exceptions.RayTaskError):
+            raise cause from None  # the worker's own (chisel) error, not Ray's wrapper
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    return L.load_ledger(directory) if return_ledger else None
+
+
+def _wait(ray: Any, refs: list[Any], progress: bool | None) -> None:
+    import sys
+
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    pending = list(refs)
+    with tqdm(total=len(refs), desc="attributing", unit="range", disable=not show) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)  # raises the task's error at once
+            bar.update(len(done))
+
+
+# -- one task ----------------------------------------------------------------------------------
+def _attribute_range(
+    run_path: str,
+    recipe: _ModelRecipe,
+    metric_spec: str,
+    features: Any,
+    steps: list[int],
+    origin: int | None,
+    tag_columns: list[str],
+    options: dict[str, Any],
+    out: str,
+) -> int:
+    """Steps `steps` (contiguous in the chosen steps) of the serial engine, written to `out`;
+    returns the rows written. Mirrors `engine.attribute`'s setup (tests/attribute/
+    test_ray_engine.py holds the two equal row for row)."""
+    run = load(run_path)
+    model = recipe.build()
+    space = ParamSpace(model, resolve(metric_spec, "metric"), options["dtype"], options["device"],
+                       batch_points=options["batch_points"])
+    plan = E._Plan(
+        space,
+        bind(space.model, space.run_metric, space.dtype, set(run.param_names), features, options["centred"]),
+        options["families"], options["points"], options["split"], options["centred"],
+        options["reference"],
+    )
+    credit = None
+    if L.CREDIT in plan.families:
+        credit = _credit(run, options["horizon"], options["credit_by"], origin, steps[0])
+    writer = L.LedgerWriter(out, tag_columns)
+    rows, failed = 0, True
+    try:
+        for t in steps:
+            frame = L.to_frame(E._step_rows(run, t, plan, credit), tag_columns)
+            writer.write(frame)
+            rows += len(frame)
+        failed = False
+    finally:
+        writer.abort() if failed else writer.close()
+    return rows
+
+
+def _credit(run: Run, horizon: int | None, by: Sequence[str] | None, origin: int | None, start: int):
+    """`credit.engine`, with its optimizer replay brought to the serial engine's state before
+    `start` (replayed from `origin`; None: the serial engine seeks afresh at `start` too)."""
+    from chisel.attribution import credit as C
+
+    C.engine(run, horizon, by)  # its checks (grads recorded); its session is not used
+    session = C.CreditSession(run, horizon=horizon)
+    if origin is not None:
+        replay = session.replay
+        replay._load(origin, cut=True)
+        while replay._next < start:
+            replay._apply(replay._next, None)
+
+    def rows(t: int, gbar: Any, kernels: Any) -> pd.DataFrame:
+        frame = C.credit_rows(run, t, gbar, kernels_by_module=kernels, session=session, feature_rows="summed")
+        return frame if by is None else C._aggregate_samples(frame, by)
+
+    return rows
+
+
+def _replay_origins(
+    run: Run, chosen: Sequence[int], horizon: int | None, by: Sequence[str] | None
+) -> dict[int, int | None]:
+    """{step: where the serial engine's optimizer replay state before it was loaded from}, None
+    where the serial engine seeks afresh (a jump): `OptimizerReplay._seek` walked over the
+    chosen steps without replaying. The serial replay reloads every keyframe it crosses, so a
+    task may start from the last keyframe at least `history` steps back (its back-flow log then
+    holds the same steps); with optim_state="every_step" that is often the serial start itself."""
+    from chisel.attribution import credit as C
+
+    C.engine(run, horizon, by)  # fail here, before any task, when the run cannot give credit
+    replay = C.CreditSession(run, horizon=horizon).replay
+    history, keyframes = replay.history, sorted(replay._keyframes)
+    out: dict[int, int | None] = {}
+    position = origin = None
+    for t in chosen:
+        point = replay._start_point(max(t - history, 0))
+        if position is None or not point <= position <= t:
+            origin, out[t] = point, None
+        else:  # the latest keyframe reloaded since, if any
+            crossed = keyframes[: bisect.bisect_right(keyframes, t - history)]
+            out[t] = max(origin, crossed[-1]) if crossed else origin
+        position = t + 1
+    return out
+
+
+# -- `chisel attribute` -------------------------------------------------------------------------
+def run_cli(args: Any) -> Path:
+    """`chisel attribute RUN_DIR ...` (chisel/cli.py parses); returns the ledger's path."""
+    if args.engine != "ray" and (args.tasks is not None or args.address is not None):
+        raise AttributionInputError("--tasks and --address apply to --engine ray only.")
+    run = load(args.run_dir)
+    ray = args.engine == "ray"
+    out = Path(args.out) if args.out else run.path / ("ledger" if ray else "ledger.parquet")
+    E.attribute(
+        run,
+        args.model if ray else _model(args.model)[0],  # workers build their own
+        _features(args.features),
+        args.metric if ray else spec_of_resolved(args.metric),
+        families=tuple(args.families or L.FAMILIES),
+        horizon=args.horizon,
+        out=out,
+        engine=RayEngine(address=args.address, tasks=args.tasks) if ray else "serial",
+        return_ledger=False,
+    )
+    return out
+
+
+def spec_of_resolved(spec: str) -> Callable[[nn.Module], torch.Tensor]:
+    """The metric named by `spec` (checked callable)."""
+    spec_of(spec)
+    return resolve(spec, "metric")
