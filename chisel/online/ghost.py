@@ -1,0 +1,120 @@
+"""Per-sample credit by ghost dot-products: ⟨κ ⊙ g_i x_iᵀ, ∇m⟩ = g_iᵀ (κ ⊙ ∇m) x_i for every
+sample of a Linear layer at once, without forming a per-sample gradient (In-Run Data Shapley's
+"ghost" inner products, with Adam's κ held fixed at the step).
+
+Rows per step, all first-order (⟨part, ∇m(θ_t)⟩):
+    part "gradient", sample i     the sample's term of this step's gradient part
+    part "gradient (unresolved)"  the gradient part no captured sample accounts for
+    part "weight_decay", "momentum (unresolved)", "residual"   whole, per param
+Online there are no earlier steps' samples to hand the momentum part to (that is what the disk
+would have held): it stays whole, as "momentum (unresolved)".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from chisel.attribution import ledger as L
+from chisel.attribution.credit import GRADIENT_UNRESOLVED, MOMENTUM_UNRESOLVED
+from chisel.attribution.optim_models import GRADIENT, MOMENTUM, RESIDUAL, WEIGHT_DECAY
+from chisel.attribution.splits import Kernels
+from chisel.online.parts import ParamStep
+from chisel.online.writer import FIRST_ORDER, ORDER
+
+# whole-part leaves in the offline credit's names
+_WHOLE = {WEIGHT_DECAY: WEIGHT_DECAY, MOMENTUM: MOMENTUM_UNRESOLVED, RESIDUAL: RESIDUAL}
+
+
+@dataclass(frozen=True)
+class LinearFactors:
+    """A Linear module's params: weight [out, in] and optional bias [out]."""
+
+    module: str
+    weight: str
+    bias: str | None
+
+
+def sample_values(x: Tensor, g: Tensor, h: Tensor) -> Tensor:
+    """[n]: Σ_T g_{iT}ᵀ H x_{iT}, x [n, …, in], g [n, …, out], H [out, in]."""
+    n = x.shape[0]
+    xs, gs = x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1])  # [n, T, in/out]
+    return ((gs @ h) * xs).sum((1, 2))
+
+
+def bias_values(g: Tensor, h: Tensor) -> Tensor:
+    """[n]: Σ_T g_{iT} · h, g [n, …, out], h [out]."""
+    n = g.shape[0]
+    return (g.reshape(n, -1, g.shape[-1]) @ h).sum(1)
+
+
+def _columns(t: int, part: str, param: str, site: str, feature, value: np.ndarray,
+             sample: np.ndarray | None = None, quantity=L.ATTRIBUTION) -> dict[str, np.ndarray]:
+    n = len(value)
+    full = lambda v: v if isinstance(v, np.ndarray) else np.full(n, v, dtype=object)  # noqa: E731
+    return {
+        L.STEP: np.full(n, t, dtype=np.int64), L.FAMILY: full(L.CREDIT), L.PART: full(part),
+        L.PARAM: full(param), L.SITE: full(site), L.FEATURE: full(feature),
+        L.QUANTITY: full(quantity), L.VALUE: np.asarray(value, dtype=np.float64),
+        L.SAMPLE: np.full(n, np.nan) if sample is None else sample.astype(np.float64),
+        ORDER: np.full(n, FIRST_ORDER, dtype=np.float64),
+    }
+
+
+def credit_columns(
+    t: int,
+    steps: dict[str, ParamStep],
+    grad_m: dict[str, Tensor],
+    factors: dict[str, list[tuple[Tensor, Tensor]]],
+    layers: dict[str, LinearFactors],
+    coef: float,
+    kernels: dict[str, list[Kernels]],
+    sample_features: bool,
+) -> list[dict[str, np.ndarray]]:
+    """Column chunks of step t's credit rows (see the module docstring)."""
+    out: list[dict[str, np.ndarray]] = []
+    resolved: dict[str, float] = {}
+    for module, pairs in factors.items():
+        layer = layers[module]
+        sides = kernels.get(layer.weight, [])
+        site = sides[0].sites[-1] if sides else ""
+        for param, is_bias in ((layer.weight, False), (layer.bias, True)):
+            if param is None or param not in steps:
+                continue
+            kappa = steps[param].kappa
+            h = (kappa * grad_m[param]) * coef  # [out, in] or [out]
+            values = [bias_values(g.to(h.dtype), h) if is_bias
+                      else sample_values(x.to(h.dtype), g.to(h.dtype), h) for x, g in pairs]
+            value = torch.cat(values)
+            resolved[param] = resolved.get(param, 0.0) + float(value.sum())
+            idx = np.arange(len(value))
+            out.append(_columns(t, GRADIENT, param, site, L.WHOLE, value.numpy(), idx))
+            if sample_features and not is_bias:
+                out += _sample_feature_columns(t, param, pairs, sides, kappa, coef, idx)
+    for param, step in steps.items():
+        g = grad_m[param]
+        whole = float((step.parts[GRADIENT] * g).sum())
+        leaves = [(GRADIENT_UNRESOLVED, whole - resolved.get(param, 0.0))]
+        leaves += [(_WHOLE[k], float((step.parts[k] * g).sum())) for k in _WHOLE]
+        for part, value in leaves:
+            out.append(_columns(t, part, param, "", L.WHOLE, np.array([value])))
+    return out
+
+
+def _sample_feature_columns(t, param, pairs, sides, kappa, coef, idx):
+    """Per sample and feature: ⟨κ ⊙ c·g_i x_iᵀ, R_k⟩ by the offline kernels (`Kernels.sample_shares`)."""
+    out = []
+    for k in sides:
+        g = torch.cat([gg.reshape(gg.shape[0], -1, gg.shape[-1]) for _, gg in pairs]).to(k.weight.dtype)
+        x = torch.cat([xx.reshape(xx.shape[0], -1, xx.shape[-1]) for xx, _ in pairs]).to(k.weight.dtype)
+        values = k.sample_shares(g, x, kappa * coef)  # [n, K]
+        n, kk = values.shape
+        out.append(_columns(
+            t, GRADIENT, param, np.tile(np.array(k.sites, dtype=object), n),
+            np.tile(np.array(k.labels, dtype=object), n), values.reshape(-1).numpy(),
+            np.repeat(idx, kk), k.quantity,
+        ))
+    return out
