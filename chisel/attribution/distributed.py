@@ -1,4 +1,4 @@
-"""Attribution on a cluster engine (Ray): `chisel.attribute(..., engine="ray")`.
+"""Attribution on a cluster engine (Ray): `attribute_ray`, `chisel attribute --engine ray`.
 
 Attribution is independent per step given ḡ's inputs, so the chosen steps are cut into contiguous
 ranges, one Ray task each. Every task opens the run from its (shared) directory, rebuilds the
@@ -41,48 +41,11 @@ from chisel.attribution.binding import AttributionInputError, bind
 from chisel.attribution.functional import ParamSpace
 from chisel.store.reader import Run, load
 
-ENGINES = ("serial", "ray")
 PART_NAME = "part-{first:09d}-{last:09d}.parquet"  # zero-padded: name order is step order
 
 
 class NotShippableError(AttributionInputError):
     """A metric or model that a worker process cannot rebuild (a lambda, a closure, a local class)."""
-
-
-@dataclass(frozen=True)
-class RayEngine:
-    """Where and how the steps run on Ray (`engine="ray"` is `RayEngine()`)."""
-
-    address: str | None = None
-    """Ray cluster to join ("auto", "ray://head:10001"); None: the running instance, else a
-    local one started here (and shut down after)."""
-    tasks: int | None = None
-    """Contiguous step ranges (one task and one parquet file each); None: the cluster's CPUs."""
-    num_cpus: float = 1.0
-    """CPUs Ray reserves per task."""
-    num_gpus: float = 0.0
-    """GPUs Ray reserves per task (pass device="cuda" too)."""
-    init_options: tuple[tuple[str, Any], ...] = ()
-    """Extra `ray.init` keywords when this call starts Ray, e.g. (("num_cpus", 2),)."""
-
-    def __post_init__(self) -> None:
-        if self.tasks is not None and (isinstance(self.tasks, bool) or not isinstance(self.tasks, int) or self.tasks < 1):
-            raise AttributionInputError(f"RayEngine(tasks={self.tasks!r}): give an int >= 1 or None.")
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise AttributionInputError("RayEngine: num_cpus and num_gpus must be >= 0.")
-
-
-def as_engine(engine: Any) -> RayEngine | None:
-    """None for the serial engine, else the `RayEngine` to use."""
-    if isinstance(engine, RayEngine):
-        return engine
-    if engine == "serial":
-        return None
-    if engine == "ray":
-        return RayEngine()
-    raise AttributionInputError(
-        f"engine={engine!r}; use one of {ENGINES} or a chisel.attribution.distributed.RayEngine."
-    )
 
 
 # -- rebuilding the metric and the model in a worker ------------------------------------------
@@ -194,13 +157,13 @@ def ranges(steps: Sequence[int], tasks: int) -> list[list[int]]:
 def _ledger_dir(run: Run, out: Any) -> Path:
     if out is None or out is False:
         raise AttributionInputError(
-            "engine='ray' writes the ledger as a directory of parquet parts: give out=True "
+            "attribute_ray writes the ledger as a directory of parquet parts: give out=True "
             "(<run>/ledger/) or out='a/directory'."
         )
     path = run.path / "ledger" if out is True else Path(out)
     if path.exists() and not path.is_dir():
         raise AttributionInputError(
-            f"out={str(path)!r} is a file; engine='ray' writes a directory of parquet parts. Give "
+            f"out={str(path)!r} is a file; attribute_ray writes a directory of parquet parts. Give "
             "a directory path (it is created)."
         )
     if path.is_dir() and any(path.glob("*.parquet")):
@@ -215,27 +178,54 @@ def attribute_ray(
     run: Run | str | os.PathLike,
     model: nn.Module | str,
     features: Any,
-    metric: Callable[[nn.Module], torch.Tensor] | str,
+    metric: str | Callable[[nn.Module], torch.Tensor],
     *,
-    engine: RayEngine,
-    steps: int | Iterable[int] | None,
-    families: Sequence[str],
-    points: int,
-    dtype: torch.dtype,
-    split: str,
-    device: Any,
-    out: Any,
-    horizon: int | None,
-    credit_by: Sequence[str] | None,
-    progress: bool | None,
-    return_ledger: bool,
-    batch_points: bool | None,
-    centred: bool,
-    reference: Any,
+    out: bool | str | os.PathLike,
+    address: str | None = None,
+    tasks: int | None = None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    init_options: dict[str, Any] | None = None,
+    steps: int | Iterable[int] | None = None,
+    families: Sequence[str] = L.FAMILIES,
+    points: int = 16,
+    dtype: torch.dtype = torch.float64,
+    split: str = "auto",
+    device: str | torch.device = "cpu",
+    horizon: int | None = None,
+    credit_by: Sequence[str] | None = None,
+    progress: bool | None = None,
+    return_ledger: bool = True,
+    batch_points: bool | None = None,
+    centred: bool = True,
+    reference: Any = None,
 ) -> pd.DataFrame | None:
-    """`chisel.attribute(..., engine=RayEngine(...))`; see the module doc."""
+    """`chisel.attribute` with the steps split over Ray tasks: the same ledger, row for row,
+    written as a directory of parquet parts (one per contiguous step range).
+
+    Args:
+        model: an nn.Module (pickled to the workers) or "module:function", a function returning
+            a fresh model of the run's architecture; the workers load this model's parameter
+            values either way (rows read through nonlinearities depend on them).
+        features: a `probes.FeatureSet` (or features), or a FeatureSet directory.
+        metric: "module:attr" naming a metric (`model -> scalar`), or a module-level function;
+            a lambda or closure (as `chisel.metrics` builds) is a `NotShippableError`.
+        out: the ledger directory (created; True: `<run>/ledger`); it must hold no parts yet.
+        address: the Ray cluster to join ("auto", "ray://head:10001"); None: the running Ray
+            instance, else a local one started (and shut down) here.
+        tasks: step ranges, one task and one parquet part each (default: the cluster's CPUs).
+        num_cpus, num_gpus: what Ray reserves per task (with num_gpus, pass device="cuda").
+        init_options: more `ray.init` keywords when Ray is started here.
+        steps, families, points, dtype, split, device, horizon, credit_by, progress,
+        return_ledger, batch_points, centred, reference: as for `chisel.attribute`.
+
+    Returns:
+        The ledger (as `chisel.load_ledger(out)` reads it), or None with return_ledger=False.
+    """
     import ray
 
+    if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1):
+        raise AttributionInputError(f"tasks={tasks!r}: give an int >= 1 (step ranges) or None.")
     run = run if isinstance(run, Run) else load(run)
     E._check_options(families, points, split, dtype, device, None, credit_by)
     directory = _ledger_dir(run, out)
@@ -253,19 +243,19 @@ def attribute_ray(
     )
     started = not ray.is_initialized()
     if started:
-        ray.init(address=engine.address, **dict(engine.init_options))
+        ray.init(address=address, **(init_options or {}))
     written: list[Path] = []
     try:
-        tasks = engine.tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        remote = ray.remote(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus)(_attribute_range)
+        n = tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_attribute_range)
         directory.mkdir(parents=True, exist_ok=True)
         refs = []
-        for part in ranges(chosen, tasks):
+        for part in ranges(chosen, n):
             path = directory / PART_NAME.format(first=part[0], last=part[-1])
             written.append(path)
             refs.append(remote.remote(
-                str(run.path), recipe, metric_spec, feature_set, part, origins.get(part[0]), tag_columns,
-                options, str(path),
+                str(run.path), recipe, metric_spec, feature_set, part, origins.get(part[0]),
+                tag_columns, options, str(path),
             ))
         _wait(ray, refs, progress)
     except BaseException as err:
@@ -385,26 +375,18 @@ def _replay_origins(
 # -- `chisel attribute` -------------------------------------------------------------------------
 def run_cli(args: Any) -> Path:
     """`chisel attribute RUN_DIR ...` (chisel/cli.py parses); returns the ledger's path."""
-    if args.engine != "ray" and (args.tasks is not None or args.address is not None):
+    ray = args.engine == "ray"
+    if not ray and (args.tasks is not None or args.address is not None):
         raise AttributionInputError("--tasks and --address apply to --engine ray only.")
     run = load(args.run_dir)
-    ray = args.engine == "ray"
     out = Path(args.out) if args.out else run.path / ("ledger" if ray else "ledger.parquet")
-    E.attribute(
-        run,
-        args.model if ray else _model(args.model)[0],  # workers build their own
-        _features(args.features),
-        args.metric if ray else spec_of_resolved(args.metric),
-        families=tuple(args.families or L.FAMILIES),
-        horizon=args.horizon,
-        out=out,
-        engine=RayEngine(address=args.address, tasks=args.tasks) if ray else "serial",
-        return_ledger=False,
-    )
+    options = dict(families=tuple(args.families or L.FAMILIES), horizon=args.horizon, out=out,
+                   return_ledger=False)
+    if ray:
+        attribute_ray(run, args.model, _features(args.features), args.metric,
+                      address=args.address, tasks=args.tasks, **options)
+    else:
+        spec_of(args.metric)
+        E.attribute(run, _model(args.model)[0], _features(args.features),
+                    resolve(args.metric, "metric"), **options)
     return out
-
-
-def spec_of_resolved(spec: str) -> Callable[[nn.Module], torch.Tensor]:
-    """The metric named by `spec` (checked callable)."""
-    spec_of(spec)
-    return resolve(spec, "metric")

@@ -132,7 +132,6 @@ def attribute(
     batch_points: bool | None = None,
     centred: bool = True,
     reference: Any = None,
-    engine: Any = "serial",
 ) -> pd.DataFrame | None:
     """Attribute every chosen update of `run` to `features`, as changes of `metric`.
 
@@ -169,11 +168,6 @@ def attribute(
             and gets no share: centre on a `reference` that contains its contrast instead.
         reference: model inputs (a tensor or a tuple of positional inputs) whose mean input
             per weight centres the split, instead of the metric's own states.
-        engine: "serial", or "ray" / `chisel.attribution.distributed.RayEngine(address=...,
-            tasks=...)` to split the steps over Ray tasks, each writing one parquet part of the
-            ledger directory `out` (the same rows as "serial"). The metric must then be
-            importable ("module:attr" or a module-level function), the model an nn.Module or a
-            "module:function" factory (see docs/attribution.md).
 
     Returns:
         The ledger: columns step, family, param, site, feature, quantity, value, part, sample,
@@ -181,15 +175,6 @@ def attribute(
         "attribution" splits each weight's share by its input features, "attribution_write" by
         its output features (both close to the same share; see docs/concepts.md).
     """
-    if not (isinstance(engine, str) and engine == "serial"):
-        from chisel.attribution import distributed
-
-        return distributed.attribute_ray(
-            run, model, features, metric, engine=distributed.as_engine(engine), steps=steps,
-            families=families, points=points, dtype=dtype, split=split, device=device, out=out,
-            horizon=horizon, credit_by=credit_by, progress=progress, return_ledger=return_ledger,
-            batch_points=batch_points, centred=centred, reference=reference,
-        )
     run = run if isinstance(run, Run) else load(run)
     _check_options(families, points, split, dtype, device, out, credit_by)
     features = _feature_set(features)

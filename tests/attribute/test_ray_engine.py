@@ -1,4 +1,4 @@
-"""`chisel.attribute(..., engine="ray")`: step ranges on Ray tasks give the serial ledger row for row.
+"""`attribute_ray` (and `chisel attribute --engine ray`): step ranges on Ray tasks give the serial ledger row for row.
 
 One local Ray instance (2 CPUs) serves the whole module; starting it takes ~10 s on a loaded
 2-core machine, each comparison a few seconds more.
@@ -119,8 +119,7 @@ def test_ray_ledger_equals_serial_row_for_row(local_ray, runs, tmp_path, name, k
     run = runs[name]
     model = policy(seed=7)  # the values matter to nothing but must match: shipped to workers
     expected = serial(run, model, tmp_path, **kw)
-    got = chisel.attribute(run, model, features(), SPEC, engine=D.RayEngine(tasks=tasks),
-                           out=tmp_path / "ledger", **kw)
+    got = D.attribute_ray(run, model, features(), SPEC, tasks=tasks, out=tmp_path / "ledger", **kw)
     parts = sorted(p.name for p in (tmp_path / "ledger").iterdir())
     assert len(parts) == tasks and all(p.startswith("part-") for p in parts)
     assert (expected[chisel.attribution.ledger.FAMILY] == "credit").any()
@@ -159,8 +158,8 @@ def test_workers_get_the_drivers_parameter_values():
 
 def test_worker_error_is_raised_and_leaves_no_parts(local_ray, runs, tmp_path):
     with pytest.raises(ValueError, match="planted failure in a worker"):
-        chisel.attribute(runs["keyframes"], policy(), features(), f"{__name__}:failing_metric",
-                         engine=D.RayEngine(tasks=2), out=tmp_path / "ledger", families=("integrated",))
+        D.attribute_ray(runs["keyframes"], policy(), features(), f"{__name__}:failing_metric",
+                        tasks=2, out=tmp_path / "ledger", families=("integrated",))
     assert not list((tmp_path / "ledger").glob("*"))
 
 
@@ -168,17 +167,17 @@ def test_unshippable_metric_and_bad_out_are_refused(runs, tmp_path):
     run = runs["keyframes"]
     for metric in (METRIC, lambda m: m(_OBS).sum()):  # a closure, a lambda
         with pytest.raises(D.NotShippableError, match="cannot be rebuilt by a worker.*module level"):
-            chisel.attribute(run, policy(), features(), metric, engine="ray", out=tmp_path / "a")
+            D.attribute_ray(run, policy(), features(), metric, out=tmp_path / "a")
     with pytest.raises(D.NotShippableError, match="cannot import 'no_such_module'"):
-        chisel.attribute(run, policy(), features(), "no_such_module:m", engine="ray", out=tmp_path / "a")
+        D.attribute_ray(run, policy(), features(), "no_such_module:m", out=tmp_path / "a")
     with pytest.raises(chisel.AttributionInputError, match="directory of parquet parts"):
-        chisel.attribute(run, policy(), features(), SPEC, engine="ray")
+        D.attribute_ray(run, policy(), features(), SPEC, out=None)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "part-000000000-000000003.parquet").write_bytes(b"")
     with pytest.raises(chisel.AttributionInputError, match="already holds ledger parts"):
-        chisel.attribute(run, policy(), features(), SPEC, engine="ray", out=tmp_path / "old")
-    with pytest.raises(chisel.AttributionInputError, match="engine='warp'"):
-        chisel.attribute(run, policy(), features(), SPEC, engine="warp")
+        D.attribute_ray(run, policy(), features(), SPEC, out=tmp_path / "old")
+    with pytest.raises(chisel.AttributionInputError, match="tasks=0"):
+        D.attribute_ray(run, policy(), features(), SPEC, out=tmp_path / "b", tasks=0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(chisel.ChiselError, match="holds no ledger parts"):
         chisel.load_ledger(tmp_path / "empty")
