@@ -23,6 +23,7 @@ from torch import nn
 import chisel
 import probes
 from chisel.attribution import ledger as L
+from chisel.attribution.optim_models import GRADIENT
 from probes.sites import hook_site
 
 VOCAB, CTX, D, BATCH = 11, 8, 16, 4
@@ -220,6 +221,11 @@ def test_a_site_binds_in_every_family(attributed, name):
     for family in (L.INTEGRATED, L.CREDIT):
         got = {_plain(p) for p in writes[writes[L.FAMILY] == family][L.PARAM] if p.endswith("weight")}
         assert got == want, family
+    # credit splits the samples' terms (summed over the samples of a step), not only what
+    # factors leave unresolved
+    credit = rows[(rows[L.FAMILY] == L.CREDIT) & (rows[L.PART] == GRADIENT) & (rows[L.VALUE] != 0)]
+    from_samples = {_plain(p) for p in credit[L.PARAM] if p.endswith("weight")}
+    assert from_samples == READERS[kind][name] | want
     # geometry splits a weight's own output only (not features carried back to it)
     geometry = rows[(rows[L.FAMILY] == L.GEOMETRY) & (rows[L.QUANTITY] == L.WRITE)]
     assert {_plain(p) for p in geometry[L.PARAM]} == (want if name in OUTPUTS else set())
