@@ -20,7 +20,6 @@ from chisel.online import ghost, rows
 from chisel.online.parts import OnlineLedgerError, OptimizerParts
 from chisel.online.writer import OnlineWriter, to_frame
 
-
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
           "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
 

@@ -36,6 +36,7 @@ PUBLIC = {
     "metrics",
     "counterfactual",
     "load_ledger",
+    "online_ledger",
     "write_report",
     "write_comparison",
     "ValidationError",
