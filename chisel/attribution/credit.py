@@ -44,7 +44,7 @@ from chisel.attribution.credit_split import (  # noqa: F401  (re-exported: the c
     split_update,
 )
 from chisel.attribution.optim_replay import GRADIENT, RESIDUAL, WEIGHT_DECAY, Params
-from chisel.attribution.splits import Kernels, read_kernels
+from chisel.attribution.splits import _CHUNK_ELEMENTS, Kernels, read_kernels
 from chisel.capture.factor_kinds import EMBEDDING as EMBEDDING_KIND
 from chisel.store.reader import Run
 
@@ -130,7 +130,8 @@ def _rows(
 
 
 def _frame(chunks: list[dict[str, np.ndarray]]) -> pd.DataFrame:
-    """One DataFrame from column chunks; a column a chunk lacks is null there."""
+    """One DataFrame from column chunks; a column a chunk lacks is null there. Rows are stably
+    sorted by an `_ORDER` column when the chunks have one (it is dropped)."""
     names = list(dict.fromkeys(k for c in chunks for k in c))
     data = {}
     for name in names:
@@ -139,56 +140,15 @@ def _frame(chunks: list[dict[str, np.ndarray]]) -> pd.DataFrame:
             n = len(c[L.VALUE])
             parts.append(c[name] if name in c else np.full(n, np.nan))
         data[name] = np.concatenate(parts) if parts else np.zeros(0)
+    order = data.pop(_ORDER, None)
+    if order is not None:
+        perm = np.argsort(order, kind="stable")
+        data = {name: v[perm] for name, v in data.items()}
     frame = pd.DataFrame(data)
     for col in (L.SAMPLE, L.ORIGIN_STEP, L.COUNT):
         if col in frame:
             frame[col] = frame[col].astype("Int64")
     return frame
-
-
-def _block_rows(
-    t: int, b: SampleBlock, gbar: Tensor, sides: list[Kernels], tags: dict, mode: str
-) -> list[dict[str, np.ndarray]]:
-    """A block's whole-sample rows and, per side's kernels, their exact split over features."""
-    idx = np.arange(b.n)
-    site = sides[0].sites[-1] if sides else ""
-    out = [
-        _rows(
-            t, b.part, b.param, site, L.WHOLE, b.attribution(gbar).numpy(), idx, b.origin_step, tags
-        )
-    ]
-    if mode == "none":
-        return out
-    for kernels in sides:
-        if b.is_bias and kernels.bias is None:
-            continue
-        names = np.array(kernels.labels, dtype=object)
-        sites = np.array(kernels.sites, dtype=object)
-        if mode == "summed":  # linear: the block's total split once, no per-sample shares
-            total = b.summed_kernel_shares(gbar, kernels).numpy()
-            summed = _rows(t, b.part, b.param, sites, names, total, None, b.origin_step,
-                           quantity=kernels.quantity)
-            summed[L.COUNT] = np.full(len(names), float(b.n))
-            out.append(summed)
-            continue
-        values = b.kernel_shares(gbar, kernels)  # [n, K]
-        k = values.shape[1]
-        per_row = {c: np.repeat(v, k) for c, v in tags.items()}
-        out.append(
-            _rows(
-                t,
-                b.part,
-                b.param,
-                np.tile(sites, b.n),
-                np.tile(names, b.n),
-                values.reshape(-1).numpy(),
-                np.repeat(idx, k),
-                b.origin_step,
-                per_row,
-                kernels.quantity,
-            )
-        )
-    return out
 
 
 def _module_kernels(
@@ -217,6 +177,7 @@ def credit_rows(
     session: CreditSession | None = None,
     horizon: int | None = None,
     feature_rows: str = "sample",
+    by: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """The credit rows of step t: ⟨leaf, ḡ⟩ for every leaf of the split, per param and sample.
 
@@ -231,6 +192,9 @@ def credit_rows(
         horizon: earlier steps given momentum credit (see `CreditSession`).
         feature_rows: "sample" (one row per sample and feature), "summed" (feature rows summed
             over each block's samples, `sample` null) or "none".
+        by: per-sample tag names; when given, the whole-sample rows are summed within the
+            groups of these tags (`sample` null, `count` the group's size), as `chisel.attribute`'s
+            `credit_by` does (the sums are formed before any row is built).
 
     Returns:
         columns step, family="credit", part, param, site, feature, quantity="attribution", value,
@@ -263,18 +227,213 @@ def credit_rows(
                 frames += _leaf_feature_rows(
                     t, leaf, param, value, kernels_by_module, session, owner
                 )
-    for b in split.blocks:
-        step_factors = session.factors(b.origin_step)
-        tags = _tag_columns(step_factors.tags if step_factors else {}, b.n)
+    # rows in the order of the blocks (each block's whole rows, then its feature rows per side),
+    # though they are computed per group of blocks; `_ORDER` holds the position, dropped later
+    grouping = by if by is not None and feature_rows != "sample" else None
+    tags = _OriginTags(session, grouping)
+    position = {id(b): i for i, b in enumerate(split.blocks)}
+    for chunk in frames:
+        chunk[_ORDER] = np.full(len(chunk[L.VALUE]), -1.0)
+    wholes: list[dict[str, np.ndarray]] = []
+    for group in _groups(split.blocks):
+        b = group[0]
         sides = kernels_by_module.get(b.module, [])
         if not sides and b.kind == EMBEDDING_KIND and owner.get(b.param) != b.module:
             # a tied weight: the LM head's features split the embedding's terms too, so the
             # param's feature rows still sum to its integrated row
             sides = kernels_by_module.get(owner[b.param], [])
-        frames += _block_rows(t, b, gbar[b.param], sides, tags, feature_rows)
-    frames.append(_unresolved_share_row(t, split))
-    frames += _not_captured_rows(t, split)
-    return _frame(frames)
+        at = np.array([position[id(x)] for x in group], dtype=np.float64) * _SLOTS
+        whole, features = _group_rows(t, split, group, gbar[b.param], sides, tags, feature_rows, at)
+        wholes.append(whole)
+        frames += features
+    tail = [_unresolved_share_row(t, split), *_not_captured_rows(t, split)]
+    for chunk in tail:
+        chunk[_ORDER] = np.full(len(chunk[L.VALUE]), np.inf)
+    if grouping is None:
+        frame = _frame(frames + wholes + tail)
+        return frame if by is None else _aggregate_samples(frame, by)  # per-sample feature rows
+    tags.check()
+    frame = _frame(frames + tail)
+    summed = _sum_by_tags(wholes, tags.by)
+    return pd.concat([frame, _frame([summed])], ignore_index=True) if summed else frame
+
+
+# sort keys of a block's rows: its whole rows, then one slot per side of kernels
+_ORDER, _SLOTS = "_order", 64
+
+
+def _groups(blocks: list[SampleBlock]) -> list[list[SampleBlock]]:
+    """Blocks of one (part, module, param), in order of first appearance: this step's block, or
+    the earlier steps' blocks of one param that momentum carries (they share one coef)."""
+    out: dict[tuple[str, str, str], list[SampleBlock]] = {}
+    for b in blocks:
+        out.setdefault((b.part, b.module, b.param), []).append(b)
+    return list(out.values())
+
+
+class _OriginTags:
+    """Per origin step: its tag columns, one value per sample (computed once per call)."""
+
+    def __init__(self, session: CreditSession, by: Sequence[str] | None) -> None:
+        self.session, self.by = session, None if by is None else [L.TAG_PREFIX + b for b in by]
+        self._columns: dict[int, dict[str, np.ndarray]] = {}
+        self.seen: set[str] = set()
+
+    def columns(self, s: int, n: int) -> dict[str, np.ndarray]:
+        if s not in self._columns:
+            factors = self.session.factors(s)
+            self._columns[s] = _tag_columns(factors.tags if factors else {}, n)
+            self.seen.update(self._columns[s])
+        return self._columns[s]
+
+    def check(self) -> None:
+        """The `by` tags must be per-sample numeric tags of the samples credited at this step."""
+        assert self.by is not None
+        missing = [c for c in self.by if c not in self.seen]
+        if missing:
+            raise CreditError(
+                f"credit_by: no per-sample numeric tag {missing} at this step (numeric tags "
+                f"here: {sorted(self.seen)}). Groups need one number per "
+                "sample: tag it at every step, and map strings to codes (e.g. a tensor of ints)."
+            )
+
+
+_GROUP_KEYS = (L.STEP, L.FAMILY, L.PART, L.PARAM, L.SITE, L.FEATURE, L.QUANTITY, L.ORIGIN_STEP)
+
+
+def _sum_by_tags(chunks: list[dict[str, np.ndarray]], by: list[str]) -> dict[str, np.ndarray] | None:
+    """Whole-sample rows (chunks with `_ORDER` keys) summed within the groups of the tag columns
+    `by` and of the other keys, as `_aggregate_samples` sums the rows in block order: groups in
+    order of first appearance, a NaN tag its own group, each group summed in row order."""
+    if not chunks:
+        return None
+    n = [len(c[L.VALUE]) for c in chunks]
+    order = np.argsort(np.concatenate([c[_ORDER] for c in chunks]), kind="stable")
+    ids: dict[tuple, int] = {}  # (part, param, site) of each chunk: constant within it
+    key = np.repeat([ids.setdefault((c[PART][0], c[L.PARAM][0], c[L.SITE][0]), len(ids))
+                     for c in chunks], n)[order]
+    origin = np.concatenate([c[L.ORIGIN_STEP] for c in chunks])[order]
+    codes, _ = pd.factorize(key * (int(origin.max()) + 1) + origin.astype(np.int64))
+    columns = {}
+    for name in by:  # a tag an origin step lacks is NaN there
+        values = [c.get(name, np.full(m, np.nan)) for c, m in zip(chunks, n, strict=True)]
+        columns[name] = np.concatenate(values)[order]
+        tag_codes, uniq = pd.factorize(columns[name], use_na_sentinel=False)
+        codes = codes * max(1, len(uniq)) + tag_codes
+    codes, _ = pd.factorize(codes)  # renumbered by first appearance
+    first = np.unique(codes, return_index=True)[1]
+    out = {k: np.concatenate([c[k] for c in chunks])[order][first] for k in _GROUP_KEYS}
+    out.update({name: v[first] for name, v in columns.items()})
+    values = np.concatenate([c[L.VALUE] for c in chunks])[order]
+    out[L.VALUE] = np.bincount(codes, weights=values)
+    out[L.SAMPLE] = np.full(len(first), np.nan)
+    out[L.COUNT] = np.bincount(codes).astype(np.float64)
+    return out
+
+
+def _whole_values(split: CreditSplit, group: list[SampleBlock], gbar: Tensor) -> list[Tensor]:
+    """[n_b] per block: ⟨term_i, ḡ⟩ for every sample, the group's origins in one matmul.
+
+    Every block's coef is one shared coef times a number (`CreditSplit.shared_coef`), so the
+    metric's read A = shared ⊙ ḡ is formed once and all origins' rows go through it together.
+    """
+    b = group[0]
+    scales = [split.shared_coef(x)[1] for x in group]
+    shared = split.shared_coef(b)[0]
+    if b.kind == EMBEDDING_KIND:  # a gather per block, no matmul to share
+        return [x.attribution(gbar) for x in group]
+    read = shared * gbar
+    if b.is_bias or b._norm:
+        rows = torch.cat([x._rows for x in group])  # [Σn, numel]
+        values = rows @ read.reshape(-1)
+        return [v * w for v, w in zip(values.split([x.n for x in group]), scales, strict=True)]
+    a = b._as_matrix(read)  # [out, in]
+    g = torch.cat([x.g.flatten(0, 1) for x in group])  # [Σ n·T, out]
+    x = torch.cat([x.x.flatten(0, 1) for x in group])  # [Σ n·T, in]
+    per_row = []
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, max(a.shape)))
+    for s in range(0, g.shape[0], chunk):
+        gs, xs = g[s : s + chunk], x[s : s + chunk]
+        if a.shape[1] >= a.shape[0]:
+            per_row.append(((gs @ a) * xs).sum(1))  # reads H = g A, ⟨H, x⟩
+        else:
+            per_row.append(((xs @ a.T) * gs).sum(1))  # A x, ⟨g, A x⟩: the narrower side
+    rows = torch.cat(per_row).split([x.g.shape[0] * x.g.shape[1] for x in group])
+    return [r.reshape(x.n, -1).sum(1) * w for r, x, w in zip(rows, group, scales, strict=True)]
+
+
+def _summed_shares(
+    split: CreditSplit, group: list[SampleBlock], gbar: Tensor, kernels: Kernels
+) -> Tensor:
+    """[blocks, K]: ⟨Σ_i term_i, R_k⟩ per block, from the blocks' cached sums (one matmul)."""
+    b = group[0]
+    if b._norm:
+        raise b._no_features()
+    if not b.is_bias:
+        b.check_width(kernels.weight)
+    shared = split.shared_coef(b)[0]
+    scales = torch.tensor([split.shared_coef(x)[1] for x in group], dtype=gbar.dtype)
+    sums = torch.stack([shared * x.raw_total(gbar.shape) for x in group])  # [blocks, *param]
+    if b.is_bias:
+        return (sums @ kernels.bias.T) * scales[:, None]
+    if b.kind == "conv1d":
+        sums = sums.transpose(-1, -2)
+    return (sums.flatten(1) @ kernels.weight.flatten(1).T) * scales[:, None]
+
+
+def _group_rows(
+    t: int,
+    split: CreditSplit,
+    group: list[SampleBlock],
+    gbar: Tensor,
+    sides: list[Kernels],
+    tags: _OriginTags,
+    mode: str,
+    at: np.ndarray,
+) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """(whole-sample rows, feature rows) of a group of blocks (see `_groups`). at: [blocks] the
+    blocks' sort keys (`_ORDER`: their whole rows there, side j's rows at key + 1 + j)."""
+    b = group[0]
+    site = sides[0].sites[-1] if sides else ""
+    values = np.concatenate([v.numpy() for v in _whole_values(split, group, gbar)])
+    columns = [tags.columns(x.origin_step, x.n) for x in group]
+    names = list(dict.fromkeys(c for cols in columns for c in cols))
+    per_tag = {  # a tag an origin step lacks is NaN there
+        c: np.concatenate([cols.get(c, np.full(x.n, np.nan)) for x, cols in zip(group, columns)])
+        for c in names
+    }
+    sizes = [x.n for x in group]
+    whole = _rows(t, b.part, b.param, site, L.WHOLE, values,
+                  np.concatenate([np.arange(n) for n in sizes]), None, per_tag)
+    whole[L.ORIGIN_STEP] = np.repeat([float(x.origin_step) for x in group], sizes)
+    whole[_ORDER] = np.repeat(at, sizes)
+    features: list[dict[str, np.ndarray]] = []
+    if mode == "none":
+        return whole, features
+    for j, kernels in enumerate(sides):
+        if b.is_bias and kernels.bias is None:
+            continue
+        names = np.array(kernels.labels, dtype=object)
+        sites = np.array(kernels.sites, dtype=object)
+        k = len(names)
+        if mode == "summed":  # linear: each block's total split once, no per-sample shares
+            shares = _summed_shares(split, group, gbar, kernels).numpy()  # [blocks, K]
+            rows = _rows(t, b.part, b.param, np.tile(sites, len(group)), np.tile(names, len(group)),
+                         shares.reshape(-1), None, None, quantity=kernels.quantity)
+            rows[L.ORIGIN_STEP] = np.repeat([float(x.origin_step) for x in group], k)
+            rows[L.COUNT] = np.repeat([float(x.n) for x in group], k)
+            rows[_ORDER] = np.repeat(at + 1 + j, k)
+            features.append(rows)
+            continue
+        for x, key in zip(group, at, strict=True):
+            values = x.kernel_shares(gbar, kernels)  # [n, K]
+            per_row = {c: np.repeat(v, k) for c, v in tags.columns(x.origin_step, x.n).items()}
+            rows = _rows(t, x.part, x.param, np.tile(sites, x.n), np.tile(names, x.n),
+                         values.reshape(-1).numpy(), np.repeat(np.arange(x.n), k), x.origin_step,
+                         per_row, kernels.quantity)
+            rows[_ORDER] = np.full(x.n * k, key + 1 + j)
+            features.append(rows)
+    return whole, features
 
 
 def _owners(
@@ -401,10 +560,9 @@ def engine(
     session = CreditSession(run, horizon=horizon)
 
     def rows(t: int, gbar: Params, kernels: dict[str, list[Kernels]]) -> pd.DataFrame:
-        frame = credit_rows(
-            run, t, gbar, kernels_by_module=kernels, session=session, feature_rows="summed"
+        return credit_rows(
+            run, t, gbar, kernels_by_module=kernels, session=session, feature_rows="summed", by=by
         )
-        return frame if by is None else _aggregate_samples(frame, by)
 
     return rows
 
@@ -420,9 +578,11 @@ def _aggregate_samples(frame: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
             "sample: tag it at every step, and map strings to codes (e.g. a tensor of ints)."
         )
     per_sample = frame[frame[L.SAMPLE].notna()]
-    keys = [L.STEP, L.FAMILY, L.PART, L.PARAM, L.SITE, L.FEATURE, L.QUANTITY, L.ORIGIN_STEP, *tag_cols]
-    grouped = per_sample.groupby(keys, dropna=False, sort=False)[L.VALUE]
-    summed = grouped.agg(["sum", "size"]).reset_index()
-    summed = summed.rename(columns={"sum": L.VALUE, "size": L.COUNT})
-    summed[L.COUNT] = summed[L.COUNT].astype("Int64")
+    keys = [*_GROUP_KEYS, *tag_cols]
+    # groups in order of first appearance, each summed in row order (as `credit_rows(by=...)`)
+    codes = per_sample.groupby(keys, dropna=False, sort=False).ngroup().to_numpy()
+    first = np.unique(codes, return_index=True)[1]
+    summed = per_sample.iloc[first][keys].reset_index(drop=True)
+    summed[L.VALUE] = np.bincount(codes, weights=per_sample[L.VALUE].to_numpy(np.float64))
+    summed[L.COUNT] = pd.array(np.bincount(codes), dtype="Int64")
     return pd.concat([frame[frame[L.SAMPLE].isna()], summed], ignore_index=True)

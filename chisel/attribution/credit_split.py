@@ -71,6 +71,10 @@ class SampleBlock:
     x: Tensor  # [n, T, in] float64 (embedding: [n, T] int64 ids; norms: unused)
     g: Tensor  # [n, T, out] float64, times c (norms: [n, 1, numel])
     coef: Coef  # param shape or a number
+    # Σ_i layout(g_i, x_i) without coef, param-shaped: the session computes it once per origin
+    # step and module and shares it with every later block of those samples (not an init field:
+    # `dataclasses.replace(block, g=...)` drops it, so a reweighted block sums its own g)
+    unscaled: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -96,14 +100,21 @@ class SampleBlock:
         return w.T if self.kind == "conv1d" else w.reshape(w.shape[0], -1)
 
     def total(self, shape: torch.Size) -> Tensor:
-        """Σ_i term_i, param-shaped: one matmul (or scatter), no per-sample tensors."""
+        """Σ_i term_i, param-shaped: coef ⊙ `raw_total` (no per-sample tensors)."""
+        return self.coef * self.raw_total(shape)
+
+    def raw_total(self, shape: torch.Size) -> Tensor:
+        """Σ_i layout(g_i, x_i), param-shaped, without coef: one matmul (or scatter); cached
+        in `unscaled` when the session has it."""
+        if self.unscaled is not None and self.unscaled.shape == shape:
+            return self.unscaled
         if self.is_bias or self._norm:
-            return self.coef * self._rows.sum(0).reshape(shape)
+            return self._rows.sum(0).reshape(shape)
         if self.kind == EMBEDDING_KIND:
             rows = torch.zeros(shape, dtype=self.g.dtype)
-            return self.coef * rows.index_add_(0, self.x.reshape(-1), self.g.flatten(0, 1))
+            return rows.index_add_(0, self.x.reshape(-1), self.g.flatten(0, 1))
         gx = self.g.flatten(0, 1).T @ self.x.flatten(0, 1)  # [out, in]
-        return self.coef * self._as_weight(gx, shape)
+        return self._as_weight(gx, shape)
 
     def terms(self, shape: torch.Size) -> Tensor:
         """[n, *shape]: every sample's term (materialised; for tests and small layers)."""
@@ -222,6 +233,15 @@ class CreditSplit:
     unresolved: dict[str, Params]  # GRADIENT_UNRESOLVED, MOMENTUM_UNRESOLVED
     # {param: factor modules of it that have no factors at this step} (see CreditSession)
     not_captured: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # {origin step s: {param: ω_s}}: a MOMENTUM block's coef is base.carry[param] · ω_s
+    origins: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def shared_coef(self, b: SampleBlock) -> tuple[Coef, float]:
+        """(shared coef, scale) with b.coef == shared · scale: kappa and 1 for this step's
+        samples, carry and ω_s for step s's (so all origins of a param share one coef)."""
+        if b.part == MOMENTUM:
+            return self.base.carry[b.param], self.origins[b.origin_step][b.param]
+        return b.coef, 1.0
 
     def sample_total(self, part: str) -> Params:
         """Σ of the sample terms of `part` (GRADIENT or MOMENTUM), per param."""
@@ -281,6 +301,8 @@ class CreditSession:
         if self.replay.run is not run:
             raise ReplayError("the OptimizerReplay given belongs to another run; make one per run.")
         self._factors: dict[int, _StepFactors | None] = {}
+        # (s, module, param) -> Σ_i layout(g_i, x_i) of step s's samples (SampleBlock.unscaled)
+        self._sums: dict[tuple[int, str, str], Tensor] = {}
         meta = run.manifest.get("factor_modules") or {}
         self._kinds = {m: v.get("kind", "linear") for m, v in meta.items()}
         self._params = {m: {k: v[k] for k in ("weight", "bias") if k in v} for m, v in meta.items()}
@@ -342,6 +364,8 @@ class CreditSession:
     def _evict(self, t: int) -> None:
         for s in [s for s in self._factors if s < t - self.reach or s > t]:
             del self._factors[s]
+        for key in [k for k in self._sums if k[0] < t - self.reach or k[0] > t]:
+            del self._sums[key]
 
     # -- the split -------------------------------------------------------------------------
     def split(self, t: int) -> CreditSplit:
@@ -349,17 +373,23 @@ class CreditSession:
         base = self.replay.split(t)
         self._evict(t)
         blocks = self._blocks(t, GRADIENT, base.kappa) if base.kappa else []
-        for s, weights in self._origins(base).items():
+        origins = self._origins(base)
+        for s, weights in origins.items():
             coefs = {p: base.carry[p] * w for p, w in weights.items()}
             blocks += self._blocks(s, MOMENTUM, coefs)
-        split = CreditSplit(t, base, blocks, {})
+        for b in blocks:  # each origin's Σ g xᵀ once, shared by every update it enters
+            key = (b.origin_step, b.module, b.param)
+            if key not in self._sums:
+                self._sums[key] = b.raw_total(base.update[b.param].shape)
+            object.__setattr__(b, "unscaled", self._sums[key])
+        split = CreditSplit(t, base, blocks, {}, origins=origins)
         grad_sum, mom_sum = split.sample_total(GRADIENT), split.sample_total(MOMENTUM)
         unresolved = {
             GRADIENT_UNRESOLVED: {n: v - grad_sum[n] for n, v in base.parts[GRADIENT].items()},
             MOMENTUM_UNRESOLVED: {n: v - mom_sum[n] for n, v in base.parts[MOMENTUM].items()},
         }
         missing = self.not_captured(t, base.parts[GRADIENT])
-        return CreditSplit(t, base, blocks, unresolved, missing)
+        return CreditSplit(t, base, blocks, unresolved, missing, origins)
 
     def _origins(self, base: UpdateSplit) -> dict[int, dict[str, float]]:
         """{s: {param: ω_s}} for the earlier steps within the horizon."""
