@@ -104,8 +104,15 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     where = _EXPORTS.get(name)
-    if where is None:
-        raise AttributeError(f"module 'chisel' has no attribute {name!r}")
+    if where is None:  # a subpackage (chisel.store, chisel.envs, …), as an eager import had it
+        if name.startswith("_"):
+            raise AttributeError(f"module 'chisel' has no attribute {name!r}")
+        try:
+            return importlib.import_module(f"chisel.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"chisel.{name}":
+                raise
+            raise AttributeError(f"module 'chisel' has no attribute {name!r}") from None
     module = importlib.import_module(where)
     value = module if where == f"chisel.{name}" else getattr(module, name)
     globals()[name] = value  # later look-ups skip this function

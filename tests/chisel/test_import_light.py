@@ -63,6 +63,7 @@ def test_lazy_exports_agree_with_all():
     assert set(chisel._EXPORTS) | {"__version__"} == set(chisel.__all__)
     assert set(chisel.__all__) <= set(dir(chisel))
     assert chisel.record is __import__("chisel.recorder", fromlist=["record"]).record
+    assert chisel.store.reader.Run is chisel.Run  # subpackages resolve on use, as before
     try:
         chisel.no_such_name  # noqa: B018
     except AttributeError as err:
