@@ -4,8 +4,8 @@ Attribution is independent per step given ḡ's inputs, so the chosen steps are 
 ranges, one Ray task each. Every task opens the run from its (shared) directory, rebuilds the
 model and the metric, and writes its rows as one parquet file per step range,
 `<out>/part-<first>-<last>.parquet`, written under a dot-name and renamed into place when complete.
-`chisel.load_ledger(out)`, `pandas.read_parquet(out)` and `pyarrow.dataset.dataset(out)` read
-the directory as one table, sorted by step.
+`chisel.load_ledger(out)` reads the directory as one table sorted by step (`pandas.read_parquet`
+and `pyarrow.dataset.dataset` read it as one table too).
 
 Exactly the serial ledger: a task computes its steps with the serial engine's own step function;
 the only state the serial engine carries across steps is credit's optimizer replay (the momentum
@@ -17,8 +17,8 @@ every float is computed the same way.
 
 What a worker needs must be rebuildable there: the metric by import (`"module:attr"`, or a
 module-level function), the model from a `"module:function"` factory or by pickling (its
-parameter values are shipped from the driver either way: readings of residual-stream features
-depend on them).
+parameter values are shipped from the driver either way: rows read through a nonlinearity, such
+as the output-side split or stream features, depend on them).
 """
 
 from __future__ import annotations
@@ -245,11 +245,14 @@ def attribute_ray(
     if started:
         ray.init(address=address, **(init_options or {}))
     written: list[Path] = []
+    refs: list[Any] = []
     try:
         n = tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
         remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_attribute_range)
         directory.mkdir(parents=True, exist_ok=True)
-        refs = []
+        if not chosen:  # an empty ledger with the serial engine's columns
+            written.append(directory / "part-empty.parquet")
+            L.LedgerWriter(written[-1], tag_columns).close()
         for part in ranges(chosen, n):
             path = directory / PART_NAME.format(first=part[0], last=part[-1])
             written.append(path)
@@ -259,6 +262,9 @@ def attribute_ray(
             ))
         _wait(ray, refs, progress)
     except BaseException as err:
+        for ref in refs:  # stop the other tasks before their parts are renamed into place
+            ray.cancel(ref)
+        ray.wait(refs, num_returns=len(refs), timeout=60)
         for path in written:  # no partial ledger: drop this call's parts
             path.unlink(missing_ok=True)
         cause = getattr(err, "cause", None)

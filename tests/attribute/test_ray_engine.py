@@ -156,6 +156,13 @@ def test_workers_get_the_drivers_parameter_values():
     assert not torch.equal(make_random_model()[0].weight, make_random_model()[0].weight)
 
 
+def test_no_steps_give_an_empty_ledger_with_the_serial_columns(local_ray, runs, tmp_path):
+    run = runs["keyframes"]
+    got = D.attribute_ray(run, policy(), features(), SPEC, out=tmp_path / "ledger", steps=[])
+    expected = serial(run, policy(), tmp_path, steps=[])
+    assert got.empty and list(got.columns) == list(expected.columns)
+
+
 def test_worker_error_is_raised_and_leaves_no_parts(local_ray, runs, tmp_path):
     with pytest.raises(ValueError, match="planted failure in a worker"):
         D.attribute_ray(runs["keyframes"], policy(), features(), f"{__name__}:failing_metric",
