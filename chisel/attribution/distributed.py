@@ -380,7 +380,14 @@ def _replay_origins(
 
 # -- `chisel attribute` -------------------------------------------------------------------------
 def run_cli(args: Any) -> Path:
-    """`chisel attribute RUN_DIR ...` (chisel/cli.py parses); returns the ledger's path."""
+    """`chisel attribute RUN_DIR ...` (chisel/cli.py parses); returns the ledger's path.
+
+    Modules named by --metric and --model are imported from the current directory too, as
+    `python -m` would (Ray adds the driver's current directory to its local workers' path)."""
+    import sys
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     ray = args.engine == "ray"
     if not ray and (args.tasks is not None or args.address is not None):
         raise AttributionInputError("--tasks and --address apply to --engine ray only.")

@@ -147,6 +147,20 @@ def test_model_factory_and_cli(local_ray, runs, tmp_path):
     pd.testing.assert_frame_equal(got, expected, check_exact=True)
 
 
+def test_cli_serial_engine_and_its_errors(runs, tmp_path, capsys):
+    run = runs["keyframes"]
+    args = ["attribute", str(run.path), "--metric", SPEC, "--model", f"{__name__}:make_model",
+            "--families", "integrated", "--out", str(tmp_path / "serial.parquet")]
+    assert cli_main(args) == 0
+    expected = chisel.attribute(run, make_model(), None, METRIC, families=("integrated",))
+    pd.testing.assert_frame_equal(chisel.load_ledger(tmp_path / "serial.parquet"), expected,
+                                  check_exact=True, check_dtype=False)
+    assert cli_main([*args, "--tasks", "2"]) == 2
+    assert "--tasks and --address apply to --engine ray only" in capsys.readouterr().err
+    assert cli_main([*args[:3], "tests.attribute.test_ray_engine:no_such_metric", *args[4:]]) == 2
+    assert "has no 'no_such_metric'" in capsys.readouterr().err
+
+
 def test_workers_get_the_drivers_parameter_values():
     """Rows read through a nonlinearity depend on the model's values, so a factory's random
     init must not reach the workers: they load the driver's state_dict."""
