@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import importlib
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +265,8 @@ def attribute_ray(
     except BaseException as err:
         for ref in refs:  # stop the other tasks before their parts are renamed into place
             ray.cancel(ref)
-        ray.wait(refs, num_returns=len(refs), timeout=60)
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=60)
         for path in written:  # no partial ledger: drop this call's parts
             path.unlink(missing_ok=True)
         cause = getattr(err, "cause", None)
@@ -278,8 +280,6 @@ def attribute_ray(
 
 
 def _wait(ray: Any, refs: list[Any], progress: bool | None) -> None:
-    import sys
-
     from tqdm.auto import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -384,8 +384,6 @@ def run_cli(args: Any) -> Path:
 
     Modules named by --metric and --model are imported from the current directory too, as
     `python -m` would (Ray adds the driver's current directory to its local workers' path)."""
-    import sys
-
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     ray = args.engine == "ray"
