@@ -51,6 +51,9 @@ PUBLIC = {
     "MissingStepsWarning",
     "StepTypeError",
     "UnverifiedRunWarning",
+    "ForwardPatchWarning",
+    "attribute_ray",
+    "register_optimizer",
 }
 
 
