@@ -53,14 +53,11 @@ def bias_values(g: Tensor, h: Tensor) -> Tensor:
 
 def _columns(t: int, part: str, param: str, site: str, feature, value: np.ndarray,
              sample: np.ndarray | None = None, quantity=L.ATTRIBUTION) -> dict[str, np.ndarray]:
-    n = len(value)
-    full = lambda v: v if isinstance(v, np.ndarray) else np.full(n, v, dtype=object)  # noqa: E731
+    # a scalar stands for the whole chunk (the writer repeats it without a Python loop)
     return {
-        L.STEP: np.full(n, t, dtype=np.int64), L.FAMILY: full(L.CREDIT), L.PART: full(part),
-        L.PARAM: full(param), L.SITE: full(site), L.FEATURE: full(feature),
-        L.QUANTITY: full(quantity), L.VALUE: np.asarray(value, dtype=np.float64),
-        L.SAMPLE: np.full(n, np.nan) if sample is None else sample.astype(np.float64),
-        ORDER: np.full(n, FIRST_ORDER, dtype=np.float64),
+        L.STEP: t, L.FAMILY: L.CREDIT, L.PART: part, L.PARAM: param, L.SITE: site,
+        L.FEATURE: feature, L.QUANTITY: quantity, L.VALUE: np.asarray(value, dtype=np.float64),
+        L.SAMPLE: None if sample is None else sample.astype(np.float64), ORDER: FIRST_ORDER,
     }
 
 
@@ -72,6 +69,7 @@ def credit_columns(
     layers: dict[str, LinearFactors],
     coef: float,
     kernels: dict[str, list[Kernels]],
+    sites: dict[str, str],
     sample_features: bool,
 ) -> list[dict[str, np.ndarray]]:
     """Column chunks of step t's credit rows (see the module docstring)."""
@@ -80,7 +78,7 @@ def credit_columns(
     for module, pairs in factors.items():
         layer = layers[module]
         sides = kernels.get(layer.weight, [])
-        site = sides[0].sites[-1] if sides else ""
+        site = sites.get(layer.weight, "")
         for param, is_bias in ((layer.weight, False), (layer.bias, True)):
             if param is None or param not in steps:
                 continue

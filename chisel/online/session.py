@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import Tensor, nn
 
@@ -18,7 +17,7 @@ from chisel.attribution.metrics import Metric
 from chisel.capture.factors import FactorCapture
 from chisel.online import ghost, rows
 from chisel.online.parts import OnlineLedgerError, OptimizerParts
-from chisel.online.writer import OnlineWriter, to_frame
+from chisel.online.writer import Columns, OnlineWriter
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
           "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
@@ -85,6 +84,7 @@ class OnlineLedger:
             self._space = ParamSpace(self.model, self.metric, self.dtype)
         self._binding = bind(self._space.model, self._space.run_metric, torch.float64,
                              set(self._params), self.features, self.centred)
+        self._sites = rows.site_of(self._binding)
         self._layers = {
             name: ghost.LinearFactors(name, self._names[id(m.weight)],
                                       self._names.get(id(m.bias)) if m.bias is not None else None)
@@ -93,7 +93,7 @@ class OnlineLedger:
         }
         self._parts = OptimizerParts(self.optimizer, self._names, self.dtype) if self.credit else None
         self._writer = OnlineWriter(self.out)
-        self._frames: list[pd.DataFrame] = []
+        self._columns = Columns()
         self._pending: tuple[int, list, list, float, float] | None = None
         self._means: dict[str, tuple[Tensor, int]] = {}
         try:
@@ -176,33 +176,34 @@ class OnlineLedger:
         t, theta, grad_m = self.step, self._theta, self._grad_m
         delta = {n: p.detach().to(self.dtype) - theta[n] for n, p in self._params.items()}
         means = {m: s / c for m, (s, c) in self._means.items()}
-        sides = rows.kernels(self._binding, grad_m, means)
         exact = rows.geometry(t, self._binding, theta, delta)
-        approx, total = rows.first_order(t, self._binding, delta, grad_m, sides)
+        approx, total = rows.first_order(t, self._binding, delta, grad_m, means)
+        # the [K, out, in] kernels only for per-sample feature rows
+        sides = rows.kernels(self._binding, grad_m, means) if self.sample_features else {}
         chunks = []
         if self._parts is not None:
             steps = self._parts.after_step(theta, delta, self._grads)
             factors = self._capture.take() if self._capture is not None else {}
             chunks = ghost.credit_columns(t, steps, grad_m, factors, self._layers, self._coef,
-                                          sides, self.sample_features)
+                                          sides, self._sites, self.sample_features)
         self._pending = (t, exact + approx, chunks, self._m, total)
         self._theta = self._grads = None  # type: ignore[assignment]
         self.step += 1
 
     def _finish(self, m_after: float) -> None:
         t, dict_rows, chunks, m_before, total = self._pending  # type: ignore[misc]
-        dict_rows = dict_rows + rows.completeness(t, m_before, m_after, total)
-        frames = [pd.DataFrame(dict_rows)]
-        frames += [pd.DataFrame(c) for c in chunks]
-        self._frames.append(to_frame(pd.concat(frames, ignore_index=True)))
+        self._columns.add_rows(dict_rows + rows.completeness(t, m_before, m_after, total))
+        for chunk in chunks:
+            self._columns.add(chunk)
+        self._columns.steps += 1
         self._pending = None
-        if len(self._frames) >= self.flush_every:
+        if self._columns.steps >= self.flush_every:
             self._flush()
 
     def _flush(self) -> None:
-        if self._frames:
-            self._writer.write(pd.concat(self._frames, ignore_index=True))
-            self._frames = []
+        if self._columns.chunks:
+            self._writer.write(self._columns)
+        self._columns = Columns()
 
     def __repr__(self) -> str:
         return (f"OnlineLedger({type(self.model).__name__}, {type(self.optimizer).__name__}, "
