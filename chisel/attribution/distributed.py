@@ -38,8 +38,7 @@ from torch import nn
 
 from chisel.attribution import engine as E
 from chisel.attribution import ledger as L
-from chisel.attribution.binding import AttributionInputError, bind
-from chisel.attribution.functional import ParamSpace
+from chisel.attribution.binding import AttributionInputError
 from chisel.store.reader import Run, load
 
 PART_NAME = "part-{first:09d}-{last:09d}.parquet"  # zero-padded: name order is step order
@@ -228,20 +227,18 @@ def attribute_ray(
     if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1):
         raise AttributionInputError(f"tasks={tasks!r}: give an int >= 1 (step ranges) or None.")
     run = run if isinstance(run, Run) else load(run)
-    E._check_options(families, points, split, dtype, device, None, credit_by)
+    options = E.AttributionOptions(
+        families, points, dtype, split, device, horizon, credit_by, batch_points, centred, reference
+    )
     directory = _ledger_dir(run, out)
     metric_spec = spec_of(metric)
     built, recipe = _model(model)
     E._check_model(run, built)
     feature_set = _features(features)
     chosen = [t for t in E._steps(run, steps) if not run.record(t).get("skipped")]
-    tag_columns = E._tag_columns(run, chosen) if L.CREDIT in families else []
-    origins = _replay_origins(run, chosen, horizon, credit_by) if L.CREDIT in families else {}
-    options = dict(
-        families=tuple(families), points=points, dtype=dtype, split=split, device=device,
-        horizon=horizon, credit_by=None if credit_by is None else tuple(credit_by),
-        batch_points=batch_points, centred=centred, reference=reference,
-    )
+    credited = L.CREDIT in options.families
+    tag_columns = E._tag_columns(run, chosen) if credited else []
+    origins = _replay_origins(run, chosen, horizon, options.credit_by) if credited else {}
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, **(init_options or {}))
@@ -300,25 +297,17 @@ def _attribute_range(
     steps: list[int],
     origin: int | None,
     tag_columns: list[str],
-    options: dict[str, Any],
+    options: E.AttributionOptions,
     out: str,
 ) -> int:
     """Steps `steps` (contiguous in the chosen steps) of the serial engine, written to `out`;
     returns the rows written. Mirrors `engine.attribute`'s setup (tests/attribute/
     test_ray_engine.py holds the two equal row for row)."""
     run = load(run_path)
-    model = recipe.build()
-    space = ParamSpace(model, resolve(metric_spec, "metric"), options["dtype"], options["device"],
-                       batch_points=options["batch_points"])
-    plan = E._Plan(
-        space,
-        bind(space.model, space.run_metric, space.dtype, set(run.param_names), features, options["centred"]),
-        options["families"], options["points"], options["split"], options["centred"],
-        options["reference"],
-    )
+    plan = E._Plan.make(run, recipe.build(), resolve(metric_spec, "metric"), features, options)
     credit = None
-    if L.CREDIT in plan.families:
-        credit = _credit(run, options["horizon"], options["credit_by"], origin, steps[0])
+    if L.CREDIT in options.families:
+        credit = _credit(run, options.horizon, options.credit_by, origin, steps[0])
     writer = L.LedgerWriter(out, tag_columns)
     rows, failed = 0, True
     try:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import pandas as pd
 import torch
@@ -51,46 +51,68 @@ def _steps(run: Run, steps: int | Iterable[int] | None) -> list[int]:
     return chosen
 
 
-SPLITS = ("auto", "kinks", "none")
+Family = Literal["geometry", "integrated", "credit"]
+SplitMode = Literal["auto", "kinks", "none"]
+SPLITS: tuple[str, ...] = get_args(SplitMode)
 
 
-def _check_options(
-    families: Sequence[str], points: int, split: str, dtype: torch.dtype, device: Any,
-    out: Any, credit_by: Sequence[str] | None,
-) -> None:
-    """Refuse options that would fail late (after the work) or be taken letter by letter."""
-    if isinstance(families, str):
-        raise AttributionInputError(
-            f"families={families!r} is a string; give a sequence, e.g. families=({families!r},)."
-        )
-    unknown = set(families) - set(L.FAMILIES)
-    if unknown:
-        raise AttributionInputError(f"unknown families {sorted(unknown)}; use any of {L.FAMILIES}.")
-    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
-        raise AttributionInputError(
-            f"points={points!r}: the Gauss-Legendre points per piece must be an int >= 1 (16 "
-            "closes smooth networks to ~1e-15 in float64)."
-        )
-    if split not in SPLITS:
-        raise AttributionInputError(f"split={split!r}; use one of {SPLITS}.")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise AttributionInputError(
-            f"dtype={dtype!r}: attribution needs a floating dtype (torch.float64 for sums that "
-            "close to rounding, torch.float32 for speed)."
-        )
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise AttributionInputError(f"device={device!r} is not a torch device ({err}).") from err
+@dataclass(frozen=True)
+class AttributionOptions:
+    """How each step is attributed (the keywords of `chisel.attribute` that shape the rows),
+    checked when made: an option that would fail late, after the work, or be taken letter by
+    letter (a string for a sequence) is refused here with an `AttributionInputError`."""
+
+    families: tuple[Family, ...] = L.FAMILIES
+    points: int = 16
+    dtype: torch.dtype = torch.float64
+    split: SplitMode = "auto"
+    device: str | torch.device = "cpu"
+    horizon: int | None = None
+    credit_by: tuple[str, ...] | None = None
+    batch_points: bool | None = None
+    centred: bool = True
+    reference: Any = None
+
+    def __post_init__(self) -> None:
+        families, credit_by = self.families, self.credit_by
+        if isinstance(families, str):
+            raise AttributionInputError(
+                f"families={families!r} is a string; give a sequence, e.g. families=({families!r},)."
+            )
+        if isinstance(credit_by, str):
+            raise AttributionInputError(
+                f"credit_by={credit_by!r} is a string; give a sequence of tag names, e.g. "
+                f"credit_by=[{credit_by!r}]."
+            )
+        object.__setattr__(self, "families", tuple(families))
+        object.__setattr__(self, "credit_by", None if credit_by is None else tuple(credit_by))
+        unknown = set(self.families) - set(L.FAMILIES)
+        if unknown:
+            raise AttributionInputError(f"unknown families {sorted(unknown)}; use any of {L.FAMILIES}.")
+        points = self.points
+        if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+            raise AttributionInputError(
+                f"points={points!r}: the Gauss-Legendre points per piece must be an int >= 1 (16 "
+                "closes smooth networks to ~1e-15 in float64)."
+            )
+        if self.split not in SPLITS:
+            raise AttributionInputError(f"split={self.split!r}; use one of {SPLITS}.")
+        if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise AttributionInputError(
+                f"dtype={self.dtype!r}: attribution needs a floating dtype (torch.float64 for sums "
+                "that close to rounding, torch.float32 for speed)."
+            )
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise AttributionInputError(f"device={self.device!r} is not a torch device ({err}).") from err
+
+
+def _check_out(out: Any) -> None:
     if out not in (None, False, True) and Path(out).is_dir():
         raise AttributionInputError(
             f"out={str(out)!r} is a directory; give the ledger's file path, e.g. "
             f"{str(Path(out) / 'ledger.parquet')!r}, or out=True for <run>/ledger.parquet."
-        )
-    if isinstance(credit_by, str):
-        raise AttributionInputError(
-            f"credit_by={credit_by!r} is a string; give a sequence of tag names, e.g. "
-            f"credit_by=[{credit_by!r}]."
         )
 
 
@@ -176,22 +198,16 @@ def attribute(
         its output features (both close to the same share; see docs/concepts.md).
     """
     run = run if isinstance(run, Run) else load(run)
-    _check_options(families, points, split, dtype, device, out, credit_by)
-    features = _feature_set(features)
-    chosen = [t for t in _steps(run, steps) if not run.record(t).get("skipped")]
-    _check_model(run, model)
-    space = ParamSpace(model, metric, dtype, device, batch_points=batch_points)
-    plan = _Plan(
-        space,
-        bind(space.model, space.run_metric, space.dtype, set(run.param_names), features, centred),
-        tuple(families),
-        points,
-        split, centred, reference,
+    options = AttributionOptions(
+        families, points, dtype, split, device, horizon, credit_by, batch_points, centred, reference
     )
-    tag_columns = _tag_columns(run, chosen) if L.CREDIT in families else []
+    _check_out(out)
+    chosen = [t for t in _steps(run, steps) if not run.record(t).get("skipped")]
+    plan = _Plan.make(run, model, metric, features, options)
+    tag_columns = _tag_columns(run, chosen) if L.CREDIT in options.families else []
     path = Path(run.path / "ledger.parquet") if out is True else Path(out) if out else None
     writer = L.LedgerWriter(path, tag_columns) if path else None
-    credit = _credit_engine(run, horizon, credit_by) if L.CREDIT in families else None
+    credit = _credit_engine(run, horizon, options.credit_by) if L.CREDIT in options.families else None
     frames = []
     show = sys.stderr.isatty() if progress is None else progress
     failed = True
@@ -218,19 +234,30 @@ def attribute(
 
 @dataclass(frozen=True)
 class _Plan:
-    """What every step of one `attribute` call shares."""
+    """What every step of one `attribute` call shares: the options, the model's functional
+    copy with the metric, and the features bound to the weights."""
 
     space: ParamSpace
     binding: Binding
-    families: tuple[str, ...]
-    points: int
-    split: str
-    centred: bool
-    reference: Any
+    options: AttributionOptions
+
+    @classmethod
+    def make(
+        cls, run: Run, model: nn.Module, metric: Metric, features: Features, options: AttributionOptions
+    ) -> _Plan:
+        features = _feature_set(features)
+        _check_model(run, model)
+        o = options
+        space = ParamSpace(model, metric, o.dtype, o.device, batch_points=o.batch_points)
+        names = set(run.param_names)
+        binding = bind(space.model, space.run_metric, space.dtype, names, features, o.centred)
+        return cls(space, binding, options)
 
 
-def _step_rows(run: Run, t: int, plan: _Plan, credit: Any) -> list[dict[str, Any]] | pd.DataFrame:
-    space, families = plan.space, plan.families
+def _step_rows(run: Run, t: int, plan: _Plan, credit: Any) -> pd.DataFrame:
+    """One step's ledger rows (all families asked for), in the ledger's columns."""
+    space, o = plan.space, plan.options
+    families = o.families
     blocks, by_param = plan.binding.blocks, plan.binding.by_param
     theta = {n: v.to(space.device, space.dtype) for n, v in run.params(t).items()}
     delta = {n: v.to(space.device, space.dtype) for n, v in run.update(t).items()}
@@ -242,10 +269,10 @@ def _step_rows(run: Run, t: int, plan: _Plan, credit: Any) -> list[dict[str, Any
             if ins is not None or outs is not None:
                 rows += geometry_rows(t, param, w.matrix(theta[param]), w.matrix(delta[param]), ins, outs)
     if L.INTEGRATED not in families and L.CREDIT not in families:
-        return rows
+        return pd.DataFrame(rows)
     path = UpdatePath(space, theta, delta)
-    integral = integrate_path(path, points=plan.points, split=plan.split)
-    kernels = plan.binding.kernels(space, path, integral.gbar, plan.centred, plan.reference)
+    integral = integrate_path(path, points=o.points, split=o.split)
+    kernels = plan.binding.kernels(space, path, integral.gbar, o.centred, o.reference)
     if L.INTEGRATED in families:
         rows += param_rows(t, delta, integral)
         for param, sides in kernels.items():
@@ -258,7 +285,7 @@ def _step_rows(run: Run, t: int, plan: _Plan, credit: Any) -> list[dict[str, Any
     if credit is not None:
         by_module = {by_param[p].module: sides for p, sides in kernels.items()}
         return pd.concat([pd.DataFrame(rows), credit(t, integral.gbar, by_module)], ignore_index=True)
-    return rows
+    return pd.DataFrame(rows)
 
 
 def _credit_engine(run: Run, horizon: int | None, by: Sequence[str] | None):
