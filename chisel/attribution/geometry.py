@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from chisel.attribution import ledger as L
+from chisel.attribution.splits import dual
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,7 @@ class FeatureBlock:
 
     def _least_squares_dual(self) -> Tensor:
         if "_dual" not in self.__dict__:  # frozen dataclass: cache beside the fields
-            d = self.directions
-            self.__dict__["_dual"] = d.T @ torch.linalg.pinv(d @ d.T)
+            self.__dict__["_dual"] = dual(self.directions)
         return self.__dict__["_dual"]
 
 
