@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "online_ledger.json"))
     args = parser.parse_args()
-    steps, repeats = (20, 3) if args.quick else (60, 5)
+    steps, repeats = (10, 3) if args.quick else (30, 5)
     if args.child:
         print(json.dumps(_child(args.child, steps, repeats)))
         return

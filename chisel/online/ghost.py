@@ -13,6 +13,7 @@ would have held): it stays whole, as "momentum (unresolved)".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from chisel.attribution.credit import GRADIENT_UNRESOLVED, MOMENTUM_UNRESOLVED
 from chisel.attribution.optim_models import GRADIENT, MOMENTUM, RESIDUAL, WEIGHT_DECAY
 from chisel.attribution.splits import Kernels
 from chisel.online.parts import ParamStep
-from chisel.online.writer import FIRST_ORDER, ORDER
+from chisel.online.writer import FIRST_ORDER, ORDER, Coded
 
 # whole-part leaves in the offline credit's names
 _WHOLE = {WEIGHT_DECAY: WEIGHT_DECAY, MOMENTUM: MOMENTUM_UNRESOLVED, RESIDUAL: RESIDUAL}
@@ -75,6 +76,7 @@ def credit_columns(
     """Column chunks of step t's credit rows (see the module docstring)."""
     out: list[dict[str, np.ndarray]] = []
     resolved: dict[str, float] = {}
+    samples: list[tuple[str, str, Tensor]] = []  # (param, site, [n] values)
     for module, pairs in factors.items():
         layer = layers[module]
         sides = kernels.get(layer.weight, [])
@@ -88,18 +90,43 @@ def credit_columns(
                       else sample_values(x.to(h.dtype), g.to(h.dtype), h) for x, g in pairs]
             value = torch.cat(values)
             resolved[param] = resolved.get(param, 0.0) + float(value.sum())
-            idx = np.arange(len(value))
-            out.append(_columns(t, GRADIENT, param, site, L.WHOLE, value.numpy(), idx))
+            samples.append((param, site, value))
             if sample_features and not is_bias:
+                idx = np.arange(len(value))
                 out += _sample_feature_columns(t, param, pairs, sides, kappa, coef, idx)
+    if samples:
+        out.append(_sample_columns(t, samples))
+    names, parts, values = [], [], []
     for param, step in steps.items():
         g = grad_m[param]
         whole = float((step.parts[GRADIENT] * g).sum())
         leaves = [(GRADIENT_UNRESOLVED, whole - resolved.get(param, 0.0))]
         leaves += [(_WHOLE[k], float((step.parts[k] * g).sum())) for k in _WHOLE]
         for part, value in leaves:
-            out.append(_columns(t, part, param, "", L.WHOLE, np.array([value])))
+            names.append(param)
+            parts.append(part)
+            values.append(value)
+    if values:  # one chunk for every param's whole parts
+        cols = _columns(t, "", "", "", L.WHOLE, np.array(values))
+        labels = tuple(dict.fromkeys(parts))
+        cols[L.PART] = Coded(labels, np.array([labels.index(p) for p in parts]))
+        cols[L.PARAM] = Coded(tuple(names), np.arange(len(names)))
+        out.append(cols)
     return out
+
+
+def _sample_columns(t: int, samples: list[tuple[str, str, Tensor]]) -> dict[str, Any]:
+    """All whole-sample rows of a step as one chunk (params and sites as coded columns)."""
+    counts = np.array([len(v) for _, _, v in samples])
+    which = np.repeat(np.arange(len(samples)), counts)
+    params = tuple(p for p, _, _ in samples)
+    sites = tuple(dict.fromkeys(s for _, s, _ in samples))
+    site_index = np.array([sites.index(s) for _, s, _ in samples])[which]
+    value = torch.cat([v.double() for _, _, v in samples]).numpy()
+    cols = _columns(t, GRADIENT, "", "", L.WHOLE, value,
+                    np.concatenate([np.arange(c) for c in counts]))
+    cols[L.PARAM], cols[L.SITE] = Coded(params, which), Coded(sites, site_index)
+    return cols
 
 
 def _sample_feature_columns(t, param, pairs, sides, kappa, coef, idx):

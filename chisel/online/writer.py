@@ -4,6 +4,7 @@ batches of steps while training runs (the file is complete once closed)."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ METADATA = {
 def schema() -> pa.Schema:
     base = L.schema([])
     return base.append(pa.field(ORDER, pa.int64())).with_metadata(METADATA)
+
+
+@dataclass(frozen=True)
+class Coded:
+    """A string column as labels and one index per row (built without a Python loop)."""
+
+    labels: tuple[str, ...]
+    indices: np.ndarray  # [rows] int
 
 
 _NUMERIC = {L.STEP, L.VALUE, L.SAMPLE, L.ORIGIN_STEP, L.COUNT, ORDER}
@@ -71,6 +80,9 @@ def _column(chunk: dict[str, Any], name: str, kind: pa.DataType) -> pa.Array:
     value = chunk.get(name)
     if value is None:
         value = None if name == L.PART or not pa.types.is_string(kind) else ""
+    if isinstance(value, Coded):
+        indices = pa.array(value.indices.astype(np.int32))
+        return pa.DictionaryArray.from_arrays(indices, pa.array(list(value.labels), kind)).cast(kind)
     if value is None or isinstance(value, (str, int, float)):
         if value is None:
             return pa.nulls(n, kind)
