@@ -239,3 +239,26 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
                        tmp_path / "r.parquet", credit=False):
         pass
     assert pd.read_parquet(tmp_path / "r.parquet").empty
+
+
+def test_sample_feature_rows_split_each_samples_credit_exactly(tmp_path):
+    model = policy()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(5)
+    features = _features("1:out", 16, gen)
+    metric = _mlp_metric(gen)
+    with online_ledger(model, opt, features, metric, tmp_path / "l.parquet", sample_features=True):
+        for _ in range(2):
+            _pg_loss(model, torch.randn(8, 6, generator=gen, dtype=torch.float64), gen).backward()
+            opt.step()
+            opt.zero_grad()
+    ledger = chisel.load_ledger(tmp_path / "l.parquet")
+    samples = ledger[(ledger[L.FAMILY] == L.CREDIT) & ledger[L.SAMPLE].notna()]
+    whole = samples[samples[L.FEATURE] == ""].set_index([L.STEP, L.PARAM, L.SAMPLE])[L.VALUE]
+    for quantity, param in ((L.ATTRIBUTION, "2.weight"), (L.WRITE_ATTRIBUTION, "0.weight")):
+        split = samples[(samples[L.QUANTITY] == quantity) & (samples[L.FEATURE] != "")
+                        & (samples[L.PARAM] == param)]
+        assert set(split[L.FEATURE]) >= {"f0", "f1", "f2", L.RESIDUAL}
+        summed = split.groupby([L.STEP, L.PARAM, L.SAMPLE])[L.VALUE].sum()
+        np.testing.assert_allclose(summed, whole.loc[summed.index], rtol=1e-9, atol=1e-15)
+        assert split[ORDER].eq(1).all() and len(summed) == 2 * 8
