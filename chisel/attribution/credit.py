@@ -316,13 +316,22 @@ def _sum_by_tags(chunks: list[dict[str, np.ndarray]], by: list[str]) -> dict[str
     codes, _ = pd.factorize(key * (int(origin.max()) + 1) + origin.astype(np.int64))
     columns = {}
     for name in by:  # a tag an origin step lacks is NaN there
-        values = [c.get(name, np.full(m, np.nan)) for c, m in zip(chunks, n, strict=True)]
+        values = [c[name] if name in c else np.full(m, np.nan) for c, m in zip(chunks, n, strict=True)]
         columns[name] = np.concatenate(values)[order]
         tag_codes, uniq = pd.factorize(columns[name], use_na_sentinel=False)
         codes = codes * max(1, len(uniq)) + tag_codes
     codes, _ = pd.factorize(codes)  # renumbered by first appearance
     first = np.unique(codes, return_index=True)[1]
-    out = {k: np.concatenate([c[k] for c in chunks])[order][first] for k in _GROUP_KEYS}
+    at = order[first]  # each group's first row, as an index into the chunks' rows
+    chunk_of = np.searchsorted(np.cumsum(n), at, side="right")
+    out = {}
+    for k in _GROUP_KEYS:  # constant within a chunk, but the origin step
+        if k == L.ORIGIN_STEP:
+            out[k] = np.concatenate([c[k] for c in chunks])[at]
+            continue
+        per_chunk = np.empty(len(chunks), dtype=chunks[0][k].dtype)
+        per_chunk[:] = [c[k][0] for c in chunks]
+        out[k] = per_chunk[chunk_of]
     out.update({name: v[first] for name, v in columns.items()})
     values = np.concatenate([c[L.VALUE] for c in chunks])[order]
     out[L.VALUE] = np.bincount(codes, weights=values)
@@ -399,7 +408,8 @@ def _group_rows(
     columns = [tags.columns(x.origin_step, x.n) for x in group]
     names = list(dict.fromkeys(c for cols in columns for c in cols))
     per_tag = {  # a tag an origin step lacks is NaN there
-        c: np.concatenate([cols.get(c, np.full(x.n, np.nan)) for x, cols in zip(group, columns)])
+        c: np.concatenate([cols[c] if c in cols else np.full(x.n, np.nan)
+                           for x, cols in zip(group, columns, strict=True)])
         for c in names
     }
     sizes = [x.n for x in group]

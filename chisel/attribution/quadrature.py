@@ -78,7 +78,16 @@ def _offsets_fn(path: UpdatePath, modules: list[nn.Module]):
 
 
 def kink_roots(path: UpdatePath, *, grid: int = 32, tol: float = 1e-13, rounds: int = 60) -> list[float]:
-    """Every α where some unit crosses a breakpoint (one root per grid cell and unit)."""
+    """Every α where some unit crosses a breakpoint (one root per grid cell and unit).
+
+    Each root is first predicted from the grid alone: the cubic through the 4 grid values around
+    its cell (exact for a pre-activation that is a polynomial of degree <= 3 in α there, as an
+    MLP's first three ReLU layers are between the kinks upstream), then checked with 2
+    evaluations at the prediction ∓ tol/2: a sign change there brackets the root to tol. Roots
+    whose check fails (a kink upstream within the stencil, a non-polynomial layer) keep the
+    narrower bracket and are refined by the bracketing search as before, so every root is
+    bracketed to `tol` either way.
+    """
     modules = piecewise_modules(path.space.model)
     if not modules:
         return []
@@ -90,8 +99,57 @@ def kink_roots(path: UpdatePath, *, grid: int = 32, tol: float = 1e-13, rounds: 
         return []
     a, b = alphas[cells].clone(), alphas[cells + 1].clone()
     fa, fb = values[cells, units].clone(), values[cells + 1, units].clone()
+
+    def model_at(c: Tensor, idx: Tensor) -> Tensor:
+        return path.outputs(c, fn)[torch.arange(len(idx)), units[idx]]
+
+    a, b, fa, fb = _predict_and_check(alphas, values, cells, units, a, b, fa, fb, model_at, tol)
+    a, b = _illinois(a, b, fa, fb, model_at, tol, rounds)
+    return sorted((0.5 * (a + b)).tolist())
+
+
+def _predict_and_check(
+    alphas: Tensor, values: Tensor, cells: Tensor, units: Tensor,
+    a: Tensor, b: Tensor, fa: Tensor, fb: Tensor, model_at, tol: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Brackets (a, b, f(a), f(b)) narrowed by a grid-only prediction and a 2-point check."""
+    grid = len(alphas) - 1
+    if grid < 3:
+        return a, b, fa, fb
+    first = (cells - 1).clamp(0, grid - 3)
+    at = first[:, None] + torch.arange(4)  # [roots, 4] the stencil's grid indices
+    xs, ys = alphas[at], values[at, units[:, None]]
+
+    def cubic(c: Tensor, idx: Tensor) -> Tensor:  # Lagrange form through the stencil
+        x, y, out = xs[idx], ys[idx], torch.zeros_like(c)
+        for k in range(4):
+            term = y[:, k]
+            for j in range(4):
+                if j != k:
+                    term = term * (c - x[:, j]) / (x[:, k] - x[:, j])
+            out = out + term
+        return out
+
+    pa, pb = _illinois(a.clone(), b.clone(), fa.clone(), fb.clone(), cubic, tol / 100, 100)
+    guess = 0.5 * (pa + pb)
+    lo = torch.maximum(guess - tol / 2, a)
+    hi = torch.minimum(guess + tol / 2, b)
+    everyone = torch.arange(len(a))
+    f_lo, f_hi = model_at(lo, everyone), model_at(hi, everyone)
+    s_a, s_lo, s_hi = torch.sign(fa), torch.sign(f_lo), torch.sign(f_hi)
+    closed = (s_lo != s_hi) | (s_lo == 0) | (s_hi == 0)  # the root lies in [lo, hi]
+    right = ~closed & (s_lo == s_a)  # lo and hi both on a's side: the root is right of hi
+    left = ~closed & ~right
+    a, fa = torch.where(closed, lo, torch.where(right, hi, a)), torch.where(right, f_hi, fa)
+    b, fb = torch.where(closed, hi, torch.where(left, lo, b)), torch.where(left, f_lo, fb)
+    return a, b, fa, fb
+
+
+def _illinois(a: Tensor, b: Tensor, fa: Tensor, fb: Tensor, f, tol: float, rounds: int) -> tuple[Tensor, Tensor]:
+    """Illinois (modified regula falsi) for all brackets at once; f(c, idx) evaluates the open
+    brackets idx at c. Returns the brackets, each narrowed to `tol` (or `rounds` spent)."""
     side = torch.zeros_like(a)
-    for _ in range(rounds):  # Illinois (modified regula falsi) for all roots at once
+    for _ in range(rounds):
         open_ = (b - a) > tol
         if not open_.any():
             break
@@ -99,7 +157,7 @@ def kink_roots(path: UpdatePath, *, grid: int = 32, tol: float = 1e-13, rounds: 
         c = torch.where((c > a) & (c < b), c, 0.5 * (a + b))
         idx = torch.nonzero(open_).squeeze(1)
         fc = torch.zeros_like(c)
-        fc[idx] = path.outputs(c[idx], fn)[torch.arange(len(idx)), units[idx]]
+        fc[idx] = f(c[idx], idx)
         right = (torch.sign(fc) == torch.sign(fb)) & open_
         left = ~right & open_
         # Illinois: halve the stale end's value when the same side moves twice in a row
@@ -110,7 +168,7 @@ def kink_roots(path: UpdatePath, *, grid: int = 32, tol: float = 1e-13, rounds: 
         side = torch.where(right, -1.0, torch.where(left, 1.0, side))
         exact = (fc == 0) & open_
         a, b = torch.where(exact, c, a), torch.where(exact, c, b)
-    return sorted((0.5 * (a + b)).tolist())
+    return a, b
 
 
 def integrate_path(path: UpdatePath, *, points: int = 16, split: str = "auto") -> PathIntegral:
