@@ -6,7 +6,6 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import shutil
 import warnings
 import weakref
 from pathlib import Path
@@ -29,9 +28,8 @@ from chisel.errors import (
     TagError,
     WriterError,
 )
-from chisel.store.layout import RunLayout, read_manifest, write_json
-from chisel.store.manifest import check_manifest
-from chisel.store.reader import complete_steps
+from chisel.store.layout import write_json
+from chisel.store.run_dir import open_run
 from chisel.store.writer import RunWriter
 
 
@@ -81,12 +79,15 @@ class Recorder:
             optimizer = unwrap_optimizer(optimizer)  # accelerate / Lightning: the real one
         self.run_dir = Path(run_dir)
         self.config = config
-        self.layout = RunLayout(self.run_dir)
         self._closed = False
         self._first_step = 0
-        existed = self.run_dir.exists()
         try:
-            first_step, manifest = self._prepare_dir(model, optimizer, overwrite, resume)
+            opened = open_run(
+                self.run_dir,
+                overwrite=overwrite,
+                resume=resume,
+                check_resume=lambda manifest: self._check_resume(manifest, model, optimizer),
+            )
         except OSError as err:
             if isinstance(err, (RunExistsError, NotARunError)):
                 raise
@@ -94,11 +95,13 @@ class Recorder:
                 f"chisel cannot set up the run directory {self.run_dir}: "
                 f"{err.strerror or err}. Choose a writable run_dir (or fix its permissions)."
             ) from err
+        self.layout = opened.layout
+        first_step, manifest = opened.first_step, opened.manifest
         self._first_step = first_step
         # the hooks reach the writer through this box, not through `self`: a Recorder dropped
         # without close() can then be collected, and its finalizer removes the hooks
         box: dict[str, RunWriter] = {}
-        fresh = manifest is None  # a failed start of a new run must leave nothing behind
+        fresh = opened.fresh  # a failed start of a new run must leave nothing behind
         try:
             self._capture = StepCapture(
                 model,
@@ -114,8 +117,7 @@ class Recorder:
                 self._writer.on_step = self._view.add_step
                 self._writer.step_deltas = self._view.geometry is not None
         except BaseException:
-            if fresh:
-                self._undo_start(existed)
+            opened.abandon()
             raise
         try:
             # θ_0 is on disk before the manifest makes the run visible: a visible run always
@@ -139,8 +141,7 @@ class Recorder:
                     self._view.close()
             with contextlib.suppress(Exception):  # the first error is the one to report
                 self._writer.close()
-            if fresh:
-                self._undo_start(existed)
+            opened.abandon()
             if isinstance(err, OSError) and not isinstance(err, ChiselError):
                 left = "Nothing was left behind" if fresh else "The run's recorded steps are intact"
                 raise WriterError(
@@ -152,65 +153,7 @@ class Recorder:
             self, _abandon, self._capture, self._writer, str(self.run_dir), self._view
         )
 
-    def _undo_start(self, existed: bool) -> None:
-        """Remove what a failed start made (the folders and θ_0), so a retry starts clean."""
-        for folder in (N.STEPS_DIR, N.KEYFRAMES_DIR):
-            path = self.run_dir / folder
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-        (self.run_dir / N.MANIFEST).unlink(missing_ok=True)
-        if not existed:
-            with contextlib.suppress(OSError):
-                self.run_dir.rmdir()
-
     # -- set-up ---------------------------------------------------------------------------------
-    def _prepare_dir(
-        self, model: nn.Module, optimizer: Any, overwrite: bool, resume: bool
-    ) -> tuple[int, dict[str, Any] | None]:
-        root = self.run_dir
-        is_run = self.layout.manifest.is_file()
-        if root.exists() and not root.is_dir():
-            raise RunExistsError(f"run_dir {root} is a file; give a directory path.")
-        if overwrite and resume:
-            raise RunExistsError("Give either overwrite=True or resume=True, not both.")
-        if root.is_dir() and not is_run and _failed_start(root):
-            self._undo_start(existed=True)  # left by a start that was killed: nothing recorded
-        if resume and not is_run:
-            raise NotARunError(
-                f"resume=True, but {root} holds no chisel run to continue ({N.MANIFEST} is "
-                "missing). Drop resume=True to start a new run there."
-            )
-        if root.is_dir() and any(root.iterdir()):
-            if resume and is_run:
-                manifest = check_manifest(read_manifest(root), self.layout.manifest)
-                self._check_resume(manifest, model, optimizer)
-                for folder in (N.STEPS_DIR, N.KEYFRAMES_DIR):
-                    path = root / folder
-                    if path.is_dir() and not path.is_symlink():  # never sweep through a link
-                        for tmp in path.glob(f"{N.TMP_PREFIX}*"):
-                            tmp.unlink()
-                return complete_steps(self.layout), manifest
-            if overwrite and is_run:
-                if root.is_symlink():
-                    raise RunExistsError(
-                        f"run_dir {root} is a symbolic link (to {os.path.realpath(root)}); chisel "
-                        "will not delete a run through a link. Give the real path, or remove the "
-                        "old run yourself."
-                    )
-                shutil.rmtree(root)
-            elif overwrite or resume:
-                raise RunExistsError(
-                    f"{root} is not empty and is not a chisel run (no {N.MANIFEST}); chisel will "
-                    "not delete or append to it. Choose another run_dir."
-                )
-            else:
-                raise RunExistsError(
-                    f"{root} already holds a run. Pass overwrite=True to replace it, resume=True to "
-                    "continue its step numbering after a checkpoint reload, or choose another run_dir."
-                )
-        self.layout.make_dirs()
-        return 0, None
-
     def _check_resume(self, manifest: dict[str, Any], model: nn.Module, optimizer: Any) -> None:
         from chisel.capture.optim import named_optimizer_params
 
@@ -307,7 +250,7 @@ class Recorder:
         self._finalizer.detach()
         try:
             self._capture.detach()
-            if self._writer._error is None:
+            if not self._writer.failed:
                 self._writer.submit(self._capture.keyframe("end"))
         finally:
             try:
@@ -359,28 +302,6 @@ def _check_arguments(model: Any, run_dir: Any, metadata: Any) -> None:
             f"metadata must be JSON-able (numbers, strings, lists, dicts): {err}. Convert tensors "
             "with .tolist() and other objects with str()."
         ) from None
-
-
-def _failed_start(root: Path) -> bool:
-    """True for what a start killed before the manifest was written leaves: `steps/` (empty
-    but for temporary files) and `keyframes/` (at most θ_0), nothing else."""
-    try:
-        entries = {p.name: p for p in root.iterdir()}
-    except OSError:
-        return False
-    if not entries or set(entries) - {N.STEPS_DIR, N.KEYFRAMES_DIR}:
-        return False
-    allowed = {
-        N.STEPS_DIR: set(),
-        N.KEYFRAMES_DIR: {RunLayout(root).keyframe_file(0).name},
-    }
-    for name, path in entries.items():
-        if not path.is_dir() or path.is_symlink():
-            return False
-        for child in path.iterdir():
-            if not (child.name.startswith(N.TMP_PREFIX) or child.name in allowed[name]):
-                return False
-    return True
 
 
 def _abandon(capture: StepCapture, writer: RunWriter, run_dir: str, view: Any = None) -> None:

@@ -164,6 +164,11 @@ class RunWriter:
         self._thread.start()
 
     # -- training-thread side ------------------------------------------------------------------
+    @property
+    def failed(self) -> bool:
+        """The writer stopped on an error (`check()` raises it)."""
+        return self._error is not None
+
     def check(self) -> None:
         if self._error is not None:
             where = f" while writing step {self._error_step}" if self._error_step is not None else ""
