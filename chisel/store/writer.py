@@ -331,7 +331,11 @@ class RunWriter:
                         aliases[key] = seen[view]
                         continue
                     seen[view] = key
-                    stored = value.to("cpu", self._factor_dtype or value.dtype).reshape(-1)
+                    # a compact factor_dtype is for activations and gradients; token ids
+                    # (Embedding factors) keep their integer dtype, exact at any vocabulary size
+                    floating = value.is_floating_point() and self._factor_dtype is not None
+                    stored = value.to("cpu", self._factor_dtype if floating else value.dtype)
+                    stored = stored.reshape(-1)
                     dtype = str(stored.dtype).removeprefix("torch.")
                     layout[key] = [dtype, offsets.get(dtype, 0), list(value.shape)]
                     offsets[dtype] = offsets.get(dtype, 0) + stored.numel()
