@@ -262,3 +262,39 @@ def test_sample_feature_rows_split_each_samples_credit_exactly(tmp_path):
         summed = split.groupby([L.STEP, L.PARAM, L.SAMPLE])[L.VALUE].sum()
         np.testing.assert_allclose(summed, whole.loc[summed.index], rtol=1e-9, atol=1e-15)
         assert split[ORDER].eq(1).all() and len(summed) == 2 * 8
+
+
+def _train(model, opt, steps):
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(steps):
+        obs = torch.randn(16, 6, generator=gen, dtype=next(model.parameters()).dtype)
+        logits = model(obs)
+        (-(torch.log_softmax(logits, -1)[:, 0] * obs[:, 0]).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_the_ledger_does_not_change_training(tmp_path):
+    metric = _mlp_metric(torch.Generator().manual_seed(0))
+    plain, watched = policy(), policy()
+    opt_plain = torch.optim.Adam(plain.parameters(), lr=1e-2)
+    opt_watched = torch.optim.Adam(watched.parameters(), lr=1e-2)
+    _train(plain, opt_plain, 3)
+    with online_ledger(watched, opt_watched, None, metric, tmp_path / "l.parquet"):
+        _train(watched, opt_watched, 3)
+    for a, b in zip(plain.parameters(), watched.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_float32_training_closes_to_float32_precision(tmp_path):
+    model = policy().float()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(4)
+    with online_ledger(model, opt, _features("1:out", 16, gen), _mlp_metric(gen), tmp_path / "l.parquet"):
+        _train(model, opt, 3)
+    ledger = chisel.load_ledger(tmp_path / "l.parquet")
+    assert np.isfinite(ledger[L.VALUE].dropna()).all()
+    credit = ledger[(ledger[L.FAMILY] == L.CREDIT) & (ledger[L.FEATURE] == "")]
+    total = ledger[ledger[L.QUANTITY] == L.TOTAL].set_index(L.STEP)[L.VALUE]
+    np.testing.assert_allclose(credit.groupby(L.STEP)[L.VALUE].sum(), total, rtol=1e-4)
+    assert (ledger[ledger[L.QUANTITY] == L.COMPLETENESS_REL][L.VALUE] < 0.2).all()
