@@ -3,15 +3,21 @@
 (a) The time to attribute one recorded update with geometry + integrated + credit, as a ratio
     to the time of `points` forward+backward passes of the same metric (the floor: integrated
     gradients cannot do with fewer). Target <= 1.5x.
-(b) Peak RSS while attributing a 1,000-step run with the ledger streamed to parquet, sampled
-    every 100 steps: it must not grow with the number of steps.
+(b) Each configuration's cost as a ratio to the integrated family alone, measured alternately
+    in one process (issue 11: all three families with the default horizon <= 2x integrated).
+(c) Kink search on a 4-64-64-2 ReLU MLP with 256 metric states, one Adam step: evaluations per
+    step of the earlier bracketing-only root search vs the grid-predicted roots checked with
+    2 evaluations each (`kink_roots(predict=False/True)`), and the step's total evaluations.
+(d) Peak RSS while attributing a 1,000-step run with the ledger streamed to parquet, sampled
+    every 100 steps: it must not grow with the number of steps (skip with --no-memory).
 
-Usage: python benchmarks/attribution.py [--steps 1000] [--threads 1]
+Usage: python benchmarks/attribution.py [--steps 1000] [--threads 1] [--repeats 3] [--no-memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import tempfile
@@ -23,6 +29,8 @@ from torch import nn
 
 import chisel
 import probes
+from chisel.attribution import quadrature as Q
+from chisel.attribution.functional import ParamSpace, UpdatePath
 
 OBS, HIDDEN, ACTIONS, BATCH, METRIC_STATES, POINTS = 102, 64, 7, 256, 1024, 16
 
@@ -77,12 +85,48 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def kink_evaluations(states: int = 256) -> dict[str, float]:
+    """Evaluations of one Adam step's kink search and integral on a 4-64-64-2 ReLU MLP."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)).double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(256, 4, generator=gen, dtype=torch.float64), torch.randint(0, 2, (256,), generator=gen)
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):  # the second step: Adam's update with a first moment
+        theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    delta = {n: p.detach() - theta[n] for n, p in model.named_parameters()}
+    held = torch.randn(states, 4, generator=gen, dtype=torch.float64)
+    space = ParamSpace(model, lambda m: torch.log_softmax(m(held), -1)[:, 0].mean(), torch.float64, "cpu")
+    path = UpdatePath(space, theta, delta)
+    out: dict[str, float] = {}
+    for label, predict in (("before", False), ("after", True)):
+        start, clock = space.evaluations, time.perf_counter()
+        roots = Q.kink_roots(path, predict=predict)
+        out[f"roots {label}"] = len(roots)
+        out[f"root evaluations {label}"] = space.evaluations - start
+        out[f"root seconds {label}"] = time.perf_counter() - clock
+    start, clock = space.evaluations, time.perf_counter()
+    integral = Q.integrate_path(path, points=POINTS)
+    out["pieces"], out["step evaluations after"] = integral.pieces, integral.evaluations
+    out["step evaluations before"] = (integral.evaluations - out["root evaluations after"]
+                                      + out["root evaluations before"])
+    out["step seconds after"] = time.perf_counter() - clock
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed rounds")
+    parser.add_argument("--no-memory", action="store_true", help="skip the RSS part (d)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"load average {os.getloadavg()[0]:.2f} at start; {args.threads} torch thread(s)")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         policy = record(run_dir, args.steps)
@@ -93,23 +137,37 @@ def main() -> None:
         feats = features()
         floor = floor_seconds(policy, metric)
         chisel.attribute(run, policy, feats, metric, steps=[1], points=POINTS)  # warm-up
-        per_step = {}
         block = range(60, 80)  # consecutive steps in one call, as a user attributes a run
-        runs = (("integrated",), None), (("geometry", "integrated", "credit"), None), \
-               (("geometry", "integrated", "credit"), 8)
-        for families, horizon in runs:
-            start = time.perf_counter()
-            chisel.attribute(run, policy, feats, metric, steps=block, points=POINTS, families=families,
-                             credit_by=["reward"], horizon=horizon)
-            per_step[(families, horizon)] = (time.perf_counter() - start) / len(block)
+        runs = (("integrated",), None), (("credit",), None), \
+               (("geometry", "integrated", "credit"), None), (("geometry", "integrated", "credit"), 8)
+        times: dict = {key: [] for key in runs}
+        for _ in range(args.repeats):  # alternate the configurations: the load drifts
+            for families, horizon in runs:
+                start = time.perf_counter()
+                chisel.attribute(run, policy, feats, metric, steps=block, points=POINTS,
+                                 families=families, credit_by=["reward"], horizon=horizon)
+                times[(families, horizon)].append((time.perf_counter() - start) / len(block))
+        per_step = {key: statistics.median(v) for key, v in times.items()}
+        integrated = per_step[(("integrated",), None)]
         print(f"policy {sum(p.numel() for p in policy.parameters()):,} params; metric on {METRIC_STATES} "
-              f"states; {len(feats)} features; minibatch {BATCH}; {POINTS} points")
+              f"states; {len(feats)} features; minibatch {BATCH}; {POINTS} points; Adam (default "
+              f"horizon: 44 steps); median of {args.repeats} alternating rounds of {len(block)} steps")
         print(f"floor ({POINTS} fwd+bwd, float64):      {floor * 1e3:8.1f} ms")
         for (families, horizon), seconds in per_step.items():
             label = "+".join(families) + (f" (horizon {horizon})" if horizon else "")
             print(f"attribute one update, {label:44s} {seconds * 1e3:8.1f} ms  "
-                  f"= {seconds / floor:.2f}x the floor")
-        # (b) memory over the whole run, ledger streamed to parquet, nothing kept in memory
+                  f"= {seconds / floor:.2f}x the floor = {seconds / integrated:.2f}x integrated")
+        print(f"load average {os.getloadavg()[0]:.2f} after the timed rounds")
+        kinks = kink_evaluations()
+        print(f"kinks (4-64-64-2 ReLU, 256 states, one Adam step): {kinks['roots after']} roots "
+              f"({kinks['roots before']} before), {kinks['pieces']} pieces; root search "
+              f"{kinks['root evaluations before']} -> {kinks['root evaluations after']} evaluations "
+              f"({kinks['root seconds before']:.2f} s -> {kinks['root seconds after']:.2f} s); "
+              f"the step {kinks['step evaluations before']} -> {kinks['step evaluations after']} "
+              f"evaluations")
+        if args.no_memory:
+            return
+        # (d) memory over the whole run, ledger streamed to parquet, nothing kept in memory
         marks = []
         step_block = max(1, len(run) // 10)
         for start in range(0, len(run), step_block):

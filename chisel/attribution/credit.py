@@ -19,6 +19,7 @@ a feature's credit rows sum to its integrated row for any optimizer).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -286,6 +287,21 @@ class _OriginTags:
             self.seen.update(self._columns[s])
         return self._columns[s]
 
+    def groups(self, s: int, n: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """(codes [n] of the samples' groups, {tag column: [groups] value}, [groups] sizes) by
+        the `by` tags, groups in order of first appearance, a missing or NaN tag its own group."""
+        assert self.by is not None
+        cols = self.columns(s, n)
+        values = [cols[c] if c in cols else np.full(n, np.nan) for c in self.by]
+        codes = np.zeros(n, dtype=np.int64)
+        for v in values:
+            c, uniq = pd.factorize(v, use_na_sentinel=False)
+            codes = codes * max(1, len(uniq)) + c
+        codes, _ = pd.factorize(codes)
+        first = np.unique(codes, return_index=True)[1]
+        keys = {c: v[first] for c, v in zip(self.by, values, strict=True)}
+        return codes, keys, np.bincount(codes, minlength=len(first))
+
     def check(self) -> None:
         """The `by` tags must be per-sample numeric tags of the samples credited at this step."""
         assert self.by is not None
@@ -302,7 +318,8 @@ _GROUP_KEYS = (L.STEP, L.FAMILY, L.PART, L.PARAM, L.SITE, L.FEATURE, L.QUANTITY,
 
 
 def _sum_by_tags(chunks: list[dict[str, np.ndarray]], by: list[str]) -> dict[str, np.ndarray] | None:
-    """Whole-sample rows (chunks with `_ORDER` keys) summed within the groups of the tag columns
+    """Whole rows (chunks with `_ORDER` keys; per sample, or per tag group with a `count`)
+    summed within the groups of the tag columns
     `by` and of the other keys, as `_aggregate_samples` sums the rows in block order: groups in
     order of first appearance, a NaN tag its own group, each group summed in row order."""
     if not chunks:
@@ -336,7 +353,8 @@ def _sum_by_tags(chunks: list[dict[str, np.ndarray]], by: list[str]) -> dict[str
     values = np.concatenate([c[L.VALUE] for c in chunks])[order]
     out[L.VALUE] = np.bincount(codes, weights=values)
     out[L.SAMPLE] = np.full(len(first), np.nan)
-    out[L.COUNT] = np.bincount(codes).astype(np.float64)
+    counts = np.concatenate([c[L.COUNT] if L.COUNT in c else np.ones(m) for c, m in zip(chunks, n, strict=True)])
+    out[L.COUNT] = np.bincount(codes, weights=counts[order])  # rows already summed count theirs
     return out
 
 
@@ -390,6 +408,64 @@ def _summed_shares(
     return (sums.flatten(1) @ kernels.weight.flatten(1).T) * scales[:, None]
 
 
+def _sample_whole(
+    t: int, split: CreditSplit, group: list[SampleBlock], gbar: Tensor, site: str,
+    tags: _OriginTags, at: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """One whole row per sample of every block of the group, with the samples' tags."""
+    b = group[0]
+    values = np.concatenate([v.numpy() for v in _whole_values(split, group, gbar)])
+    columns = [tags.columns(x.origin_step, x.n) for x in group]
+    names = list(dict.fromkeys(c for cols in columns for c in cols))
+    per_tag = {  # a tag an origin step lacks is NaN there
+        c: np.concatenate([cols[c] if c in cols else np.full(x.n, np.nan)
+                           for x, cols in zip(group, columns, strict=True)])
+        for c in names
+    }
+    sizes = [x.n for x in group]
+    whole = _rows(t, b.part, b.param, site, L.WHOLE, values,
+                  np.concatenate([np.arange(n) for n in sizes]), None, per_tag)
+    whole[L.ORIGIN_STEP] = np.repeat([float(x.origin_step) for x in group], sizes)
+    whole[_ORDER] = np.repeat(at, sizes)
+    return whole
+
+
+def _grouped_whole(
+    t: int, split: CreditSplit, group: list[SampleBlock], gbar: Tensor, site: str,
+    tags: _OriginTags, at: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """One whole row per tag group of every block: ⟨shared ⊙ ḡ, Σ_{i∈group} layout(g_i, x_i)⟩
+    times the block's scale, from per-group sums of each origin step's terms that the session
+    keeps (formed once per origin step, not once per update): no per-sample work per update."""
+    b = group[0]
+    shared = split.shared_coef(b)[0]
+    read = (shared * gbar).reshape(-1)
+    assert tags.by is not None
+    chunks = []
+    for x, key in zip(group, at, strict=True):
+        codes, keys, sizes = tags.groups(x.origin_step, x.n)
+
+        def sums(x: SampleBlock = x, codes: np.ndarray = codes, k: int = len(sizes)) -> Tensor:
+            member = torch.from_numpy(codes)
+            return torch.stack([
+                dataclasses.replace(x, g=x.g * (member == j).to(x.g.dtype)[:, None, None])
+                .raw_total(gbar.shape).reshape(-1) for j in range(k)
+            ])  # [groups, numel]
+
+        per_group = split_cached(tags.session, x, tuple(tags.by), sums)
+        values = (per_group @ read) * split.shared_coef(x)[1]
+        rows = _rows(t, x.part, x.param, site, L.WHOLE, values.numpy(), None, x.origin_step, keys)
+        rows[L.COUNT] = sizes.astype(np.float64)
+        rows[_ORDER] = np.full(len(sizes), key)
+        chunks.append(rows)
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def split_cached(session: CreditSession, b: SampleBlock, by: tuple[str, ...], make) -> Tensor:
+    """The per-group sums of block b's origin step (see `_grouped_whole`), kept by the session."""
+    return session.cached(b.origin_step, ("groups", b.module, b.param, by), make)
+
+
 def _group_rows(
     t: int,
     split: CreditSplit,
@@ -404,19 +480,10 @@ def _group_rows(
     blocks' sort keys (`_ORDER`: their whole rows there, side j's rows at key + 1 + j)."""
     b = group[0]
     site = sides[0].sites[-1] if sides else ""
-    values = np.concatenate([v.numpy() for v in _whole_values(split, group, gbar)])
-    columns = [tags.columns(x.origin_step, x.n) for x in group]
-    names = list(dict.fromkeys(c for cols in columns for c in cols))
-    per_tag = {  # a tag an origin step lacks is NaN there
-        c: np.concatenate([cols[c] if c in cols else np.full(x.n, np.nan)
-                           for x, cols in zip(group, columns, strict=True)])
-        for c in names
-    }
-    sizes = [x.n for x in group]
-    whole = _rows(t, b.part, b.param, site, L.WHOLE, values,
-                  np.concatenate([np.arange(n) for n in sizes]), None, per_tag)
-    whole[L.ORIGIN_STEP] = np.repeat([float(x.origin_step) for x in group], sizes)
-    whole[_ORDER] = np.repeat(at, sizes)
+    if tags.by is not None:
+        whole = _grouped_whole(t, split, group, gbar, site, tags, at)
+    else:
+        whole = _sample_whole(t, split, group, gbar, site, tags, at)
     features: list[dict[str, np.ndarray]] = []
     if mode == "none":
         return whole, features

@@ -303,6 +303,8 @@ class CreditSession:
         self._factors: dict[int, _StepFactors | None] = {}
         # (s, module, param) -> Σ_i layout(g_i, x_i) of step s's samples (SampleBlock.unscaled)
         self._sums: dict[tuple[int, str, str], Tensor] = {}
+        # (s, key) -> anything derived from step s's factors alone (`cached`), evicted with them
+        self._derived: dict[tuple[int, Any], Any] = {}
         meta = run.manifest.get("factor_modules") or {}
         self._kinds = {m: v.get("kind", "linear") for m, v in meta.items()}
         self._params = {m: {k: v[k] for k in ("weight", "bias") if k in v} for m, v in meta.items()}
@@ -366,6 +368,15 @@ class CreditSession:
             del self._factors[s]
         for key in [k for k in self._sums if k[0] < t - self.reach or k[0] > t]:
             del self._sums[key]
+        for key in [k for k in self._derived if k[0] < t - self.reach or k[0] > t]:
+            del self._derived[key]
+
+    def cached(self, s: int, key: Any, make: Any) -> Any:
+        """`make()`, kept while step s's factors are within reach: for quantities derived from
+        step s's samples alone (per-group sums of their terms), reused by every later update."""
+        if (s, key) not in self._derived:
+            self._derived[(s, key)] = make()
+        return self._derived[(s, key)]
 
     # -- the split -------------------------------------------------------------------------
     def split(self, t: int) -> CreditSplit:

@@ -335,8 +335,8 @@ def _credit(run: Run, horizon: int | None, by: Sequence[str] | None, origin: int
             replay._apply(replay._next, None)
 
     def rows(t: int, gbar: Any, kernels: Any) -> pd.DataFrame:
-        frame = C.credit_rows(run, t, gbar, kernels_by_module=kernels, session=session, feature_rows="summed")
-        return frame if by is None else C._aggregate_samples(frame, by)
+        return C.credit_rows(run, t, gbar, kernels_by_module=kernels, session=session,
+                             feature_rows="summed", by=by)  # as credit.engine: the same rows
 
     return rows
 

@@ -77,7 +77,9 @@ def _offsets_fn(path: UpdatePath, modules: list[nn.Module]):
     return fn
 
 
-def kink_roots(path: UpdatePath, *, grid: int = 32, tol: float = 1e-13, rounds: int = 60) -> list[float]:
+def kink_roots(
+    path: UpdatePath, *, grid: int = 32, tol: float = 1e-13, rounds: int = 60, predict: bool = True
+) -> list[float]:
     """Every α where some unit crosses a breakpoint (one root per grid cell and unit).
 
     Each root is first predicted from the grid alone: the cubic through the 4 grid values around
@@ -86,7 +88,8 @@ def kink_roots(path: UpdatePath, *, grid: int = 32, tol: float = 1e-13, rounds: 
     evaluations at the prediction ∓ tol/2: a sign change there brackets the root to tol. Roots
     whose check fails (a kink upstream within the stencil, a non-polynomial layer) keep the
     narrower bracket and are refined by the bracketing search as before, so every root is
-    bracketed to `tol` either way.
+    bracketed to `tol` either way. predict=False: the bracketing search alone (the earlier
+    scheme, for comparison).
     """
     modules = piecewise_modules(path.space.model)
     if not modules:
@@ -103,7 +106,8 @@ def kink_roots(path: UpdatePath, *, grid: int = 32, tol: float = 1e-13, rounds: 
     def model_at(c: Tensor, idx: Tensor) -> Tensor:
         return path.outputs(c, fn)[torch.arange(len(idx)), units[idx]]
 
-    a, b, fa, fb = _predict_and_check(alphas, values, cells, units, a, b, fa, fb, model_at, tol)
+    if predict:
+        a, b, fa, fb = _predict_and_check(alphas, values, cells, units, a, b, fa, fb, model_at, tol)
     a, b = _illinois(a, b, fa, fb, model_at, tol, rounds)
     return sorted((0.5 * (a + b)).tolist())
 
