@@ -291,6 +291,11 @@ class _OriginTags:
         """(codes [n] of the samples' groups, {tag column: [groups] value}, [groups] sizes) by
         the `by` tags, groups in order of first appearance, a missing or NaN tag its own group."""
         assert self.by is not None
+        self.columns(s, n)  # the tags seen (for `check`)
+        return self.session.cached(s, ("tag groups", tuple(self.by)), lambda: self._groups(s, n))
+
+    def _groups(self, s: int, n: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        assert self.by is not None
         cols = self.columns(s, n)
         values = [cols[c] if c in cols else np.full(n, np.nan) for c in self.by]
         codes = np.zeros(n, dtype=np.int64)
