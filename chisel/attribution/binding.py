@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import probes
+from chisel._warn import warn_at_caller
 from chisel.attribution.functional import ParamSpace, UpdatePath
 from chisel.attribution.geometry import FeatureBlock
 from chisel.attribution.splits import Kernels, read_kernels, write_kernels
@@ -101,11 +101,10 @@ def _warn_uncentred(binding: Binding) -> None:
         if ins is not None and binding.by_param[p].bias is None
     ]
     if plain:
-        warnings.warn(
+        warn_at_caller(
             f"chisel: {plain[:5]} have no recorded bias, so their input split cannot be centred "
             "(the mean input's share needs the bias's gradient); they are split uncentred, with "
-            "no <mean> row. Pass centred=False to split every weight the same way.",
-            stacklevel=4,
+            "no <mean> row. Pass centred=False to split every weight the same way."
         )
 
 
@@ -186,17 +185,15 @@ def _carried_block(
 ) -> FeatureBlock | None:
     """Features at sites h = φ(z) of the weight's output, carried back to z (one site)."""
     if exact is not None:
-        warnings.warn(
+        warn_at_caller(
             f"chisel: {w.param} has features at its own output ({exact.sites[0]!r}) and after an "
-            f"activation ({transports[0].site!r}); its write split uses the former only.",
-            stacklevel=4,
+            f"activation ({transports[0].site!r}); its write split uses the former only."
         )
         return exact
     if len(transports) > 1:
-        warnings.warn(
+        warn_at_caller(
             f"chisel: {w.param} feeds several activation sites with features "
-            f"({[t.site for t in transports]}); its write split uses {transports[0].site!r}.",
-            stacklevel=4,
+            f"({[t.site for t in transports]}); its write split uses {transports[0].site!r}."
         )
     t = transports[0]
     block = _block(w, list(features.at(t.site)), w.d_out, "writes", dtype)

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import inspect
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from chisel._warn import warn_at_caller
 from chisel.attribution.copying import private_copy
 from chisel.attribution.metrics import Metric, describe
 from chisel.errors import ChiselError
@@ -108,7 +108,7 @@ class ParamSpace:
         changed = _mode_dependent_modules(model)
         if changed:
             shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
-            warnings.warn(
+            warn_at_caller(
                 f"chisel: the model is in train mode, and these modules act differently in eval mode: "
                 f"{shown}. "
                 "Attribution evaluates the metric on an eval-mode copy (dropout off, batch norm "
@@ -116,7 +116,6 @@ class ParamSpace:
                 "the parameters and the attributions sum to the metric's change; your model's "
                 "mode is left as it is. Call model.eval() before attributing to silence this.",
                 TrainModeWarning,
-                stacklevel=3,
             )
         copied = private_copy(model).to(device=device, dtype=dtype).eval()
         for p in copied.parameters():
@@ -264,10 +263,9 @@ class UpdatePath:
             except MetricError:
                 raise
             except Exception as err:  # an op vmap cannot trace: data-dependent control flow…
-                warnings.warn(
+                warn_at_caller(
                     f"chisel: evaluating the metric with torch.func.vmap failed ({err!r:.200}); "
-                    "falling back to one evaluation per quadrature point (slower, same result).",
-                    stacklevel=3,
+                    "falling back to one evaluation per quadrature point (slower, same result)."
                 )
                 self.space.use_vmap = False
         return looped(alphas)
