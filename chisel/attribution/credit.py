@@ -446,11 +446,11 @@ def _grouped_whole(
     shared = split.shared_coef(b)[0]
     read = (shared * gbar).reshape(-1)
     assert tags.by is not None
-    chunks = []
-    for x, key in zip(group, at, strict=True):
-        codes, keys, sizes = tags.groups(x.origin_step, x.n)
+    values, keys, sizes = [], [], []
+    for x in group:
+        codes, tag_keys, counts = tags.groups(x.origin_step, x.n)
 
-        def sums(x: SampleBlock = x, codes: np.ndarray = codes, k: int = len(sizes)) -> Tensor:
+        def sums(x: SampleBlock = x, codes: np.ndarray = codes, k: int = len(counts)) -> Tensor:
             member = torch.from_numpy(codes)
             return torch.stack([
                 dataclasses.replace(x, g=x.g * (member == j).to(x.g.dtype)[:, None, None])
@@ -458,12 +458,16 @@ def _grouped_whole(
             ])  # [groups, numel]
 
         per_group = split_cached(tags.session, x, tuple(tags.by), sums)
-        values = (per_group @ read) * split.shared_coef(x)[1]
-        rows = _rows(t, x.part, x.param, site, L.WHOLE, values.numpy(), None, x.origin_step, keys)
-        rows[L.COUNT] = sizes.astype(np.float64)
-        rows[_ORDER] = np.full(len(sizes), key)
-        chunks.append(rows)
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        values.append(((per_group @ read) * split.shared_coef(x)[1]).numpy())
+        keys.append({**tag_keys, L.COUNT: counts.astype(np.float64)})
+        sizes.append(len(counts))
+    columns = {c: np.concatenate([k[c] for k in keys]) for c in keys[0]}
+    count = columns.pop(L.COUNT)
+    rows = _rows(t, b.part, b.param, site, L.WHOLE, np.concatenate(values), None, None, columns)
+    rows[L.COUNT] = count
+    rows[L.ORIGIN_STEP] = np.repeat([float(x.origin_step) for x in group], sizes)
+    rows[_ORDER] = np.repeat(at, sizes)
+    return rows
 
 
 def split_cached(session: CreditSession, b: SampleBlock, by: tuple[str, ...], make) -> Tensor:
