@@ -42,6 +42,7 @@ from chisel.attribution.credit_split import (  # noqa: F401  (re-exported: the c
     CreditSession,
     CreditSplit,
     SampleBlock,
+    _fits,
     split_update,
 )
 from chisel.attribution.optim_replay import GRADIENT, RESIDUAL, WEIGHT_DECAY, Params
@@ -457,8 +458,12 @@ def _grouped_whole(
                 .raw_total(gbar.shape).reshape(-1) for j in range(k)
             ])  # [groups, numel]
 
-        per_group = split_cached(tags.session, x, tuple(tags.by), sums)
-        values.append(((per_group @ read) * split.shared_coef(x)[1]).numpy())
+        if _fits(x, len(counts) * gbar.numel()):
+            per_group = split_cached(tags.session, x, tuple(tags.by), sums)
+            values.append(((per_group @ read) * split.shared_coef(x)[1]).numpy())
+        else:  # the groups' sums would outweigh the factors: sum the per-sample values
+            per_sample = _whole_values(split, [x], gbar)[0].numpy()
+            values.append(np.bincount(codes, weights=per_sample, minlength=len(counts)))
         keys.append({**tag_keys, L.COUNT: counts.astype(np.float64)})
         sizes.append(len(counts))
     columns = {c: np.concatenate([k[c] for k in keys]) for c in keys[0]}

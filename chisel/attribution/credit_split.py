@@ -389,10 +389,11 @@ class CreditSession:
             coefs = {p: base.carry[p] * w for p, w in weights.items()}
             blocks += self._blocks(s, MOMENTUM, coefs)
         for b in blocks:  # each origin's Σ g xᵀ once, shared by every update it enters
-            key = (b.origin_step, b.module, b.param)
-            if key not in self._sums:
-                self._sums[key] = b.raw_total(base.update[b.param].shape)
-            object.__setattr__(b, "unscaled", self._sums[key])
+            key, shape = (b.origin_step, b.module, b.param), base.update[b.param].shape
+            if key not in self._sums and _fits(b, shape.numel()):
+                self._sums[key] = b.raw_total(shape)
+            if key in self._sums:
+                object.__setattr__(b, "unscaled", self._sums[key])
         split = CreditSplit(t, base, blocks, {}, origins=origins)
         grad_sum, mom_sum = split.sample_total(GRADIENT), split.sample_total(MOMENTUM)
         unresolved = {
@@ -429,6 +430,12 @@ class CreditSession:
                     SampleBlock(part, s, module, param, kind, is_bias, x, rows, coefs[param])
                 )
         return blocks
+
+
+def _fits(b: SampleBlock, numel: int) -> bool:
+    """Whether a param-sized cache of `numel` elements per origin is no larger than the block's
+    factors it summarises (so the session's caches stay within the factors' own memory)."""
+    return numel <= b.x.numel() + b.g.numel()
 
 
 def _token_ids(x: Tensor, module: str, s: int) -> Tensor:

@@ -124,3 +124,24 @@ def test_rows_come_in_block_order(run):
     assert starts.nunique() == len(split.blocks)
     order = [f"{b.part}|{b.param}|{float(b.origin_step)}" for b in split.blocks]
     assert list(runs_of[starts.ne(starts.shift())].str.replace(r"\|(\d+)$", r"|\1.0", regex=True)) == order
+
+
+def test_without_caches_the_rows_are_the_same(run, monkeypatch):
+    """Blocks whose caches would outweigh their factors (wide layers, few samples) are summed
+    from their samples each update instead; the rows are the same to rounding."""
+    t = STEPS - 1
+    gbar = random_like(run.update(t), t)
+    kernels = _kernels(gbar, t)
+
+    def rows(session):
+        return C.credit_rows(run, t, gbar, kernels_by_module=kernels, session=session,
+                             feature_rows="summed", by=["reward"])
+
+    cached = rows(C.CreditSession(run))
+    monkeypatch.setattr(C, "_fits", lambda b, numel: False)
+    monkeypatch.setattr("chisel.attribution.credit_split._fits", lambda b, numel: False)
+    session = C.CreditSession(run)
+    fresh = rows(session)
+    assert all(b.unscaled is None for b in session.split(t).blocks)
+    tags = ["tag/reward"]
+    pd.testing.assert_frame_equal(L.to_frame(fresh, tags), L.to_frame(cached, tags), rtol=1e-12, atol=1e-18)
