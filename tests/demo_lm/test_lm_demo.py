@@ -86,8 +86,10 @@ def test_quick_run_writes_every_artifact(run_dir, demo):
     assert not (run_dir / "demo.json").exists()  # not a TrashWorld demo: the generic report
     assert len(chisel.load(run_dir)) == demo["config"]["steps"] == 48
     assert demo["parameters"] < 100_000
-    assert sum(demo["wall_time_s"][s] for s in ("train", "features", "attribute", "validate",
-                                                "report")) <= demo["wall_time_s"]["total"]
+    stages = ("train", "features", "attribute", "validate", "report")
+    # each time is rounded to 0.1 s, so the stages may add up to 0.05 s per rounding above the total
+    slack = 0.05 * (len(stages) + 1)
+    assert sum(demo["wall_time_s"][s] for s in stages) <= demo["wall_time_s"]["total"] + slack
 
 
 @pytest.mark.slow
