@@ -68,7 +68,13 @@ class FlatLayout:
         ]
 
     def split(self, flats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.views(flats)))
+        """{param: its view} for every parameter whose dtype group is in `flats` (a reader may
+        hold only some groups: a step without gradients of one dtype)."""
+        return {
+            name: flats[d][o : o + prod(s)].view(s)
+            for name, s, d, o in zip(self.names, self.shapes, self.dtypes, self.offsets)
+            if d in flats
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -185,13 +185,7 @@ class Run:
                     f"{layout.sizes.get(dtype)}. The step file or the manifest was "
                     "damaged: restore it or re-record; `chisel verify RUN_DIR` lists every problem."
                 )
-        out = {
-            name: flats[dtype][offset : offset + shape.numel()].view(shape)
-            for name, shape, dtype, offset in zip(
-                layout.names, map(torch.Size, layout.shapes), layout.dtypes, layout.offsets
-            )
-            if dtype in flats
-        }
+        out = layout.split(flats)
         missing = [n for n in names or [] if n not in out]
         if missing:
             raise CorruptStepError(
