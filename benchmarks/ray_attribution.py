@@ -15,49 +15,28 @@ Usage: python benchmarks/ray_attribution.py [--steps 40] [--cpus 2] [--tasks 2] 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
-from torch import nn
 
 import chisel
 import probes
 from chisel.attribution.distributed import attribute_ray
 
-OBS, HIDDEN, ACTIONS, BATCH, METRIC_STATES = 102, 64, 7, 256, 1024
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: `benchmarks` importable (the workers have it too)
+from benchmarks.attribution import BATCH, record  # noqa: E402  (same policy, run)
+
+OBS, HIDDEN, ACTIONS, METRIC_STATES = 102, 64, 7, 1024
 
 _gen = torch.Generator().manual_seed(3)
 _STATES = torch.rand(METRIC_STATES, OBS, generator=_gen)
 METRIC = chisel.metrics.logprob(_STATES, torch.randint(0, ACTIONS, (METRIC_STATES,), generator=_gen))
 METRIC_SPEC = "benchmarks.ray_attribution:METRIC"  # the workers import it
-
-
-def make_policy() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(OBS, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, ACTIONS)
-    )
-
-
-def record(run_dir: Path, steps: int) -> nn.Module:
-    policy = make_policy()
-    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(1)
-    with chisel.record(policy, optimizer, run_dir, factors=True) as rec:
-        for _ in range(steps):
-            obs = torch.rand(BATCH, OBS, generator=gen)
-            dist = torch.distributions.Categorical(logits=policy(obs))
-            actions = dist.sample()
-            adv = torch.randn(BATCH, generator=gen)
-            (-(dist.log_prob(actions) * adv).mean()).backward()
-            rec.tag(advantage=adv, reward=(adv > 0).float())
-            optimizer.step()
-            optimizer.zero_grad()
-    return policy
 
 
 def features() -> probes.FeatureSet:
@@ -75,11 +54,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="torch threads of the serial runs (Ray tasks use 1 each)")
     args = parser.parse_args()
-    import sys
-
     import ray
 
-    sys.path.insert(0, str(ROOT))  # the driver resolves METRIC_SPEC as the workers will
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         policy = record(run_dir, args.steps)

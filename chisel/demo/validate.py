@@ -26,14 +26,14 @@ import torch
 import chisel
 import probes
 from chisel.agents.ppo import TrashAgent
-from chisel.attribution import ledger as L
 from chisel.demo.causal import Evaluator
 from chisel.demo.config import FACTOR_MODULES, DemoConfig
 from chisel.demo.data import Rollout
 from chisel.errors import ChiselError
 from chisel.report.artifacts import VALIDATION_FILE, VALIDATION_SUMMARY_FILE
 from chisel.validation import _common as C
-from chisel.validation import agreement, validation_table
+from chisel.validation import validation_table
+from chisel.validation.summary import json_ready, validation_summary
 
 ACTOR_WEIGHTS: tuple[str, ...] = tuple(f"{m}.weight" for m in FACTOR_MODULES)
 METRIC_SCORE, RETURN_SCORE = "metric", "return"
@@ -96,7 +96,7 @@ def validation_stage(
     table.to_parquet(cfg.out / VALIDATION_FILE, index=False)
     summary = _summary(table, removal, shapley, ledger, attributed, on_return)
     summary["wall_time_s"] = round(time.perf_counter() - start, 2)
-    (cfg.out / VALIDATION_SUMMARY_FILE).write_text(json.dumps(_finite(summary), indent=1, allow_nan=False))
+    (cfg.out / VALIDATION_SUMMARY_FILE).write_text(json.dumps(json_ready(summary), indent=1, allow_nan=False))
     rho = summary["spearman"]
     say(
         "      Spearman ρ over the named pathways: attribution~removal "
@@ -134,40 +134,9 @@ def _summary(
     attributed: probes.FeatureSet,
     on_return: Evaluator,
 ) -> dict[str, Any]:
-    pathways = table[table[C.KIND] != C.KIND_GROUP]
-    rho = {
-        f"{r.x}_vs_{r.y}": {"rho": r.rho, "n": int(r.n), "transform": r.transform}
-        for r in agreement(pathways).itertuples()
-    }
-    total = float(shapley.attrs["total"])
-    whole = float(removal[C.METRIC_FINAL].iloc[0] - removal[C.METRIC_REVERTED].iloc[0])
-    named = pathways[pathways[C.KIND] == C.KIND_FEATURE]
-    integrated = ledger[ledger[L.FAMILY] == L.INTEGRATED]
-    delta = float(integrated[integrated[L.QUANTITY] == L.DELTA_METRIC][L.VALUE].sum())
-    shares = integrated[
-        (integrated[L.QUANTITY] == L.ATTRIBUTION) & ~integrated[L.FEATURE].isin(L.NOT_FEATURES)
-    ]
     return {
-        "spearman": rho,
-        "delta_metric": delta,
-        "delta_metric_reverted": float(
-            removal[C.METRIC_FINAL].iloc[0] - removal[C.METRIC_REVERTED].iloc[0]
-        ),
-        "metric_final": float(shapley.attrs["metric_final"]),
-        "metric_reverted": float(shapley.attrs["metric_all_reverted"]),
-        "shapley_total": total,
-        "shapley_sum": float(pathways[C.SHAPLEY].sum()),
-        "shapley_max_se": float(pathways[C.SHAPLEY_SE].max()),
-        # of the whole learned change of the actor, m(final) − m(every pathway reverted) = Δm
-        "coverage_shapley": float(named[C.SHAPLEY].sum()) / whole if whole else math.nan,
-        "coverage_attribution": float(shares[L.VALUE].sum()) / delta if delta else math.nan,
-        "evaluations": int(removal.attrs["evaluations"] + shapley.attrs["evaluations"]),
-        "permutations": int(shapley.attrs["permutations"]),
-        "players": len(shapley),
-        "shapley_players": "features" if set(shapley[C.KIND]) == {C.KIND_FEATURE} else "all",
+        **validation_summary(table, removal, shapley, ledger),
         "params": list(ACTOR_WEIGHTS),
-        "window": list(shapley.attrs["window"]),
-        "centred": True,
         "ablation": {
             "features": len(attributed),
             "mean_over": "probe rollout states",
@@ -180,14 +149,3 @@ def _summary(
 def _fmt(rho: dict, key: str) -> str:
     value = rho.get(key, {}).get("rho")
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}"
-
-
-def _finite(value: Any) -> Any:
-    """NaN / inf as null, so the JSON is strict."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -10,7 +10,6 @@ reward rate on test prompts whose marker contradicts the cue).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,12 +18,11 @@ import torch
 
 import chisel
 import probes
-from chisel.attribution import ledger as L
 from chisel.demo_lm import task as T
 from chisel.demo_lm.config import LMDemoConfig
 from chisel.report.artifacts import VALIDATION_FILE, VALIDATION_SUMMARY_FILE
-from chisel.validation import _common as C
-from chisel.validation import agreement, validation_table
+from chisel.validation import validation_table
+from chisel.validation.summary import json_ready, validation_summary
 
 METRIC_SCORE, CONFLICT_SCORE = "metric", "conflict_accuracy"
 
@@ -62,54 +60,8 @@ def validation_stage(
                                        dtype=torch.float64)
     table = validation_table(ledger, removal, shapley, ablation)
     table.to_parquet(cfg.out / VALIDATION_FILE, index=False)
-    summary = _summary(table, removal, shapley, ledger)
+    summary = validation_summary(table, removal, shapley, ledger)
     (cfg.out / VALIDATION_SUMMARY_FILE).write_text(
-        json.dumps(_finite(summary), indent=1, allow_nan=False)
+        json.dumps(json_ready(summary), indent=1, allow_nan=False)
     )
     return summary
-
-
-def _summary(
-    table: pd.DataFrame, removal: pd.DataFrame, shapley: pd.DataFrame, ledger: pd.DataFrame
-) -> dict[str, Any]:
-    pathways = table[table[C.KIND] != C.KIND_GROUP]
-    rho = {
-        f"{r.x}_vs_{r.y}": {"rho": r.rho, "n": int(r.n), "transform": r.transform}
-        for r in agreement(pathways).itertuples()
-    }
-    whole = float(removal[C.METRIC_FINAL].iloc[0] - removal[C.METRIC_REVERTED].iloc[0])
-    named = pathways[pathways[C.KIND] == C.KIND_FEATURE]
-    integrated = ledger[ledger[L.FAMILY] == L.INTEGRATED]
-    delta = float(integrated[integrated[L.QUANTITY] == L.DELTA_METRIC][L.VALUE].sum())
-    shares = integrated[
-        (integrated[L.QUANTITY] == L.ATTRIBUTION) & ~integrated[L.FEATURE].isin(L.NOT_FEATURES)
-    ]
-    return {
-        "spearman": rho,
-        "delta_metric": delta,
-        "delta_metric_reverted": whole,
-        "metric_final": float(shapley.attrs["metric_final"]),
-        "metric_reverted": float(shapley.attrs["metric_all_reverted"]),
-        "shapley_total": float(shapley.attrs["total"]),
-        "shapley_sum": float(named[C.SHAPLEY].sum()),
-        "shapley_max_se": float(pathways[C.SHAPLEY_SE].max()),
-        "coverage_shapley": float(named[C.SHAPLEY].sum()) / whole if whole else math.nan,
-        "coverage_attribution": float(shares[L.VALUE].sum()) / delta if delta else math.nan,
-        "evaluations": int(removal.attrs["evaluations"] + shapley.attrs["evaluations"]),
-        "permutations": int(shapley.attrs["permutations"]),
-        "players": len(shapley),
-        "shapley_players": "features",
-        "window": list(shapley.attrs["window"]),
-        "centred": True,
-    }
-
-
-def _finite(value: Any) -> Any:
-    """NaN / inf as null, so the JSON is strict."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
