@@ -50,6 +50,13 @@ class Binding:
         readers = [self.by_param[p] for p, (ins, _) in self.blocks.items() if ins is not None]
         readers = [w.module for w in readers if w.bias]
         means = space.mean_inputs(path.at(0.5), readers, reference) if centred and readers else {}
+        return self.kernels_at(gbar, means)
+
+    def kernels_at(
+        self, gbar: dict[str, Tensor], means: dict[str, Tensor]
+    ) -> dict[str, list[Kernels]]:
+        """`kernels` for a given gradient (ḡ, or ∇m(θ_t) for the online ledger) and mean inputs
+        {module: x̄ [in]} ({} for the plain split); directions are used in the gradient's dtype."""
         out: dict[str, list[Kernels]] = {}
         for param, (ins, outs) in self.blocks.items():
             w = self.by_param[param]
@@ -57,15 +64,17 @@ class Binding:
             g_bias = gbar[w.bias] if w.bias else None
             sides = []
             if ins is not None:
-                xbar = means.get(w.module)
-                mean_grad = torch.outer(g_bias, xbar) if xbar is not None else None
-                sides.append(
-                    read_kernels(ins.names, ins.sites, ins.directions, g, mean_grad, ins.dual())
-                )
+                xbar = means.get(w.module) if g_bias is not None else None
+                mean_grad = torch.outer(g_bias, xbar.to(g.dtype)) if xbar is not None else None
+                sides.append(read_kernels(
+                    ins.names, ins.sites, ins.directions.to(g.dtype), g, mean_grad,
+                    ins.dual().to(g.dtype),
+                ))
             if outs is not None:
-                sides.append(
-                    write_kernels(outs.names, outs.sites, outs.directions, g, g_bias, outs.dual())
-                )
+                sides.append(write_kernels(
+                    outs.names, outs.sites, outs.directions.to(g.dtype), g, g_bias,
+                    outs.dual().to(g.dtype),
+                ))
             out[param] = sides
         return out
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from chisel.attribution import ledger as L
 from chisel.attribution.binding import Binding
-from chisel.attribution.splits import Kernels, read_kernels, write_kernels
+from chisel.attribution.splits import Kernels
 from chisel.online.writer import FIRST_ORDER, ORDER
 
 
@@ -23,22 +23,7 @@ def kernels(binding: Binding, grad_m: dict[str, Tensor],
             means: dict[str, Tensor]) -> dict[str, list[Kernels]]:
     """{weight param: [input side, output side]} from ∇m(θ_t), as `Binding.kernels` builds them
     from ḡ; `means`: {module: x̄ [in]} over the metric's states at θ_t (centred split)."""
-    out: dict[str, list[Kernels]] = {}
-    for param, (ins, outs) in binding.blocks.items():
-        w = binding.by_param[param]
-        g = w.matrix(grad_m[param])  # [out, in]
-        g_bias = grad_m[w.bias] if w.bias else None
-        sides = []
-        if ins is not None:
-            xbar = means.get(w.module) if g_bias is not None else None
-            mean_grad = torch.outer(g_bias, xbar.to(g.dtype)) if xbar is not None else None
-            sides.append(read_kernels(ins.names, ins.sites, ins.directions.to(g.dtype), g,
-                                      mean_grad, ins.dual().to(g.dtype)))
-        if outs is not None:
-            sides.append(write_kernels(outs.names, outs.sites, outs.directions.to(g.dtype), g,
-                                       g_bias, outs.dual().to(g.dtype)))
-        out[param] = sides
-    return out
+    return binding.kernels_at(grad_m, means)
 
 
 def geometry(t: int, binding: Binding, theta: dict[str, Tensor],
