@@ -12,8 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-import nbclient
-import nbformat
 import numpy as np
 import pandas as pd
 import pytest
@@ -26,9 +24,9 @@ from chisel.demo import DemoConfig, DemoConfigError
 from chisel.demo.config import ACTOR_INPUT_SITES, QUICK
 from chisel.envs import ACTION_NAMES
 from chisel.report import html as H
+from tests.notebooks import execute
 
 ROOT = Path(__file__).resolve().parents[2]
-NOTEBOOK = ROOT / "notebooks" / "01_trashworld.ipynb"
 FIGURES = {"timeline", "probes", "circuits", "credit", "completeness", "coverage", "validation"}
 EVIL = "<script>alert(1)</script>"
 
@@ -217,12 +215,7 @@ def test_validation_files_are_consistent(run_dir):
 
 def test_notebook_executes_on_the_run(run_dir, monkeypatch):
     monkeypatch.setenv("CHISEL_RUN", str(run_dir))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(
-        nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(run_dir)}}
-    )
-    client.execute()  # raises CellExecutionError on the first failing cell
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    text = execute("01_trashworld.ipynb", run_dir)  # raises on the first failing cell
     assert f"run {run_dir}" in text and "largest relative completeness error" in text
 
 

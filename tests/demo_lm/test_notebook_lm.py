@@ -4,14 +4,10 @@ and an SAE in the residual stream, attribution, validation, the answer and the r
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
-nbclient = pytest.importorskip("nbclient")
-nbformat = pytest.importorskip("nbformat")
-
-NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "03_tiny_lm.ipynb"
+from tests.notebooks import execute
 
 pytestmark = pytest.mark.slow
 
@@ -19,12 +15,7 @@ pytestmark = pytest.mark.slow
 def test_tiny_lm_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("CHISEL_NB_OUT", str(tmp_path / "runs"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(
-        nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}
-    )
-    client.execute()  # raises CellExecutionError on the first failing cell
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    text = execute("03_tiny_lm.ipynb", tmp_path)  # raises on the first failing cell
     assert "40 updates recorded" in text and "marker_agrees" in text
     assert "Did the spurious marker get reinforced?" in text
     assert "The shortcut itself, as its own metric" in text

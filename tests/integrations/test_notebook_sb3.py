@@ -4,15 +4,12 @@ attribution, validation, report) and writes a report with no TrashWorld vocabula
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("stable_baselines3")
-nbclient = pytest.importorskip("nbclient")
-nbformat = pytest.importorskip("nbformat")
+from tests.notebooks import execute
 
-NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "02_sb3.ipynb"
+pytest.importorskip("stable_baselines3")
 
 pytestmark = pytest.mark.slow
 
@@ -20,12 +17,7 @@ pytestmark = pytest.mark.slow
 def test_sb3_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("CHISEL_NB_OUT", str(tmp_path / "runs"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(
-        nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}
-    )
-    client.execute()  # raises CellExecutionError on the first failing cell
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    text = execute("02_sb3.ipynb", tmp_path)  # raises on the first failing cell
     assert "256 optimizer steps recorded" in text and "advantage_used" in text
     run_dir = tmp_path / "runs" / "ppo_cartpole"
     for name in ("manifest.json", "ledger.parquet", "validation.parquet", "report.html"):
