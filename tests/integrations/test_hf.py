@@ -33,9 +33,9 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def _model(tokenizer) -> GPT2LMHeadModel:
+def _model(tokenizer, n_layer: int = 1) -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer), n_positions=32,
+    config = GPT2Config(n_embd=32, n_layer=n_layer, n_head=2, vocab_size=len(tokenizer), n_positions=32,
                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                         bos_token_id=tokenizer.eos_token_id)
     return GPT2LMHeadModel(config)

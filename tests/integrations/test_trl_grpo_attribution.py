@@ -21,13 +21,12 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("trl")
 
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import chisel
 import probes
 from chisel.attribution import ledger as L
 from chisel.integrations import hf
-from tests.integrations.test_hf import _args, _reward_count_a, _tokenizer
+from tests.integrations.test_hf import _args, _model, _reward_count_a, _tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -35,20 +34,12 @@ SITE = "transformer.h.0:out"  # the residual stream after block 0: no Linear rea
 HEAD = "transformer.wte.weight"  # the tied LM head's weight, recorded under the embedding's name
 
 
-def _model(tokenizer) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=32,
-                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                        bos_token_id=tokenizer.eos_token_id)
-    return GPT2LMHeadModel(config)
-
-
 def _train(tmp_path):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = _tokenizer()
-    model = _model(tokenizer)
+    model = _model(tokenizer, n_layer=2)  # block 1 reads the stream after block 0
     prompts = Dataset.from_dict({"prompt": ["a b", "c d", "e f", "g h"] * 4})
     args = _args(GRPOConfig, tmp_path, per_device_train_batch_size=4, num_generations=4,
                  gradient_accumulation_steps=2, max_completion_length=6, max_steps=3,
