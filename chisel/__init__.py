@@ -21,6 +21,7 @@ from chisel._version import __version__
 _EXPORTS: dict[str, str] = {
     "AttributionInputError": "chisel.attribution.engine",
     "ChiselError": "chisel.errors",
+    "Compact": "chisel.capture.config",
     "CorruptStepError": "chisel.errors",
     "FactorsSkippedWarning": "chisel.errors",
     "ForwardPatchWarning": "chisel.attribution.copying",
@@ -65,6 +66,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "AttributionInputError",
     "ChiselError",
+    "Compact",
     "CorruptStepError",
     "FactorsSkippedWarning",
     "ForwardPatchWarning",
@@ -135,7 +137,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from chisel.attribution.functional import TrainModeWarning
     from chisel.attribution.ledger import load_ledger
     from chisel.attribution.timeline import timeline
-    from chisel.capture.config import RecordConfig
+    from chisel.capture.config import Compact, RecordConfig
     from chisel.errors import (
         ChiselError,
         CorruptStepError,

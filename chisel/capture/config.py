@@ -30,6 +30,39 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 @dataclass(frozen=True)
+class Compact:
+    """Options of compact recording (`chisel.record(..., compact=True | Compact(...))`): bytes per
+    step set by `rank`, not by the parameter count. Each weight of ≥ 2 dimensions whose update a
+    rank-`rank` factorisation stores in at most a quarter of its size is stored, per step, as the
+    factors U·diag(s)·Vᵀ of a rank-`rank` approximation of θ_{t+1} − θ̂_t (θ̂ what the reader
+    rebuilds, so the error is fed back into the next step and never accumulates); every other
+    parameter (biases, norms, small matrices) is stored exactly. Keyframes stay exact; the error of
+    every step is measured in float64 and stored (see docs/recording.md, "Compact recording")."""
+
+    rank: int = 4
+    """Rank of each weight's per-step update (its singular vectors and values)."""
+    factor_dtype: StorageDtype = "float16"
+    """Storage dtype of the singular vectors (entries ≤ 1 in magnitude; the singular values are
+    float32); the rounding is fed back like the truncation."""
+    oversample: int = 4
+    """Extra columns of the randomised range finder (the sketch has rank + oversample columns)."""
+    power_iters: int = 2
+    """Power iterations of the range finder (sharper singular vectors for a flat spectrum)."""
+
+    def __post_init__(self) -> None:
+        for field in ("rank", "oversample", "power_iters"):
+            value = getattr(self, field)
+            low = 1 if field == "rank" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise RecordConfigError(f"Compact({field}={value!r}): use an integer >= {low}.")
+        if self.factor_dtype not in _DTYPES:
+            raise RecordConfigError(
+                f"Compact(factor_dtype={self.factor_dtype!r}) is not a storage dtype; use one of "
+                f"{sorted(_DTYPES)}."
+            )
+
+
+@dataclass(frozen=True)
 class RecordConfig:
     """What a `Recorder` stores. Every field is saved in the run manifest."""
 
@@ -57,6 +90,9 @@ class RecordConfig:
     """Steps handed to the background writer that may wait in memory before `step()` blocks."""
     fsync: bool = False
     """fsync every file before it becomes visible (survives power loss, not only a killed process)."""
+    compact: Compact | None = None
+    """Compact recording (low-rank per-step updates with error feedback, exact keyframes): see
+    `Compact`; True takes its defaults. None (default) stores every update exactly."""
 
     def __post_init__(self) -> None:
         for field, value in (("dtype", self.dtype), ("factor_dtype", self.factor_dtype)):
@@ -74,6 +110,14 @@ class RecordConfig:
             raise RecordConfigError(f"factors_every={self.factors_every} must be >= 1.")
         if self.queue_size < 1:
             raise RecordConfigError(f"queue_size={self.queue_size} must be >= 1.")
+        if self.compact is True:
+            object.__setattr__(self, "compact", Compact())
+        elif self.compact is False:
+            object.__setattr__(self, "compact", None)
+        elif self.compact is not None and not isinstance(self.compact, Compact):
+            raise RecordConfigError(
+                f"compact={self.compact!r}: use True, False or chisel.Compact(rank=..., ...)."
+            )
         if not isinstance(self.factors, bool):
             names = (self.factors,) if isinstance(self.factors, str) else tuple(self.factors)
             if not all(isinstance(n, str) for n in names):

@@ -13,6 +13,7 @@ from tests.chisel.helpers import mlp
 
 PUBLIC = {
     "ChiselError",
+    "Compact",
     "CorruptStepError",
     "NotARunError",
     "RecordConfig",
