@@ -69,3 +69,12 @@ class UnverifiedRunWarning(UserWarning):
 
 class FactorsSkippedWarning(UserWarning):
     """factors=True found layers with weights whose per-sample factors chisel does not take."""
+
+
+class RankMismatchError(ChiselError, RuntimeError):
+    """Ranks of a distributed job hold different parameters after an optimizer step (DDP
+    should keep them equal bit for bit): the run cannot record one update."""
+
+
+class MissingShardError(CorruptStepError):
+    """A rank's shard (per-sample factors and tags) of a distributed run's step is not on disk."""

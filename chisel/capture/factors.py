@@ -104,6 +104,10 @@ class FactorCapture:
     _broadcast: list[tuple[_Call, Any, int]] = field(init=False, default_factory=list)
     _warned: set[str] = field(init=False, default_factory=set)
     _shared: set[int] = field(init=False, default_factory=set)  # weights also used elsewhere
+    # under DDP (see `capture.distributed`): every factor term is multiplied by `scale` (1/R), and
+    # `reduce` sums a float64 vector over the ranks, so the gradient fit covers the global batch
+    scale: float = field(init=False, default=1.0)
+    reduce: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         named = dict(self.model.named_modules())
@@ -252,11 +256,21 @@ class FactorCapture:
             # a user's input buffer may be overwritten in place before the writer gets to it;
             # activations made by autograd are fresh tensors nobody writes to again
             pairs = [(c.x.clone() if c.user_owned else c.x, c.g) for c in calls if c.g is not None]
+            if self.scale != 1.0 and pairs:
+                pairs = self._scaled(name, pairs)
             if pairs:
                 out[name] = pairs
         self._drop_unsplit_broadcasts(out)
         self.clear()
         return out
+
+    def _scaled(self, name: str, pairs: list) -> list:
+        """Each factor term times `scale`: g for Linear-like and embedding factors; both parts of
+        a norm's (Σ g ⊙ x̂, Σ g), which are sums of gradient terms."""
+        s = self.scale
+        if self.meta[name]["kind"] in NORMS:
+            return [(x * s, g * s) for x, g in pairs]
+        return [(x, g * s) for x, g in pairs]
 
     def _drop_unsplit_broadcasts(self, out: dict[str, list]) -> None:
         """An embedding call of batch 1 in a step whose batch is larger, whose per-sample
@@ -297,6 +311,8 @@ class FactorCapture:
         if not self.enabled:
             return None, None
         sketches = self._sketches()
+        if self.reduce is not None:
+            self._reduce(sketches)
         silent = {pid for pid, s in sketches.items() if s["silent"]}
         # a weight also used by a module without factors (an LM head's embedding when only the
         # head is taken) is not rebuilt by its factors: it would bias c
@@ -322,6 +338,23 @@ class FactorCapture:
             return None, None
         left = sum(float((s["grad"] - c * s["factors"]).pow(2).sum()) for s in fit)
         return c, left**0.5 / max(gg**0.5, 1e-300)
+
+    def _reduce(self, sketches: dict[int, dict[str, Any]]) -> None:
+        """The factors' sketches summed over the ranks (each saw its own samples) and scaled;
+        a module that ran on any rank counts as fired. Same weights, same order on every rank:
+        their gradients are all-reduced, so the same ones exist everywhere."""
+        entries = list(sketches.values())
+        fired = torch.tensor([float(bool(e["fired"])) for e in entries], dtype=torch.float64)
+        flat = torch.cat([*(e["factors"].reshape(-1).cpu() for e in entries), fired])
+        total = self.reduce(flat)
+        offset = 0
+        for e in entries:
+            n = e["factors"].numel()
+            e["factors"] = total[offset : offset + n].view_as(e["factors"]).to(e["factors"].device) * self.scale
+            offset += n
+        for e, any_rank in zip(entries, total[offset:].tolist()):
+            if any_rank and not e["fired"]:
+                e["fired"], e["silent"] = e["silent"], []
 
     def _sketches(self) -> dict[int, dict[str, Any]]:
         """Per weight (by identity): its gradient's sketch, the factors' sketch, and the factor
