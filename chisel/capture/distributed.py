@@ -183,3 +183,26 @@ def sum_over_ranks(info: RankInfo):
         return work.cpu()
 
     return reduce
+
+
+# -- FSDP2 (`fully_shard`): each rank holds a dim-0 shard of each parameter ------------------------
+def is_sharded(param: torch.Tensor) -> bool:
+    """True for a DTensor parameter (FSDP2's `fully_shard`, tensor parallelism)."""
+    return type(param).__name__ == "DTensor" and hasattr(param, "placements")
+
+
+def shard_spec(param: torch.Tensor) -> dict[str, Any]:
+    """How a DTensor parameter is cut over the ranks, as JSON: {"dim", "shape", "world_size"}.
+
+    FSDP2 shards dim 0 (or the `shard_placement_fn` dim) over a 1-D mesh as `torch.chunk`
+    does, trailing ranks possibly empty; `chisel.store.shards.reassemble` undoes it. Other
+    layouts (2-D meshes: HSDP, tensor parallelism) are refused by name."""
+    placements = tuple(param.placements)
+    kinds = [type(p).__name__ for p in placements]
+    if len(placements) != 1 or kinds[0] not in ("Shard", "Replicate"):
+        raise ValueError(
+            f"a DTensor parameter placed as {placements}: chisel reassembles parameters sharded "
+            "over one mesh dimension (FSDP2's fully_shard over a 1-D mesh), not this layout."
+        )
+    dim = placements[0].dim if kinds[0] == "Shard" else None
+    return {"dim": dim, "shape": list(param.shape), "world_size": int(param.device_mesh.size())}
