@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "RunExistsError": "chisel.errors",
     "SkippedStepError": "chisel.errors",
     "Step": "chisel.store.reader",
+    "StepRecord": "chisel.capture.step_record",
     "StepOutOfRangeError": "chisel.errors",
     "StepTypeError": "chisel.errors",
     "TagError": "chisel.errors",
@@ -82,6 +83,7 @@ __all__ = [
     "SkippedStepError",
     "Step",
     "StepOutOfRangeError",
+    "StepRecord",
     "StepTypeError",
     "TagError",
     "TrainModeWarning",
@@ -138,6 +140,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from chisel.attribution.ledger import load_ledger
     from chisel.attribution.timeline import timeline
     from chisel.capture.config import Compact, RecordConfig
+    from chisel.capture.step_record import StepRecord
     from chisel.errors import (
         ChiselError,
         CorruptStepError,

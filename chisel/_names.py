@@ -1,4 +1,5 @@
-"""Names of files, tensor-key prefixes and step-record fields, in one place."""
+"""Names of files, tensor-key prefixes and metadata keys, in one place (the step record's fields are
+the typed `chisel.capture.step_record.StepRecord`)."""
 
 from __future__ import annotations
 

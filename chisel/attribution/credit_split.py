@@ -329,10 +329,10 @@ class CreditSession:
 
     def _read_factors(self, s: int) -> _StepFactors | None:
         record = self.run.record(s)
-        coef = record.get("grad_coef")
-        if record.get("skipped") or coef is None:
+        coef = record.grad_coef
+        if record.skipped or coef is None:
             return None
-        coef = float(coef) / float(record.get("grads_scaled_by") or 1.0)
+        coef = float(coef) / float(record.grads_scaled_by or 1.0)
         modules = {}
         for module, (x, g) in self.run.factors(s).items():
             n, kind = x.shape[0], self._kinds.get(module, "linear")

@@ -235,7 +235,7 @@ def attribute_ray(
     built, recipe = _model(model)
     E._check_model(run, built)
     feature_set = _features(features)
-    chosen = [t for t in E._steps(run, steps) if not run.record(t).get("skipped")]
+    chosen = [t for t in E._steps(run, steps) if not run.record(t).skipped]
     credited = L.CREDIT in options.families
     tag_columns = E._tag_columns(run, chosen) if credited else []
     origins = _replay_origins(run, chosen, horizon, options.credit_by) if credited else {}

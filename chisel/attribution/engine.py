@@ -130,7 +130,7 @@ def _check_model(run: Run, model: nn.Module) -> None:
 def _tag_columns(run: Run, steps: Sequence[int]) -> list[str]:
     names: set[str] = set()
     for t in steps:
-        names.update(run.record(t).get("tags", {}))
+        names.update(run.record(t).tags)
     return sorted(L.TAG_PREFIX + n for n in names)
 
 
@@ -202,7 +202,7 @@ def attribute(
         families, points, dtype, split, device, horizon, credit_by, batch_points, centred, reference
     )
     _check_out(out)
-    chosen = [t for t in _steps(run, steps) if not run.record(t).get("skipped")]
+    chosen = [t for t in _steps(run, steps) if not run.record(t).skipped]
     plan = _Plan.make(run, model, metric, features, options)
     tag_columns = _tag_columns(run, chosen) if L.CREDIT in options.families else []
     path = Path(run.path / "ledger.parquet") if out is True else Path(out) if out else None

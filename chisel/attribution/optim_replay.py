@@ -95,7 +95,7 @@ def step_model(run: Run, t: int) -> tuple[OptimizerModel | None, Any, str]:
     model, note = model_for(cls)
     if model is None:
         return None, None, note
-    groups = run.record(t).get("groups") or []
+    groups = list(run.record(t).groups)
     if not groups:
         return None, None, "the step record has no param groups"
     algebra = [{k: g.get(k) for k in model.algebra} for g in groups]
@@ -186,7 +186,7 @@ class OptimizerReplay:
         self._log.append(log)
         self._next = s + 1
         self.replayed += 1
-        if record.get("skipped"):
+        if record.skipped:
             return None  # the optimizer did not step: state unchanged, nothing decays
         model, hyper, note = step_model(self.run, s)
         if model is not None and self._state is None:
@@ -202,7 +202,7 @@ class OptimizerReplay:
         assert self._state is not None and model is not None
         grads = self.run.grads(s)
         theta = self.run.params(s) if model.needs_theta(hyper) else {}
-        missing = set(record.get("grad_missing") or [])
+        missing = set(record.grad_missing)
         parts: dict[str, Params] = {p: {} for p in PARTS}
         kappa: dict[str, Coef] = {}
         carry: dict[str, Coef] = {}
@@ -226,9 +226,9 @@ class OptimizerReplay:
     def _count_note(self, model: OptimizerModel, hyper: Any, record: dict[str, Any]) -> str:
         """The replayed state must agree with the record where it says (e.g. Adam's step count)."""
         first = self.run.param_names[0]
-        if self._state is None or first in set(record.get("grad_missing") or []):
+        if self._state is None or first in set(record.grad_missing):
             return ""
-        return model.count_note(hyper, self._state[first], (record.get("groups") or [{}])[0])
+        return model.count_note(hyper, self._state[first], (record.groups or ({},))[0])
 
     def _backflow(self, name: str, t: int) -> list[tuple[int, float, float]]:
         """(s, ω, decay since s) newest first: the weight of G_s in the buffer before step t."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from chisel.capture.optim import (
     state_tensors,
 )
 from chisel.capture.packet import Keyframe, StepPacket
+from chisel.capture.step_record import StepRecord
 from chisel.capture.tags import TagBuffer
 
 
@@ -180,11 +182,10 @@ class StepCapture:
         buffers: Buffers = pending.pop("buffers")
         copy_into(buffers.after_views, [p.detach() for p in self.params])
         self._versions = self._current_versions()
-        record = self._record(pending)
-        record["skipped"] = False  # the writer adds the update and gradient norms
+        record = self._record(pending)  # the writer adds the update and gradient norms
         if self.factors is not None and pending.get("grad_coef") is not None:
             scale = self._loss_scale()
-            record["clip_coef"] = pending["grad_coef"] * scale if scale else None
+            record = replace(record, clip_coef=pending["grad_coef"] * scale if scale else None)
         packet = StepPacket(
             step=self.step,
             record=record,
@@ -199,30 +200,27 @@ class StepCapture:
         )
         self._send(packet)
 
-    def _record(self, pending: dict[str, Any]) -> dict[str, Any]:
+    def _record(self, pending: dict[str, Any], **fields: Any) -> StepRecord:
         groups = group_hyperparams(self.optimizer)
-        record = {
-            "step": self.step,
-            "time": pending["time"],
-            "lr": groups[0].get("lr"),
-            "groups": groups,
-            "grad_norm": pending.get("grad_norm"),
-            "grad_missing": pending.get("grad_missing", []),
-            "batch_sizes": list(self.tags.batch_sizes),
-        }
-        for key in ("grad_coef", "grad_coef_residual"):
-            if key in pending:
-                record[key] = pending[key]
         grad_scale = getattr(self.optimizer, "grad_scale", None)
-        if grad_scale is not None:  # fused optimizer under GradScaler: stored grads are scaled
-            record["grads_scaled_by"] = float(grad_scale)
-        return record
+        return StepRecord(
+            step=self.step,
+            time=pending["time"],
+            lr=groups[0].get("lr"),
+            groups=tuple(groups),
+            grad_norm=pending.get("grad_norm"),
+            grad_missing=tuple(pending.get("grad_missing", ())),
+            batch_sizes=tuple(self.tags.batch_sizes),
+            grad_coef=pending.get("grad_coef"),
+            grad_coef_residual=pending.get("grad_coef_residual"),
+            # a fused optimizer under GradScaler: the stored gradients are scaled
+            grads_scaled_by=float(grad_scale) if grad_scale is not None else None,
+            **fields,
+        )
 
     def _emit_skip(self, reason: str, pending: dict[str, Any]) -> None:
-        record = self._record(pending)
-        record.update(skipped=True, skip_reason=reason, update_norm=None)
-        if self.scaler is not None:
-            record["loss_scale"] = float(self.scaler.get_scale())
+        loss_scale = float(self.scaler.get_scale()) if self.scaler is not None else None
+        record = self._record(pending, skipped=True, skip_reason=reason, loss_scale=loss_scale)
         if self.factors is not None:
             self.factors.clear()
         packet = StepPacket(

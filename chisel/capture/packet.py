@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from chisel.capture.step_record import StepRecord
+
 
 @dataclass
 class Keyframe:
@@ -28,7 +30,7 @@ class StepPacket:
     """
 
     step: int
-    record: dict[str, Any]  # JSON-able step metadata
+    record: StepRecord  # completed by the writer (norms, tags, factor index)
     # dtype name -> flat vector in the recorder's FlatLayout (param order)
     after: dict[str, torch.Tensor] | None = None  # θ after the step; None when skipped
     grads: dict[str, torch.Tensor] | None = None  # the gradient the optimizer consumed

@@ -126,7 +126,7 @@ def predict(
     t = 0
     for u in at:
         while t < u:
-            if not run.record(t).get("skipped"):
+            if not run.record(t).skipped:
                 p.step(t)
             t += 1
         removed = p.snapshot()
@@ -191,8 +191,8 @@ def default_horizon(run: Run) -> int | None:
     still >= 1% (β^k >= MIN_WEIGHT: 44 for Adam's β1 = 0.9, 0 without momentum), so that both the
     credit session and the prediction keep only those steps' factors in memory. Read from the
     recorded param group (torch's "betas" / "momentum"); None when it holds neither."""
-    first = next((t for t in range(len(run)) if not run.record(t).get("skipped")), None)
-    groups = run.record(first).get("groups") if first is not None else None
+    first = next((t for t in range(len(run)) if not run.record(t).skipped), None)
+    groups = list(run.record(first).groups) if first is not None else None
     group = groups[0] if groups else {}
     if group.get("betas"):
         decay = float(group["betas"][0])

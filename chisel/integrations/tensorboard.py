@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from chisel.capture.step_record import StepRecord
 from chisel.integrations._require import require
 
 __all__ = ["DEFAULT_DIR", "LiveView", "export", "step_scalars"]
@@ -108,30 +109,29 @@ class LiveView:
 
     def add_step(
         self,
-        record: Mapping[str, Any],
+        record: StepRecord,
         tags: Mapping[str, Any],
         deltas: Mapping[str, Any] | None = None,
     ) -> None:
         """Called by chisel's writer thread with a written step's record, tags and (when the
         view shows feature geometry) its update per parameter."""
-        if self._failed or record.get("skipped"):
+        if self._failed or record.skipped:
             return
         try:
             if self._writer is None:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._writer = SummaryWriter(str(self.log_dir))
-            scalars = step_scalars(record.get("update_norms"), record.get("grad_norm"),
-                                   record.get("lr"), tags)
+            scalars = step_scalars(record.update_norms, record.grad_norm, record.lr, tags)
             if self.geometry is not None and deltas is not None:
                 scalars.update(self.geometry.scalars(deltas))
             for name, value in scalars.items():
-                self._writer.add_scalar(name, value, int(record["step"]))
+                self._writer.add_scalar(name, value, record.step)
         except Exception as err:
             self._failed = True
             warnings.warn(
                 f"chisel: the TensorBoard view in {self.log_dir} stopped at step "
-                f"{record.get('step')} ({type(err).__name__}: {err}); recording goes on. "
+                f"{record.step} ({type(err).__name__}: {err}); recording goes on. "
                 "Export the run afterwards with `chisel tensorboard RUN_DIR`.",
                 RuntimeWarning,
                 stacklevel=2,

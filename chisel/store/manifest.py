@@ -222,11 +222,23 @@ def record_problems(record: dict[str, Any], step: int) -> list[str]:
         out.append(f"step: {record.get('step')!r}, but the file is step {step}")
     if not isinstance(record.get("skipped", False), bool):
         out.append(f"skipped: {record.get('skipped')!r} is not true/false")
-    for key in ("lr", "time", "grad_norm", "update_norm", "clip_coef", "grads_scaled_by"):
+    for key in ("lr", "time", "grad_norm", "update_norm", "clip_coef", "grads_scaled_by", "grad_coef",
+                "grad_coef_residual", "loss_scale"):
         if record.get(key) is not None and not _is_num(record[key]):
             out.append(f"{key}: {record[key]!r} is not a number")
     if not isinstance(record.get("tags", {}), dict):
         out.append("tags: not an object")
+    groups = record.get("groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        out.append("groups: not a list of objects")
+    missing = record.get("grad_missing", [])
+    if not isinstance(missing, list) or not all(isinstance(n, str) for n in missing):
+        out.append("grad_missing: not a list of names")
+    if record.get("skip_reason") is not None and not isinstance(record["skip_reason"], str):
+        out.append("skip_reason: not a string")
+    for key in ("factor_layout", "factor_aliases"):
+        if not isinstance(record.get(key, {}), dict):
+            out.append(f"{key}: not an object")
     sizes = record.get("batch_sizes", [])
     if not isinstance(sizes, list) or not all(_is_int(n) for n in sizes):
         out.append("batch_sizes: not a list of integers")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from chisel import _names as N
 from chisel.capture.buffers import FlatLayout
 from chisel.capture.config import torch_dtype
+from chisel.capture.step_record import StepRecord
 from chisel.errors import (
     ChiselError,
     CorruptStepError,
@@ -51,12 +52,12 @@ class Step:
     index: int
 
     @property
-    def record(self) -> dict[str, Any]:
+    def record(self) -> StepRecord:
         return self.run.record(self.index)
 
     @property
     def skipped(self) -> bool:
-        return bool(self.record.get("skipped"))
+        return self.record.skipped
 
     def update(self) -> Tensors:
         return self.run.update(self.index)
@@ -136,7 +137,7 @@ class Run:
         return self.layout.numbers(N.KEYFRAMES_DIR)
 
     # -- records --------------------------------------------------------------------------------
-    def _read_record(self, t: int) -> dict[str, Any]:
+    def _read_record(self, t: int) -> StepRecord:
         path = self.layout.step_file(t)
         record = read_meta(path, t, "step", verify=self.verify)
         problems = record_problems(record, t)
@@ -145,10 +146,10 @@ class Run:
                 f"The record of step {t} in {path} is damaged: {'; '.join(problems[:3])}. "
                 "Restore the file or re-record; `chisel verify RUN_DIR` lists every problem."
             )
-        return record
+        return StepRecord.from_json(record)
 
-    def record(self, t: int) -> dict[str, Any]:
-        """The JSON metadata of step t (lr, norms, optimizer hyper-parameters, tags, …)."""
+    def record(self, t: int) -> StepRecord:
+        """The metadata of step t (lr, norms, optimizer hyper-parameters, tags, …)."""
         return self._record(self._check_step(t))
 
     @property
@@ -236,7 +237,7 @@ class Run:
             s -= 1
             if s < 0:
                 raise ChiselError(f"{self.path}: no keyframe at or before step {t}; the run is damaged.")
-            if not self.record(s).get("skipped"):
+            if not self.record(s).skipped:
                 after = self._flat(s, N.AFTER, names)
                 return {n: after[n] for n in names}
 
@@ -253,7 +254,7 @@ class Run:
             kf = self._keyframe_params(start, lossy)
             s, recon = start, {n: kf[n].double() for n in lossy}
         while s < t:
-            if not self.record(s).get("skipped"):
+            if not self.record(s).skipped:
                 delta = self._flat(s, N.DELTA, list(recon))
                 for n in recon:
                     recon[n] += delta[n].double()
@@ -265,9 +266,9 @@ class Run:
         """Δθ_t = θ_{t+1} − θ_t per parameter, in float64 (exact for losslessly stored params)."""
         t = self._check_step(t)
         record = self.record(t)
-        if record.get("skipped"):
+        if record.skipped:
             raise SkippedStepError(
-                f"step {t} was skipped ({record.get('skip_reason')}); it has no update. "
+                f"step {t} was skipped ({record.skip_reason}); it has no update. "
                 "Filter with `run.steps[~run.steps.skipped]`."
             )
         out: Tensors = {}
@@ -287,7 +288,7 @@ class Run:
         if not self.manifest["config"].get("grads"):
             raise ChiselError("This run was recorded with grads=False; no gradients are stored.")
         grads = self._flat(t, N.GRAD, self.param_names)
-        scale = self.record(t).get("grads_scaled_by")
+        scale = self.record(t).grads_scaled_by
         return {n: grads[n] / scale if scale else grads[n] for n in self.param_names}
 
     def optimizer_state(self, t: int) -> dict[str, Tensors]:
@@ -312,7 +313,7 @@ class Run:
     def tags(self, t: int) -> dict[str, Any]:
         """Tags attached to step t: scalars as Python values, per-sample tags as 1-D tensors."""
         t = self._check_step(t)
-        stored = self.record(t).get("tags", {})
+        stored = self.record(t).tags
         arrays = self._step_tensors(t, N.TAG) if any(isinstance(v, dict) for v in stored.values()) else {}
         missing = [k for k, v in stored.items() if isinstance(v, dict) and k not in arrays]
         if missing:
@@ -329,12 +330,12 @@ class Run:
         shapes differ). Conv2d inputs are unfolded: X [n, positions, C·kh·kw], G [n, positions, out].
         """
         t = self._check_step(t)
-        calls = self.record(t).get("factor_calls")
+        record = self.record(t)
+        calls = record.factor_calls
         if not calls:
             return {}
-        record = self.record(t)
         flats = self._step_tensors(t, N.FACTORS)
-        layout, aliases = record["factor_layout"], record.get("factor_aliases", {})
+        layout, aliases = record.factor_layout, record.factor_aliases
 
         def get(key: str) -> torch.Tensor:
             dtype, offset, shape = layout[aliases.get(key, key)]
@@ -363,19 +364,18 @@ class Run:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
 
-def _row(record: dict[str, Any]) -> dict[str, Any]:
+def _row(record: StepRecord) -> dict[str, Any]:
     row = {
-        k: record.get(k)
+        k: getattr(record, k)
         for k in ("step", "time", "skipped", "skip_reason", "lr", "grad_norm", "update_norm",
                   "clip_coef", "grad_coef")
     }
-    row["n_samples"] = sum(record.get("batch_sizes") or []) or None
-    tags = record.get("tags", {})
-    row["tags"] = ",".join(sorted(tags))
-    for name, value in tags.items():
+    row["n_samples"] = sum(record.batch_sizes) or None
+    row["tags"] = ",".join(sorted(record.tags))
+    for name, value in record.tags.items():
         if not isinstance(value, (dict, list)):
             row[f"tag/{name}"] = value
-    for name, norm in (record.get("update_norms") or {}).items():
+    for name, norm in record.update_norms.items():
         row[f"update_norm/{name}"] = norm
     return row
 

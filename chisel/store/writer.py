@@ -6,6 +6,7 @@ import itertools
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -232,34 +233,36 @@ class RunWriter:
             return
         if item.keyframe is not None:
             self._write_keyframe(item.keyframe)
-        record = dict(item.record)
+        done: dict[str, Any] = {}  # what the writer adds to the capture's record
         tensors: dict[str, torch.Tensor] = {}
         if item.factors:
             factors, index = self._factors(item)
             tensors.update(factors)
-            record.update(index)
+            done.update(index)
         head: dict[str, torch.Tensor] = {}  # θ and grads: in the packet's region, if it has one
         if item.after is not None:
-            head.update(self._encode(item.after, record))
+            encoded, done["update_norms"], done["update_norm"] = self._encode(item.after)
+            head.update(encoded)
         if item.grads is not None:
-            if record.get("grad_norm") is None:
+            if item.record.grad_norm is None:
                 norms = [n for d, flat in item.grads.items() for n in _segment_norms(flat, self._bounds[d])]
-                record["grad_norm"] = _total(norms)
+                done["grad_norm"] = _total(norms)
             head.update({N.GRAD + d: flat.to(self._storage) for d, flat in item.grads.items()})
         if item.state is not None:
             tensors.update({N.STATE + k: v for k, v in item.state.items()})
-        record["tags"] = {}
+        done["tags"] = {}
         for name, value in item.tags.items():
             if isinstance(value, torch.Tensor):
                 tensors[N.TAG + name] = value
-                record["tags"][name] = {"len": len(value)}
+                done["tags"][name] = {"len": len(value)}
             else:
-                record["tags"][name] = value
+                done["tags"][name] = value
+        record = replace(item.record, **done)
         tensors, block = _pack(item, head, tensors)
         write_tensors(
             self.layout.step_file(item.step),
             tensors,
-            record,
+            record.to_json(),
             fsync=self.config.fsync,
             files=self._files,
             block=block,
@@ -271,7 +274,11 @@ class RunWriter:
             else:
                 self.on_step(record, item.tags)
 
-    def _encode(self, after: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _encode(
+        self, after: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float], float]:
+        """The step's θ tensors as stored (exact, or deltas with the rounding error fed back),
+        the update's norm per parameter and in total."""
         out, norms = {}, {}
         for dtype, value in after.items():
             diff = self._diff.get(dtype) if self.step_deltas else None
@@ -287,9 +294,7 @@ class RunWriter:
             out[N.DELTA + dtype] = delta
         if self.step_deltas:
             self._deltas = self.flat.split(self._diff)  # {param: its update}, views of the diffs
-        record["update_norms"] = {n: norms[n] for n in self.flat.names}
-        record["update_norm"] = _total(list(norms.values()))
-        return out
+        return out, {n: norms[n] for n in self.flat.names}, _total(list(norms.values()))
 
     def _write_keyframe(self, kf: Keyframe) -> None:
         tensors = {N.PARAM + n: p for n, p in kf.params.items()}

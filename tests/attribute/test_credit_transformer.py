@@ -88,8 +88,8 @@ def test_the_clip_coefficient_ignores_a_weight_shared_with_a_module_without_fact
     clip coefficient is fitted on the other weights and stays the true one."""
     for t in range(STEPS):
         full, partial = runs["all"].record(t), runs["linear_only"].record(t)
-        assert abs(full["grad_coef"] - partial["grad_coef"]) <= 1e-12 * full["grad_coef"]
-        assert partial["grad_coef_residual"] < 1e-12
+        assert abs(full.grad_coef - partial.grad_coef) <= 1e-12 * full.grad_coef
+        assert partial.grad_coef_residual < 1e-12
 
 
 def test_per_sample_blocks_for_embeddings_norms_and_the_tied_head(runs):

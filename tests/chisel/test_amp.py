@@ -41,7 +41,7 @@ def test_skipped_steps_are_recorded_as_skipped(tmp_path, fused):
         assert all(torch.equal(run.update(t)[n], observed[t][n]) for n in run.param_names)
         assert run.steps["clip_coef"][t] == pytest.approx(1.0, rel=1e-6)  # loss scale divided out
     assert all(torch.equal(run.params(5)[n], thetas[5][n]) for n in run.param_names)
-    assert run.record(2)["loss_scale"] == 2.0**10
+    assert run.record(2).loss_scale == 2.0**10
     assert run.steps["step"].tolist() == list(range(5))
 
 

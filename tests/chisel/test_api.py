@@ -25,6 +25,7 @@ PUBLIC = {
     "SkippedStepError",
     "Step",
     "StepOutOfRangeError",
+    "StepRecord",
     "TagError",
     "TrainModeWarning",
     "UnknownModuleError",

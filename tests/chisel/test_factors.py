@@ -64,7 +64,7 @@ def test_module_called_twice_pairs_each_call(tmp_path):
         return m["shared"](h * 2.0).pow(3).sum()
 
     run, grads = _record_one_step(tmp_path, model, loss_fn)
-    assert run.record(0)["factor_calls"] == {"shared": 2}
+    assert run.record(0).factor_calls == {"shared": 2}
     xs, gs = run.factors(0)["shared"]
     assert xs.shape == (12, 4)
     torch.testing.assert_close(_linear_grad(xs, gs), grads["shared.weight"], rtol=0, atol=TOL)
@@ -185,7 +185,7 @@ def test_shared_inputs_and_reused_buffers(tmp_path):
             assert torch.equal(xs, expected[t])
     xs, gs = run.factors(3)["critic"]
     torch.testing.assert_close(_linear_grad(xs, gs), grads["critic.weight"], rtol=0, atol=TOL)
-    assert run.record(0)["factor_calls"] == {"actor": 1, "critic": 1}
+    assert run.record(0).factor_calls == {"actor": 1, "critic": 1}
 
 
 def test_factors_every_k_steps(tmp_path):

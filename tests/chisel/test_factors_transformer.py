@@ -199,7 +199,7 @@ def test_gpt2_tied_head_and_embeddings_rebuild_every_grad(tmp_path):
     xs, gs = run.factors(0)["transformer.wpe"]  # ids [1, T] broadcast: stored per sample
     assert xs.shape == (N, T, 1) and gs.shape == (N, T, D)
     _assert_rebuilt(run, grads, list(grads))  # every param of the model, wte = embedding + head
-    assert run.record(0)["grad_coef_residual"] < 1e-12
+    assert run.record(0).grad_coef_residual < 1e-12
     # brute force: sample 1's own gradient of the position and token embeddings and ln_f
     reference = gpt2()
     reference.load_state_dict(run.params(0), strict=False)
@@ -233,8 +233,8 @@ def test_a_fused_lm_head_is_named_and_left_unresolved(tmp_path):
     assert capture.not_captured == {"lm_head": 1}
     assert "lm_head" not in run.factors(0)
     # the clip coefficient is fitted on the captured weights only: still exact
-    assert abs(run.record(0)["grad_coef"] - 1.0) < 1e-12
-    assert run.record(0)["grad_coef_residual"] < 1e-12
+    assert abs(run.record(0).grad_coef - 1.0) < 1e-12
+    assert run.record(0).grad_coef_residual < 1e-12
     split = C.split_update(run, 0)
     assert split.not_captured == {"transformer.wte.weight": ("lm_head",)}
     rows = C.credit_rows(run, 0, {n: torch.ones_like(v) for n, v in run.update(0).items()},

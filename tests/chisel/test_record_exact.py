@@ -96,7 +96,7 @@ def test_clipping_schedulers_and_accumulation(tmp_path):
     clip = run.steps["clip_coef"]
     assert (clip < 1).all() and (clip > 0).all()
     for t in range(len(run)):
-        assert run.record(t)["grad_norm"] == pytest.approx(0.05, rel=1e-4)  # the clipped grad
+        assert run.record(t).grad_norm == pytest.approx(0.05, rel=1e-4)  # the clipped grad
         assert clip[t] == pytest.approx(0.05 / (norms[t] + 1e-6), rel=1e-6)
         assert len(run.tags(t)["weight"]) == 24  # three micro-batches of 8, concatenated
         x, _g = run.factors(t)["0"]
@@ -123,7 +123,7 @@ def test_frozen_params_and_params_without_grad(tmp_path):
     run = chisel.load(tmp_path / "run")
     assert run.manifest["frozen"] == ["b.weight"]
     assert "b.weight" not in run.param_names
-    assert run.record(0)["grad_missing"] == ["unused.weight", "unused.bias"]
+    assert run.record(0).grad_missing == ("unused.weight", "unused.bias")
     for t in range(3):
         update = run.update(t)
         for n in run.param_names:
@@ -240,7 +240,7 @@ def test_stored_gradients_are_the_consumed_ones(tmp_path, dtype):
         grads = run.grads(t)
         assert all(torch.equal(grads[n].to(dtype), consumed[t][n]) for n in consumed[t])
         norm = torch.sqrt(sum((g.double() ** 2).sum() for g in consumed[t].values()))
-        assert run.record(t)["grad_norm"] == pytest.approx(float(norm), rel=1e-12)
+        assert run.record(t).grad_norm == pytest.approx(float(norm), rel=1e-12)
 
 
 def test_mixed_dtypes_store_exact_and_lossy_params_side_by_side(tmp_path):

@@ -133,4 +133,4 @@ def test_a_cpu_recording_writes_steps_in_place(tmp_path, dtype, expect):
         assert {k: counts[k] for k in expect} == expect
     report = verify_run(tmp_path / "run")  # every file's checksums and records hold
     assert report.ok, report.problems
-    assert np.isfinite(run.record(3)["update_norm"])
+    assert np.isfinite(run.record(3).update_norm)
