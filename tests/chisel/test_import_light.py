@@ -24,23 +24,20 @@ def _heavy(modules: list[str]) -> list[str]:
 def test_import_chisel_is_light_and_recording_loads_no_analysis_stack(tmp_path):
     run = str(tmp_path / "run")
     out = _child(
-        "import json, sys, time\n"
+        "import json, sys\n"
         "import torch\n"
-        "t0 = time.perf_counter()\n"
         "import chisel\n"
-        "dt = time.perf_counter() - t0\n"
         "after_import = sorted(sys.modules)\n"
         "m = torch.nn.Linear(3, 2); opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
         f"with chisel.record(m, opt, {run!r}, factors=True) as rec:\n"
         "    m(torch.randn(4, 3)).sum().backward(); rec.tag(w=torch.ones(4)); opt.step()\n"
         f"steps = len(chisel.load({run!r}))\n"
-        "print(json.dumps({'import': after_import, 'seconds': dt, 'steps': steps,"
+        "print(json.dumps({'import': after_import, 'steps': steps,"
         " 'recorded': sorted(sys.modules)}))\n"
     )
     assert _heavy(out["import"]) == []
     assert [m for m in out["import"] if m.startswith("chisel")] == ["chisel", "chisel._version"]
-    # the target is 0.3 s beyond torch (measured ~0.01 s); the margin absorbs a loaded machine
-    assert out["seconds"] < 1.0
+    # its time (target ≤ 0.3 s beyond torch) is measured by benchmarks/import_time.py
     assert out["steps"] == 1
     assert _heavy(out["recorded"]) == []  # recording and reading a step need no pandas
 
