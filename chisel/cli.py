@@ -1,5 +1,5 @@
-"""The `chisel` command line: `chisel demo`, `chisel report RUN_DIR`, `chisel info RUN_DIR`,
-`chisel verify RUN_DIR`, `chisel tensorboard RUN_DIR`, `chisel attribute RUN_DIR`.
+"""The `chisel` command line: `chisel demo`, `chisel report RUN_DIR`, `chisel compare RUN_A RUN_B`,
+`chisel info RUN_DIR`, `chisel verify RUN_DIR`, `chisel tensorboard RUN_DIR`, `chisel attribute RUN_DIR`.
 
 A user error (a `ChiselError`, a `probes` error, a path that cannot be read or written) is one
 line `chisel: error: …` on stderr and exit code 2, never a traceback.
@@ -53,10 +53,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.compare is not None:  # `chisel report A --compare B` is `chisel compare A B`
+        args.run_a, args.run_b = args.run_dir, args.compare
+        return _compare(args)
     from chisel.report import write_report
 
-    path = write_report(args.run_dir, args.out, compare=args.compare)
-    print(f"wrote {path}")
+    print(f"wrote {write_report(args.run_dir, args.out)}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from chisel.report import write_comparison
+
+    out = args.out if args.out is not None else args.run_a
+    print(f"wrote {write_comparison(args.run_a, args.run_b, out)}")
     return 0
 
 
@@ -118,10 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a run directory (chisel.record; a ledger from "
                         "chisel.attribute(..., out=True); or `chisel demo`)")
     report.add_argument("--compare", metavar="RUN_B", default=None,
-                        help="a second run: write compare.html with both runs side by side")
+                        help="a second run: write compare.html with both runs side by side "
+                        "(the same as `chisel compare RUN_DIR RUN_B`)")
     report.add_argument("--out", default=None,
                         help="folder or .html path to write (default: the run directory)")
     report.set_defaults(func=_report)
+    compare = sub.add_parser("compare", help="write compare.html: two runs side by side")
+    compare.add_argument("run_a", help="the first run directory (column A)")
+    compare.add_argument("run_b", help="the second run directory (column B)")
+    compare.add_argument("--out", default=None,
+                         help="folder or .html path to write (default: RUN_A)")
+    compare.set_defaults(func=_compare)
     board = sub.add_parser(
         "tensorboard",
         help="export a run's per-step update norms (and ledger timeline) to TensorBoard",

@@ -33,6 +33,7 @@ from chisel.agents.ppo import (
 )
 from chisel.demo import causal as C
 from chisel.demo import features as Fe
+from chisel.demo import report_sections
 from chisel.demo import reward_optimizer as RO
 from chisel.demo.attribute import attribute_run, attribution_plan
 from chisel.demo.config import (
@@ -45,6 +46,7 @@ from chisel.demo.train import ppo_config, train_recorded
 from chisel.demo.validate import validation_stage
 from chisel.envs import ACTION_NAMES, TrashWorldConfig, VecTrashWorld, evaluate, oracle_return
 from chisel.report.artifacts import CAUSAL_FILE, DEMO_FILE, FEATURES_DIR, PROBES_FILE
+from chisel.report.scenario import SECTIONS_KEY
 
 METRIC_NAME = "logprob(chosen actions) on held-out states"
 CONCEPT_GROUPS = {
@@ -162,6 +164,7 @@ def _run(cfg: DemoConfig, watch: Stopwatch) -> Path:
             RO.DEMO_KEY: RO.demo_summary(agent, ledger, Fe.feature_concepts(features), ppo.env,
                                          cfg.seed + CHOICE_SEED),
             "config": cfg.to_json(),
+            SECTIONS_KEY: report_sections.ME,  # the report imports the demo's sections by name
         }
         _write_demo(out, demo, watch.total())
         report = chisel.write_report(out)

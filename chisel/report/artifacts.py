@@ -64,9 +64,9 @@ class RunArtifacts:
 
     @property
     def is_demo(self) -> bool:
-        """A `chisel demo` run (demo.json present, even unreadable: the report then says so):
-        the TrashWorld concepts, groups and reward events are shown; any other run gets the
-        generic report."""
+        """A run with a scenario file, demo.json (present, even unreadable: the report then
+        says so): its scenario's sections are shown (see `scenario`), and the artifacts a
+        scenario writes (probes, causal check) are expected."""
         return self.demo is not None or (self.root / DEMO_FILE).exists()
 
     @property

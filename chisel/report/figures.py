@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,7 @@ from matplotlib.ticker import MaxNLocator
 from chisel.attribution import ledger as L
 from chisel.report.tables import Circuits
 
-CURVES = (
-    ("mean_return", "mean return"),
-    ("reward_trash", "reward: trash"),
-    ("reward_button", "reward: button"),
-)
+CURVE_X = "update"  # the training curve's step column; every other column is drawn
 _MAX_LABEL = 48
 
 
@@ -52,7 +49,10 @@ def _top_columns(tl: pd.DataFrame, k: int) -> pd.DataFrame:
     return tl[final.index[:k]]
 
 
-def _draw_timeline(ax: Axes, tl: pd.DataFrame, k: int) -> None:
+Curves = Sequence[tuple[str, str]] | None  # (column, legend label); None: every column
+
+
+def _draw_timeline(ax: Axes, tl: pd.DataFrame, k: int, metric: str = "") -> None:
     if tl.empty:
         ax.text(
             0.5,
@@ -66,12 +66,12 @@ def _draw_timeline(ax: Axes, tl: pd.DataFrame, k: int) -> None:
     for name, col in _top_columns(tl, k).items():
         ax.plot(tl.index, col.to_numpy(), marker="o", ms=3, lw=1.5, label=text(name))
     ax.axhline(0.0, color="0.6", lw=0.8)
-    ax.set_ylabel("cumulative attribution\n(Δ log p(chosen action))")
+    ax.set_ylabel(f"cumulative attribution\n(Δ {text(metric or 'metric')})")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
 
 
-def _draw_curve(ax: Axes, curve: pd.DataFrame | None) -> None:
-    if curve is None or curve.empty or "update" not in curve:
+def _draw_curve(ax: Axes, curve: pd.DataFrame | None, columns: Curves = None) -> None:
+    if curve is None or curve.empty or CURVE_X not in curve:
         ax.text(
             0.5,
             0.5,
@@ -81,9 +81,15 @@ def _draw_curve(ax: Axes, curve: pd.DataFrame | None) -> None:
             transform=ax.transAxes,
         )
         return
-    for column, label in CURVES:
+    if not columns:
+        columns = [
+            (str(c), str(c).replace("_", " "))
+            for c in curve.columns
+            if c != CURVE_X and pd.api.types.is_numeric_dtype(curve[c])
+        ]
+    for column, label in columns:
         if column in curve:
-            ax.plot(curve["update"], curve[column], lw=1.5, label=label)
+            ax.plot(curve[CURVE_X], curve[column], lw=1.5, label=text(label))
     ax.set_ylabel("per episode")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
@@ -91,13 +97,29 @@ def _draw_curve(ax: Axes, curve: pd.DataFrame | None) -> None:
 
 
 def timeline_figure(
-    tl: pd.DataFrame, curve: pd.DataFrame | None, k: int = 8, title: str = ""
+    tl: pd.DataFrame,
+    curve: pd.DataFrame | None,
+    k: int = 8,
+    title: str = "",
+    curve_panel: bool | None = None,
+    curves: Curves = None,
+    metric: str = "",
 ) -> Figure:
-    """The chisel timeline (top-k features by |final|) above the reward curve, sharing steps."""
+    """The chisel timeline (top-k features by |final|) above the training curve (every column
+    of `curve` against its "update" column), sharing steps. `curve_panel` (default: whether
+    there is a curve) draws the lower panel, noting a missing curve there; `curves` picks and
+    labels its columns; `metric` names the metric on the timeline's axis."""
+    if not (curve is not None if curve_panel is None else curve_panel):
+        fig, top = _subplots(figsize=(11, 4))
+        _draw_timeline(top, tl, k, metric)
+        top.set_title(text(title) or "cumulative reinforcement per feature pathway")
+        top.set_xlabel("optimizer step")
+        fig.tight_layout()
+        return fig
     fig, (top, bottom) = _subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=[3, 2])
-    _draw_timeline(top, tl, k)
+    _draw_timeline(top, tl, k, metric)
     top.set_title(text(title) or "cumulative reinforcement per feature pathway")
-    _draw_curve(bottom, curve)
+    _draw_curve(bottom, curve, curves)
     bottom.set_title("reward over training")
     bottom.set_xlabel("optimizer step")
     fig.tight_layout()
@@ -105,17 +127,26 @@ def timeline_figure(
 
 
 def timeline_pair_figure(
-    tls: list[pd.DataFrame], curves: list[pd.DataFrame | None], names: list[str], k: int = 6
+    tls: list[pd.DataFrame],
+    curves: list[pd.DataFrame | None],
+    names: list[str],
+    k: int = 6,
+    columns: Sequence[Curves] = (),
+    metrics: Sequence[str] = (),
 ) -> Figure:
-    """Two runs side by side: timelines on top, reward curves below, one column per run."""
+    """Two runs side by side: timelines on top, training curves below (when either run has
+    one), one column per run."""
+    rows = 2 if any(c is not None for c in curves) else 1
     fig, axes = _subplots(
-        2, len(tls), figsize=(7 * len(tls), 6), squeeze=False, height_ratios=[3, 2]
+        rows, len(tls), figsize=(7 * len(tls), 3 * rows), squeeze=False,
+        height_ratios=[3, 2][:rows],
     )
     for j, (tl, curve, name) in enumerate(zip(tls, curves, names)):
-        _draw_timeline(axes[0, j], tl, k)
+        _draw_timeline(axes[0, j], tl, k, metrics[j] if j < len(metrics) else "")
         axes[0, j].set_title(text(name))
-        _draw_curve(axes[1, j], curve)
-        axes[1, j].sharex(axes[0, j])
+        if rows == 2:
+            _draw_curve(axes[1, j], curve, columns[j] if j < len(columns) else None)
+            axes[1, j].sharex(axes[0, j])
     fig.tight_layout()
     return fig
 
@@ -165,37 +196,6 @@ def circuits_figure(circ: Circuits, k: int = 10) -> Figure:
     return fig
 
 
-def credit_figure(by_source: pd.DataFrame, by_advantage: pd.DataFrame) -> Figure:
-    """Credit summed per reward event and per advantage sign (two bar panels)."""
-    fig, axes = _subplots(1, 2, figsize=(10, 3.4))
-    for ax, frame, title in (
-        (axes[0], by_source, "credit by reward event"),
-        (axes[1], by_advantage, "credit by advantage sign"),
-    ):
-        if frame.empty:
-            ax.text(
-                0.5,
-                0.5,
-                "no tagged per-sample rows",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-            )
-        else:
-            values = frame["total"].to_numpy(dtype=float)
-            ax.bar(
-                range(len(frame)),
-                values,
-                color=["#4c72b0" if v >= 0 else "#dd8452" for v in values],
-            )
-            ax.set_xticks(range(len(frame)), [text(i) for i in frame.index], fontsize=8)
-            ax.axhline(0.0, color="0.3", lw=0.8)
-        ax.set_title(title)
-        ax.set_ylabel("Σ credit (Δ metric)")
-    fig.tight_layout()
-    return fig
-
-
 def credit_by_tag_figure(tables: dict[str, pd.DataFrame]) -> Figure:
     """Credit summed per tag value (or sign), one bar panel per tag (at most four)."""
     shown = list(tables.items())[:4]
@@ -219,22 +219,6 @@ def completeness_figure(comp: pd.DataFrame) -> Figure:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("|Σ A − Δm| / |Δm|")
     ax.set_title("completeness error of the integrated attribution")
-    fig.tight_layout()
-    return fig
-
-
-def group_shares_figure(shares: dict[str, dict[str, float]], title: str = "") -> Figure:
-    """Grouped bars: {run: {group: abs share}}, one bar group per concept group."""
-    groups = sorted({g for s in shares.values() for g in s})
-    fig, ax = _subplots(figsize=(9, 3.4))
-    width = 0.8 / max(len(shares), 1)
-    for i, (run, s) in enumerate(shares.items()):
-        xs = np.arange(len(groups)) + i * width
-        ax.bar(xs, [s.get(g, 0.0) for g in groups], width=width, label=text(run))
-    ax.set_xticks(np.arange(len(groups)) + width * (len(shares) - 1) / 2, [text(g) for g in groups])
-    ax.set_ylabel("share of Σ|attribution|")
-    ax.set_title(text(title) or "reinforcement by concept group")
-    ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 

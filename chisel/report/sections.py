@@ -1,8 +1,11 @@
-"""The sections of one run's report: each returns (anchor, title, body markup), never raises on a
-missing artifact, and writes its figure as figures/<name>.png."""
+"""The generic sections of one run's report: each returns (anchor, title, body markup), never
+raises on a missing artifact, and writes its figure as figures/<name>.png. A scenario builds its
+own versions from the same pieces (`summary_section(..., findings=...)`, `credit_table`,
+`credit_notes`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +16,6 @@ from chisel.report import html as H
 from chisel.report import tables as T
 from chisel.report import validation as V
 from chisel.report.artifacts import (
-    CAUSAL_FILE,
     DEMO_FILE,
     DEMO_ONLY,
     LEDGER_FILE,
@@ -21,6 +23,7 @@ from chisel.report.artifacts import (
     RunArtifacts,
 )
 from chisel.report.coverage import part_name
+from chisel.report.facts import run_facts
 from chisel.report.summary import (
     BY_ATTRIBUTION,
     BY_SHAPLEY,
@@ -28,7 +31,6 @@ from chisel.report.summary import (
     Summary,
     completeness,
     feature_timeline,
-    shapley_rank,
 )
 
 Section = tuple[str, str, str]
@@ -52,6 +54,8 @@ def absent(art: RunArtifacts, artifact: str, what: str) -> str:
 
 
 def training_curve(art: RunArtifacts) -> pd.DataFrame | None:
+    """The scenario file's (demo.json) "training_curve": rows of "update" and per-episode
+    numbers, drawn under the timeline."""
     curve = (art.demo or {}).get("training_curve")
     return pd.DataFrame(curve) if curve else None
 
@@ -153,50 +157,17 @@ def _coverage_para(s: Summary) -> str:
     return H.para(text)
 
 
-def _group_paras(s: Summary) -> list[str]:
-    """The demo's concept groups (demo.json "concepts"): their shares of the attribution."""
-    out = []
-    named = [g for g in s.groups if g.group in ("reward_predictive", "task")]
-    if named:
-        text = "; ".join(
-            f"{g.group}: {H.num(g.total)} ({H.pct(g.share)} of the signed feature sum, "
-            f"{H.pct(g.abs_share)} of Σ|attribution|)"
-            for g in named
-        )
-        out.append(H.para(f"Reinforcement of the chosen actions through {text}.", "answer"))
-    out.append(
-        H.table(
-            [
-                "group",
-                "concepts",
-                "features",
-                "Σ attribution",
-                "share (signed)",
-                "Σ |attribution|",
-                "share of Σ|·|",
-            ],
-            [
-                (
-                    g.group,
-                    ", ".join(g.concepts),
-                    g.features,
-                    H.num(g.total),
-                    H.pct(g.share),
-                    H.num(g.abs_total),
-                    H.pct(g.abs_share),
-                )
-                for g in s.groups
-            ],
-            numeric=(2, 3, 4, 5, 6),
-        )
-    )
-    return out
-
-
-def summary_section(art: RunArtifacts, s: Summary) -> Section:
-    out = []
-    if s.returns:
-        out.append(H.para("Returns: " + ", ".join(f"{k} {H.num(v)}" for k, v in s.returns.items())))
+def summary_section(
+    art: RunArtifacts,
+    s: Summary,
+    *,
+    lead: Sequence[str] = (),
+    findings: Sequence[str] = (),
+    checks: Sequence[str] = (),
+) -> Section:
+    """The headline, coverage and completeness; a scenario's own paragraphs go before them
+    (`lead`), after the coverage (`findings`) and at the end (`checks`)."""
+    out = list(lead)
     if not s.features:
         out.append(
             absent(art, LEDGER_FILE, "which pathways were chiseled (no integrated feature rows)")
@@ -204,30 +175,7 @@ def summary_section(art: RunArtifacts, s: Summary) -> Section:
         return "summary", "Summary", "".join(out)
     out.extend(_headline_paras(s))
     out.append(_coverage_para(s))
-    if art.is_demo:
-        out.extend(_group_paras(s))
-    c = s.correlate
-    if c is not None and c.features:
-        verdict = "was chiseled too" if c.chiseled else "was not chiseled much"
-        out.append(
-            H.para(
-                f"Blue-wall correlate ({', '.join(c.concepts)}) {verdict}: Σ attribution {H.num(c.total)}, "
-                f"{H.pct(c.abs_share)} of Σ|attribution| (even share {H.pct(c.even_share)}), best rank "
-                f"{c.best_rank} of {c.n_features} features by {BY_ATTRIBUTION}"
-                + (
-                    f"; best rank {rank} of {len(s.relied_on)} pathways by {BY_SHAPLEY}."
-                    if (rank := shapley_rank(s, c.features)) is not None
-                    else "."
-                ),
-                "answer",
-            )
-        )
-    elif c is not None:
-        out.append(
-            H.missing(
-                f"No feature of the spurious concepts {', '.join(c.concepts)} was attributed."
-            )
-        )
+    out.extend(findings)
     if s.completeness_max is not None:
         out.append(
             H.para(
@@ -235,14 +183,7 @@ def summary_section(art: RunArtifacts, s: Summary) -> Section:
                 f"(step {s.completeness_step})."
             )
         )
-    if s.causal:
-        out.append(
-            H.para(
-                "Causal check (drop in return when projecting out k directions): "
-                + ", ".join(f"{r.name} {H.num(r.drop)}" for r in s.causal)
-                + "."
-            )
-        )
+    out.extend(checks)
     return "summary", "Summary", "".join(out)
 
 
@@ -263,10 +204,12 @@ def timeline_section(art: RunArtifacts, figs: FigureSink) -> Section:
         "summed over the attributed updates"
         + ("; the reward curve below shares the step axis." if art.is_demo else ".")
     )
-    body += figs.put(
-        "timeline", F.timeline_figure(tl, training_curve(art), k=TOP_K), "chisel timeline"
+    curve, facts = training_curve(art), run_facts(art)
+    fig = F.timeline_figure(
+        tl, curve, k=TOP_K, curve_panel=art.is_demo, curves=facts.curves, metric=facts.metric
     )
-    if art.is_demo and training_curve(art) is None:
+    body += figs.put("timeline", fig, "chisel timeline")
+    if art.is_demo and curve is None:
         body += absent(art, DEMO_FILE, "the reward curve")
     return "timeline", title, body
 
@@ -294,7 +237,7 @@ def circuits_section(art: RunArtifacts, figs: FigureSink) -> Section:
     )
 
 
-def _credit_table(frame: pd.DataFrame, label: str) -> str:
+def credit_table(frame: pd.DataFrame, label: str) -> str:
     def count(v: float) -> str | int:
         return "—" if pd.isna(v) else int(v)
 
@@ -305,7 +248,7 @@ def _credit_table(frame: pd.DataFrame, label: str) -> str:
     return H.table([label, "samples", "Σ credit", "per sample"], rows, numeric=(1, 2, 3))
 
 
-def _credit_notes(art: RunArtifacts) -> list[str]:
+def credit_notes(art: RunArtifacts) -> list[str]:
     """Momentum horizon and optimizer parts: the same for every run."""
     body = []
     unresolved = T.momentum_unresolved(art.ledger)
@@ -329,59 +272,7 @@ def _credit_notes(art: RunArtifacts) -> list[str]:
 
 
 def credit_section(art: RunArtifacts, figs: FigureSink) -> Section:
-    if not art.is_demo:
-        return generic_credit_section(art, figs)
-    title = "Credit by reward event and advantage sign"
-    by_source = T.credit_by_reward_source(art.ledger)
-    by_adv = T.credit_by_advantage(art.ledger)
-    if by_source.empty and by_adv.empty:
-        return (
-            "credit",
-            title,
-            absent(art, LEDGER_FILE, "credit (no tagged per-sample credit rows)"),
-        )
-    by_next = T.credit_by_reward_source(art.ledger, T.NEXT_REWARD_SOURCE_TAG)
-    body = [
-        H.para(
-            "Credit of the training samples (whole-sample rows, summed over parameters and the "
-            "updates their gradients reached through momentum), grouped by the reward event "
-            "right after each sample's action (tag/reward_source), by the first reward event "
-            "later in its episode (tag/next_reward_source) and by the sign of its advantage. "
-            "Where the ledger holds sums over tag groups (credit_by), a group's samples are "
-            "read from its rows' count column (— where the ledger has none)."
-        ),
-        figs.put("credit", F.credit_figure(by_source, by_adv), "credit"),
-    ]
-    for frame, label, tag in (
-        (by_source, "reward event", "reward_source"),
-        (by_next, "next reward event", "next_reward_source"),
-        (by_adv, "advantage", "advantage"),
-    ):
-        if frame.empty and tag == "next_reward_source":
-            continue
-        body.append(
-            _credit_table(frame, label) if not frame.empty else H.missing(f"No tag/{tag} column.")
-        )
-    per_feature = T.credit_features_by_source(art.ledger)
-    if not per_feature.empty:
-        body.append(H.para("Per-sample credit through each feature, by reward event:"))
-        cols = list(per_feature.columns)
-        body.append(
-            H.table(
-                ["feature", *cols],
-                [
-                    (n, *(H.num(v) for v in r))
-                    for n, r in zip(per_feature.index, per_feature.to_numpy())
-                ],
-                numeric=tuple(range(1, len(cols) + 1)),
-            )
-        )
-    body.extend(_credit_notes(art))
-    return "credit", title, "".join(body)
-
-
-def generic_credit_section(art: RunArtifacts, figs: FigureSink) -> Section:
-    """Credit of any run, by every tag its samples carry (no demo vocabulary)."""
+    """Credit of any run, by every tag its samples carry."""
     title = "Credit by tag"
     tables = {tag: frame for tag, frame in T.credit_by_tags(art.ledger).items() if not frame.empty}
     if not tables:
@@ -398,8 +289,8 @@ def generic_credit_section(art: RunArtifacts, figs: FigureSink) -> Section:
         figs.put("credit", F.credit_by_tag_figure(tables), "credit"),
     ]
     for tag, frame in tables.items():
-        body.append(_credit_table(frame, f"tag/{tag}"))
-    body.extend(_credit_notes(art))
+        body.append(credit_table(frame, f"tag/{tag}"))
+    body.extend(credit_notes(art))
     return "credit", title, "".join(body)
 
 
@@ -418,38 +309,6 @@ def completeness_section(art: RunArtifacts, s: Summary, figs: FigureSink) -> Sec
         f"{s.completeness_step}, over {len(comp)} attributed steps (exact zeros drawn at 1e-16)."
     )
     return "completeness", title, body
-
-
-def causal_section(art: RunArtifacts, s: Summary) -> Section:
-    title = "Causal check"
-    if s.causal_baseline is None:
-        return "causal", title, absent(art, CAUSAL_FILE, "the causal check")
-    c = art.causal or {}
-    head = H.para(
-        f"Projecting out k = {c.get('k', '?')} feature directions at site "
-        f"{c.get('site', '?')}; baseline return {H.num(s.causal_baseline)}."
-    )
-    rows = [
-        (
-            r.name,
-            H.num(r.ret),
-            H.num(r.drop),
-            H.pct(r.drop_rel),
-            "" if r.std is None else H.num(r.std),
-            ", ".join(r.features),
-        )
-        for r in s.causal
-    ]
-    return (
-        "causal",
-        title,
-        head
-        + H.table(
-            ["condition", "return", "drop", "drop / baseline", "std", "features"],
-            rows,
-            numeric=(1, 2, 3, 4),
-        ),
-    )
 
 
 def missing_section(art: RunArtifacts) -> Section:

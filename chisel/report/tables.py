@@ -1,4 +1,4 @@
-"""Tables the report shows: circuits to actions, credit by reward event and advantage, causal check.
+"""Tables the report shows: circuits to actions, credit by tag, credit by part of the optimizer.
 
 Each function takes the ledger (or an artifact dict) and returns plain pandas / dataclass results;
 an empty result means the rows are not there, and the report says so.
@@ -7,18 +7,12 @@ an empty result means the rows are not there, and the report says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from chisel.attribution import ledger as L
 
-REWARD_SOURCE_TAG = L.TAG_PREFIX + "reward_source"
-NEXT_REWARD_SOURCE_TAG = L.TAG_PREFIX + "next_reward_source"
-ADVANTAGE_TAG = L.TAG_PREFIX + "advantage"
-ADVANTAGE_SIGN_TAG = L.TAG_PREFIX + "advantage_sign"
-REWARD_SOURCES = {0: "none", 1: "trash deposited", 2: "button pressed"}
 PART_COLUMN = L.PART  # the leaf of the optimizer split a credit row belongs to
 _NOT_FEATURES = L.NOT_FEATURES  # "<mean>" included: a weight's pathway, not a feature
 
@@ -70,13 +64,15 @@ def circuits(ledger: pd.DataFrame | None, action_names: list[str] | None = None)
 # `chisel.attribute(..., credit_by=[...])`, per-sample rows summed within groups of those tags
 # (`sample` null, the group's tag values set). Both count as "tagged" rows; untagged rows
 # (weight decay, unresolved parts, summed feature rows) carry neither.
-def _tag_columns(rows: pd.DataFrame) -> list[str]:
+def tag_columns(rows: pd.DataFrame) -> list[str]:
     return [c for c in rows.columns if c.startswith(L.TAG_PREFIX)]
 
 
-def _sample_rows(ledger: pd.DataFrame | None, whole: bool = True) -> pd.DataFrame:
+def sample_rows(ledger: pd.DataFrame | None, whole: bool = True) -> pd.DataFrame:
+    """The tagged credit rows (per sample, or summed by `credit_by`): whole-sample rows
+    (feature "") or, with whole=False, the rows of named features."""
     rows = _rows(ledger, L.CREDIT, L.ATTRIBUTION)
-    tags = _tag_columns(rows)
+    tags = tag_columns(rows)
     tagged = rows[L.SAMPLE].notna()
     if tags:
         tagged = tagged | rows[tags].notna().any(axis=1)
@@ -84,7 +80,7 @@ def _sample_rows(ledger: pd.DataFrame | None, whole: bool = True) -> pd.DataFram
     return rows[rows[L.FEATURE] == L.WHOLE] if whole else rows[~rows[L.FEATURE].isin(_NOT_FEATURES)]
 
 
-def _grouped(rows: pd.DataFrame, key: pd.Series) -> pd.DataFrame:
+def grouped_credit(rows: pd.DataFrame, key: pd.Series) -> pd.DataFrame:
     """Per group: samples, total and mean credit per sample.
 
     Per-sample rows count their distinct (origin step, sample). Rows summed by `credit_by`
@@ -101,7 +97,7 @@ def _grouped(rows: pd.DataFrame, key: pd.Series) -> pd.DataFrame:
     count = rows[L.COUNT].astype("float64") if L.COUNT in rows else nan
     # the tag values identify a credit_by group: only summed rows need them (a row-wise join
     # over a per-sample ledger of millions of rows would dominate the report's time)
-    tags = rows.loc[summed, _tag_columns(rows)].astype("float64").fillna(np.inf).astype(str)
+    tags = rows.loc[summed, tag_columns(rows)].astype("float64").fillna(np.inf).astype(str)
     labels = pd.Series("", index=rows.index, dtype=object)
     if tags.shape[1] and len(tags):
         labels[summed] = tags.agg("|".join, axis=1)
@@ -128,51 +124,6 @@ def _grouped(rows: pd.DataFrame, key: pd.Series) -> pd.DataFrame:
     return out
 
 
-def _source_label(value: float) -> str:
-    if pd.isna(value):
-        return "untagged"
-    return REWARD_SOURCES.get(int(value), f"source {int(value)}")
-
-
-def credit_by_reward_source(
-    ledger: pd.DataFrame | None, tag: str = REWARD_SOURCE_TAG
-) -> pd.DataFrame:
-    """Whole-sample credit (tagged rows, feature "") summed per reward source.
-
-    tag: `tag/reward_source` (the reward right after the sample's action) or
-    `tag/next_reward_source` (the first reward after it in the episode).
-    """
-    rows = _sample_rows(ledger)
-    if not len(rows) or tag not in rows or rows[tag].isna().all():
-        return pd.DataFrame(columns=["samples", "total", "per_sample"])
-    order = {label: i for i, label in enumerate(REWARD_SOURCES.values())}
-    out = _grouped(rows, rows[tag].map(_source_label))
-    return out.sort_index(key=lambda idx: idx.map(lambda s: order.get(s, len(order))))
-
-
-def _sign_label(value: float) -> str:
-    if pd.isna(value):
-        return "untagged"
-    return "advantage > 0" if value > 0 else "advantage < 0" if value < 0 else "advantage = 0"
-
-
-def credit_by_advantage(ledger: pd.DataFrame | None) -> pd.DataFrame:
-    """Whole-sample credit summed by the sign of `tag/advantage` (or of `tag/advantage_sign`
-    where rows were summed by it and the raw advantage is gone)."""
-    rows = _sample_rows(ledger)
-    present = [c for c in (ADVANTAGE_TAG, ADVANTAGE_SIGN_TAG) if c in rows]
-    if not len(rows) or not present:
-        return pd.DataFrame(columns=["samples", "total", "per_sample"])
-    sign = rows[present[0]]
-    for column in present[1:]:
-        sign = sign.fillna(rows[column])
-    if sign.isna().all():
-        return pd.DataFrame(columns=["samples", "total", "per_sample"])
-    out = _grouped(rows, sign.map(_sign_label))
-    order = ["advantage > 0", "advantage < 0", "advantage = 0", "untagged"]
-    return out.reindex([g for g in order if g in out.index])
-
-
 MAX_TAG_VALUES = 12  # a tag with more distinct values is grouped by sign
 
 
@@ -196,14 +147,14 @@ def _tag_labels(tag: str, values: pd.Series) -> tuple[pd.Series, list[str]]:
 def credit_by_tags(ledger: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
     """Whole-sample credit summed per value (or sign) of each tag the rows carry (any run's
     tags), keyed by tag name; tags no row carries are left out."""
-    rows = _sample_rows(ledger)
+    rows = sample_rows(ledger)
     out = {}
-    for column in _tag_columns(rows):
+    for column in tag_columns(rows):
         values = rows[column].astype("float64")
         if values.isna().all():
             continue
         labels, order = _tag_labels(column[len(L.TAG_PREFIX):], values)
-        frame = _grouped(rows, labels)
+        frame = grouped_credit(rows, labels)
         out[column[len(L.TAG_PREFIX):]] = frame.reindex([n for n in order if n in frame.index])
     return out
 
@@ -211,22 +162,6 @@ def credit_by_tags(ledger: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
 def credit_by_tag(ledger: pd.DataFrame | None, tag: str) -> pd.DataFrame:
     """`credit_by_tags` of one tag (an empty frame when no row carries it)."""
     return credit_by_tags(ledger).get(tag, pd.DataFrame(columns=["samples", "total", "per_sample"]))
-
-
-def credit_features_by_source(ledger: pd.DataFrame | None, k: int = 8) -> pd.DataFrame:
-    """Tagged feature credit, feature × reward source, the k features largest in |total|
-    (empty when feature rows were summed over samples without tags)."""
-    rows = _sample_rows(ledger, whole=False)
-    if not len(rows) or REWARD_SOURCE_TAG not in rows:
-        return pd.DataFrame()
-    table = rows.assign(source=rows[REWARD_SOURCE_TAG].map(_source_label)).pivot_table(
-        index=L.FEATURE, columns="source", values=L.VALUE, aggfunc="sum", fill_value=0.0
-    )
-    top = table.abs().sum(axis=1).sort_values(ascending=False).index[:k]
-    order = [*REWARD_SOURCES.values()]
-    columns = sorted(table.columns, key=lambda c: order.index(c) if c in order else len(order))
-    table.columns.name = None
-    return table.loc[top, columns]
 
 
 def credit_parts(ledger: pd.DataFrame | None) -> pd.Series:
@@ -250,38 +185,3 @@ def momentum_unresolved(ledger: pd.DataFrame | None) -> pd.Series:
     whole = rows[rows[L.PARAM] == ""]
     use = rows[~rows[L.STEP].isin(whole[L.STEP])]  # a step's "" row, if any, speaks for it
     return pd.concat([whole, use]).groupby(L.STEP)[L.VALUE].mean().astype("float64")
-
-
-# -- causal check --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CausalRow:
-    name: str
-    features: list[str]
-    ret: float
-    drop: float  # baseline − return
-    drop_rel: float  # drop / |baseline|
-    std: float | None
-    seeds: int | None
-
-
-def causal_rows(causal: dict[str, Any] | None) -> tuple[float | None, list[CausalRow]]:
-    """Baseline return and one row per condition (top-k, bottom-k, random-k) of causal.json."""
-    if not causal or "baseline" not in causal:
-        return None, []
-    base = float(causal["baseline"])
-    out = []
-    for cond in causal.get("conditions", []):
-        ret = float(cond.get("return", np.nan))
-        drop = base - ret
-        out.append(
-            CausalRow(
-                name=str(cond.get("name", "?")),
-                features=[str(f) for f in cond.get("features", [])],
-                ret=ret,
-                drop=drop,
-                drop_rel=drop / abs(base) if base else float("nan"),
-                std=float(cond["std"]) if cond.get("std") is not None else None,
-                seeds=int(cond["seeds"]) if cond.get("seeds") is not None else None,
-            )
-        )
-    return base, out

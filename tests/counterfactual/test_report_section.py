@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
+from chisel.demo.report_counterfactual import COUNTERFACTUAL_FILE, counterfactual_section
 from chisel.report.artifacts import RunArtifacts
-from chisel.report.counterfactual_section import COUNTERFACTUAL_FILE, counterfactual_section
 from chisel.report.sections import FigureSink
 
 

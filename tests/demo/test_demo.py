@@ -262,3 +262,14 @@ def test_report_headline_says_who_plays_the_shapley_game(run_dir):
     summary = json.loads((run_dir / "validation.json").read_text())
     assert "The players are the feature pathways only" in page
     assert f"carry {H.pct(summary['coverage_shapley'])} of the whole learned change" in page
+
+
+def test_demo_json_names_the_demo_report_sections(demo, run_dir):
+    """The report finds the demo's sections through demo.json, and shows them."""
+    from chisel.report.scenario import SECTIONS_KEY
+
+    assert demo[SECTIONS_KEY] == "chisel.demo.report_sections"
+    page = (run_dir / "report.html").read_text()
+    for anchor in ("reward-optimizer", "probes", "causal"):
+        assert f'<section id="{anchor}">' in page, anchor
+    assert "Credit by reward event and advantage sign" in page

@@ -13,8 +13,8 @@ import pytest
 
 from chisel.attribution import ledger as L
 from chisel.demo import reward_optimizer as RO
+from chisel.demo.report_choice import reward_optimizer_section, verdict
 from chisel.report.artifacts import RunArtifacts
-from chisel.report.reward_optimizer_section import reward_optimizer_section, verdict
 
 ROOT = Path(__file__).resolve().parents[2]
 

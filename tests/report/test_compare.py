@@ -12,6 +12,7 @@ import torch
 
 import chisel
 import probes
+from chisel.demo.report_numbers import demo_numbers
 from chisel.errors import NotARunError
 from chisel.report import html as H
 from chisel.report import load_artifacts, summarize, write_comparison, write_report
@@ -39,9 +40,9 @@ def test_comparison_side_by_side(tmp_path):
     for name in ("timelines", "groups"):
         png = (tmp_path / "cmp" / "figures" / f"compare-{name}.png").read_bytes()
         assert base64.b64encode(png).decode() in page
-    sa, sb = summarize(load_artifacts(a)), summarize(load_artifacts(b))
-    button_a = next(g for g in sa.groups if g.group == "button")
-    button_b = next(g for g in sb.groups if g.group == "button")
+    (aa, sa), (ab, sb) = ((x, summarize(x)) for x in (load_artifacts(a), load_artifacts(b)))
+    button_a = next(g for g in demo_numbers(aa, sa).groups if g.group == "button")
+    button_b = next(g for g in demo_numbers(ab, sb).groups if g.group == "button")
     assert button_b.abs_share > button_a.abs_share
     row = f"<td>share of Σ|attribution|: button</td><td>{H.pct(button_a.abs_share)}</td><td>{H.pct(button_b.abs_share)}</td>"
     assert row in page
@@ -51,9 +52,11 @@ def test_comparison_side_by_side(tmp_path):
 
 
 def test_write_report_with_compare_and_missing_artifacts(tmp_path):
+    """`write_report(compare=)` is deprecated: it warns and writes the comparison."""
     a = syn.make_run(tmp_path / "a")
     bare = syn.make_run(tmp_path / "b", artifacts=False)
-    path = write_report(a, compare=bare)
+    with pytest.warns(DeprecationWarning, match="write_comparison"):
+        path = write_report(a, compare=bare)
     assert path == a / "compare.html"
     page = path.read_text()
     assert "B: b: ledger.parquet is not in the run directory" in page
@@ -98,6 +101,21 @@ def test_report_of_a_recorded_and_attributed_run(tmp_path):
     s = summarize(load_artifacts(tmp_path / "run"))
     assert {f.name for f in s.features} == {"h0", "h1", "h2"}
     assert s.completeness_max < 1e-6
-    assert s.correlate.features == ["h2"]
+    assert demo_numbers(load_artifacts(tmp_path / "run"), s).correlate.features == ["h2"]
     assert "features → actions" not in page  # the figure title is inside the PNG
     assert "Not shown: credit" in page and "Not shown: probe scores" in page
+
+
+def test_cli_compare_and_report_compare_write_the_same_page(tmp_path, capsys):
+    from chisel.cli import main
+
+    a = syn.make_run(tmp_path / "early", button="early")
+    b = _late_button_run(tmp_path / "late")
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "one")]) == 0
+    assert main(["report", str(a), "--compare", str(b), "--out", str(tmp_path / "two")]) == 0
+    assert main(["compare", str(a), str(b)]) == 0  # default: into the first run
+    out = capsys.readouterr().out
+    pages = [p / "compare.html" for p in (tmp_path / "one", tmp_path / "two", a)]
+    assert all(f"wrote {p}" in out for p in pages)
+    texts = {p.read_text() for p in pages}
+    assert len(texts) == 1 and "A: early, button early" in texts.pop()

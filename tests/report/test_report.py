@@ -9,6 +9,8 @@ import re
 
 import pytest
 
+from chisel.demo import report_credit as RD
+from chisel.demo.report_numbers import demo_numbers
 from chisel.errors import NotARunError
 from chisel.report import html as H
 from chisel.report import load_artifacts, summarize, write_report
@@ -69,43 +71,47 @@ def test_self_contained_and_escaped(page):
 
 
 def test_summary_numbers_match_the_ledger(run_dir):
-    s = summarize(load_artifacts(run_dir))
+    art = load_artifacts(run_dir)
+    s = summarize(art)
+    n = demo_numbers(art, s)
     totals = _totals()
     assert [f.name for f in s.features] == sorted(totals, key=lambda n: -abs(totals[n]))
     for f in s.features:
         assert f.total == pytest.approx(totals[f.name], abs=1e-12)
     all_sum = sum(totals.values())
     all_abs = sum(abs(v) for v in totals.values())
-    groups = {g.group: g for g in s.groups}
+    groups = {g.group: g for g in n.groups}
     for group, concepts in syn.CONCEPTS.items():
         members = [totals[n] for n, (c, _) in syn.FEATURES.items() if c in concepts]
         assert groups[group].total == pytest.approx(sum(members))
         assert groups[group].share == pytest.approx(sum(members) / all_sum)
         assert groups[group].abs_share == pytest.approx(sum(map(abs, members)) / all_abs)
     assert groups["other"].features == 1  # cost$x$ has no concept
-    wall = s.correlate
+    wall = n.correlate
     assert wall.features == [f"wall_blue@{syn.SITE}"]
     assert wall.best_rank == 6 and wall.n_features == 7
     assert wall.abs_share == pytest.approx(abs(totals[f"wall_blue@{syn.SITE}"]) / all_abs)
     assert not wall.chiseled
     assert s.completeness_max == max(syn.COMPLETENESS) and s.completeness_step == 8
     assert s.residual == pytest.approx(sum(syn.RESIDUAL) + sum(syn.BIAS))
-    assert s.causal_baseline == 1.5
-    assert {r.name: r.drop for r in s.causal} == pytest.approx(
+    assert n.causal_baseline == 1.5
+    assert {r.name: r.drop for r in n.causal} == pytest.approx(
         {"top": 1.1, "bottom": 0.05, "random": 0.2}
     )
 
 
 def test_summary_numbers_are_printed(run_dir, page):
-    s = summarize(load_artifacts(run_dir))
-    rwk = next(g for g in s.groups if g.group == "reward_predictive")
-    task = next(g for g in s.groups if g.group == "task")
+    art = load_artifacts(run_dir)
+    s = summarize(art)
+    n = demo_numbers(art, s)
+    rwk = next(g for g in n.groups if g.group == "reward_predictive")
+    task = next(g for g in n.groups if g.group == "task")
     for text in (
         H.pct(rwk.abs_share),
         H.pct(task.abs_share),
         H.num(rwk.total),
         H.num(task.total),
-        H.pct(s.correlate.abs_share),
+        H.pct(n.correlate.abs_share),
         "best rank 6 of 7",
         H.num(s.completeness_max),
         H.num(1.1),
@@ -118,12 +124,12 @@ def test_credit_tables_match_a_brute_force_sum(run_dir):
     led = load_artifacts(run_dir).ledger
     raw = syn.credit_samples()
     whole = raw[raw.feature == ""].dropna(subset=["sample"])
-    by_source = T.credit_by_reward_source(led)
-    for code, label in T.REWARD_SOURCES.items():
+    by_source = RD.credit_by_reward_source(led)
+    for code, label in RD.REWARD_SOURCES.items():
         rows = whole[whole["tag/reward_source"] == code]
         assert by_source.loc[label, "total"] == pytest.approx(rows.value.sum())
         assert by_source.loc[label, "samples"] == 2 * len(syn.STEPS)
-    by_adv = T.credit_by_advantage(led)
+    by_adv = RD.credit_by_advantage(led)
     assert by_adv.loc["advantage > 0", "total"] == pytest.approx(
         whole[whole["tag/advantage"] > 0].value.sum()
     )
@@ -144,12 +150,12 @@ def test_credit_tables_read_credit_by_groups(tmp_path):
     assert grouped[grouped.family == "credit"]["sample"].isna().all()
     raw = syn.credit_samples()
     whole = raw[raw.feature == ""].dropna(subset=["sample"])
-    by_source = T.credit_by_reward_source(grouped)
-    for code, label in T.REWARD_SOURCES.items():
+    by_source = RD.credit_by_reward_source(grouped)
+    for code, label in RD.REWARD_SOURCES.items():
         rows = whole[whole["tag/reward_source"] == code]
         assert by_source.loc[label, "total"] == pytest.approx(rows.value.sum())
         assert by_source["samples"].isna().all()
-    by_adv = T.credit_by_advantage(grouped)
+    by_adv = RD.credit_by_advantage(grouped)
     assert by_adv.loc["advantage > 0", "total"] == pytest.approx(
         whole[whole["tag/advantage"] >= 0].value.sum()
     )
@@ -159,7 +165,7 @@ def test_credit_tables_read_credit_by_groups(tmp_path):
     parts = T.credit_parts(grouped)
     momentum = raw[(raw.feature == "") & (raw.part == "momentum")]
     assert len(momentum) and parts["momentum"] == pytest.approx(momentum.value.sum())
-    assert T.credit_features_by_source(grouped).empty  # feature rows carry no tags
+    assert RD.credit_features_by_source(grouped).empty  # feature rows carry no tags
     page = write_report(tmp_path / "grouped").read_text()
     assert "Not shown: credit" not in page
     assert "next reward event" in page and '<td class="n">—</td>' in page

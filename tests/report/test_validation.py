@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from chisel.attribution import ledger as L
+from chisel.demo import report_credit as RD
 from chisel.report import figures as F
 from chisel.report import html as H
 from chisel.report import load_artifacts, summarize, write_comparison, write_report
@@ -314,9 +315,9 @@ def test_dictionary_latents_and_mean_rows(tmp_path):
 def test_credit_by_groups_read_their_count(full):
     root, page = full
     led = load_artifacts(root).ledger
-    by_source = T.credit_by_reward_source(led)
+    by_source = RD.credit_by_reward_source(led)
     assert list(by_source["samples"]) == [2 * len(syn.STEPS)] * 3  # 2 samples a step each
-    by_adv = T.credit_by_advantage(led)
+    by_adv = RD.credit_by_advantage(led)
     raw = syn.credit_samples()
     whole = raw[(raw.feature == "") & raw["sample"].notna() & (raw.param == "pi.W2")]
     whole = whole.drop_duplicates(["origin_step", "sample"])  # a sample counts once, not per part
@@ -324,7 +325,7 @@ def test_credit_by_groups_read_their_count(full):
     assert by_adv.loc["advantage < 0", "samples"] == (whole["tag/advantage"] < 0).sum()
     # momentum rows of the same samples at a later step do not count them again
     echo = led[(led.family == "credit") & led["count"].notna()].assign(step=lambda f: f.step + 1)
-    again = T.credit_by_reward_source(pd.concat([led, echo], ignore_index=True))
+    again = RD.credit_by_reward_source(pd.concat([led, echo], ignore_index=True))
     assert list(again["samples"]) == list(by_source["samples"])
     assert list(again["total"]) == pytest.approx(list(2 * by_source["total"]))
     credit = _section(page, "credit")
