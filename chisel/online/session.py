@@ -48,7 +48,7 @@ class OnlineLedger:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, features: Features,
                  metric: Metric, out: str | os.PathLike, *, credit: bool = True,
                  centred: bool = True, sample_features: bool = False,
-                 dtype: torch.dtype | None = None, flush_every: int = 64) -> None:
+                 dtype: torch.dtype | None = None, flush_every: int = 64, every: int = 1) -> None:
         if not isinstance(model, nn.Module):
             raise OnlineLedgerError(f"model is a {type(model).__name__}; give the nn.Module being trained.")
         if not hasattr(optimizer, "register_step_pre_hook"):
@@ -64,10 +64,14 @@ class OnlineLedger:
             )
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise OnlineLedgerError(f"flush_every={flush_every!r}: give an int >= 1 (steps per write).")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise OnlineLedgerError(
+                f"every={every!r}: give an int >= 1 (rows for steps t with t % every == 0)."
+            )
         self.model, self.optimizer, self.metric = model, optimizer, metric
         self.features = _feature_set(features)
         self.out, self.credit, self.centred = Path(out), credit, centred
-        self.sample_features, self.flush_every = sample_features, flush_every
+        self.sample_features, self.flush_every, self.every = sample_features, flush_every, every
         self.dtype = dtype or next(model.parameters()).dtype
         self.step = 0
         self._handles: list[Any] = []
@@ -160,7 +164,15 @@ class OnlineLedger:
             self._means[module] = (total + flat.sum(0), count + flat.shape[0])
         return pre
 
+    def _kept(self, t: int) -> bool:
+        return t % self.every == 0
+
     def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._kept(self.step):
+            if self._pending is not None:  # the kept step before this one needs m(θ_t) only
+                theta = {n: p.detach().to(self.dtype, copy=True) for n, p in self._params.items()}
+                self._finish(self._space.value(theta))
+            return
         self._theta = {n: p.detach().to(self.dtype, copy=True) for n, p in self._params.items()}
         self._means.clear()
         self._m, self._grad_m = self._space.value_and_grad(self._theta)  # m(θ_t), ∇m(θ_t)
@@ -173,6 +185,13 @@ class OnlineLedger:
             self._parts.before_step()
 
     def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._kept(self.step):
+            self._rows_of_step()
+        self.step += 1
+        if self._capture is not None:  # per-sample factors only on the forwards of kept steps
+            self._capture.enabled = self._kept(self.step)
+
+    def _rows_of_step(self) -> None:
         t, theta, grad_m = self.step, self._theta, self._grad_m
         delta = {n: p.detach().to(self.dtype) - theta[n] for n, p in self._params.items()}
         means = {m: s / c for m, (s, c) in self._means.items()}
@@ -188,7 +207,6 @@ class OnlineLedger:
                                           sides, self._sites, self.sample_features)
         self._pending = (t, exact + approx, chunks, self._m, total)
         self._theta = self._grads = None  # type: ignore[assignment]
-        self.step += 1
 
     def _finish(self, m_after: float) -> None:
         t, dict_rows, chunks, m_before, total = self._pending  # type: ignore[misc]
@@ -213,8 +231,8 @@ class OnlineLedger:
 def online_ledger(model: nn.Module, optimizer: torch.optim.Optimizer, features: Features,
                   metric: Metric, out: str | os.PathLike, **options: Any) -> OnlineLedger:
     """Attribution during training: `with chisel.online_ledger(model, opt, features, metric,
-    "ledger.parquet"): ...`. Options: credit, centred, sample_features, dtype, flush_every
-    (see `OnlineLedger`)."""
+    "ledger.parquet"): ...`. Options: credit, centred, sample_features, dtype, flush_every,
+    every (rows for every this-many steps only; see `OnlineLedger`)."""
     return OnlineLedger(model, optimizer, features, metric, out, **options)
 
 

@@ -298,3 +298,28 @@ def test_float32_training_closes_to_float32_precision(tmp_path):
     total = ledger[ledger[L.QUANTITY] == L.TOTAL].set_index(L.STEP)[L.VALUE]
     np.testing.assert_allclose(credit.groupby(L.STEP)[L.VALUE].sum(), total, rtol=1e-4)
     assert (ledger[ledger[L.QUANTITY] == L.COMPLETENESS_REL][L.VALUE] < 0.2).all()
+
+
+def test_every_k_steps_gives_the_every_step_ledgers_rows_of_those_steps(tmp_path):
+    """`every=3` keeps the rows of steps 0, 3, 6 and they are those of `every=1` (the same training,
+    the same θ_t and ∇m(θ_t)); Δm of a kept step is still measured at θ_{t+1}."""
+    gen = torch.Generator().manual_seed(5)
+    features, metric = _features("1:out", 16, gen), _mlp_metric(gen)
+    ledgers = {}
+    for every in (1, 3):
+        model = policy()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        with online_ledger(model, opt, features, metric, tmp_path / f"e{every}.parquet", every=every):
+            _train(model, opt, 7)
+        ledgers[every] = chisel.load_ledger(tmp_path / f"e{every}.parquet")
+    sparse, dense = ledgers[3], ledgers[1]
+    assert sorted(sparse[L.STEP].unique()) == [0, 3, 6]
+    key = [*KEY, L.PART, L.SAMPLE]
+    kept = dense[dense[L.STEP].isin([0, 3, 6])]
+    joined = sparse.merge(kept, on=key, suffixes=("_k", "_all"), validate="one_to_one", how="outer",
+                          indicator=True)
+    assert (joined["_merge"] == "both").all()
+    np.testing.assert_allclose(joined[f"{L.VALUE}_k"], joined[f"{L.VALUE}_all"], rtol=1e-12, atol=1e-15)
+    with pytest.raises(OnlineLedgerError, match="every=0"):
+        online_ledger(policy(), torch.optim.SGD(policy().parameters(), lr=0.1), features, metric,
+                      tmp_path / "x.parquet", every=0)
