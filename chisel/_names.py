@@ -12,6 +12,7 @@ OLDEST_READABLE_VERSION = 2  # version 1 stored one tensor per parameter
 MANIFEST = "manifest.json"
 STEPS_DIR = "steps"
 KEYFRAMES_DIR = "keyframes"
+RANKS_DIR = "ranks"  # a DDP run: ranks/<r>/steps/<step>.safetensors, rank r ≥ 1's factors and tags
 STEP_DIGITS = 9
 TMP_PREFIX = ".tmp-"
 

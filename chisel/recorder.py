@@ -8,6 +8,7 @@ import json
 import os
 import warnings
 import weakref
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from chisel import _names as N
 from chisel._version import __version__
 from chisel.capture.config import RecordConfig, StorageDtype, dtype_name
+from chisel.capture.distributed import is_sharded, rank_info, unwrap_model
 from chisel.capture.hooks import StepCapture
 from chisel.capture.optim import hook_target
 from chisel.errors import (
@@ -30,6 +32,8 @@ from chisel.errors import (
 )
 from chisel.store.layout import write_json
 from chisel.store.run_dir import open_run
+from chisel.store.shards import DISTRIBUTED
+from chisel.store.shards_open import open_rank, shard_packet
 from chisel.store.writer import RunWriter
 
 
@@ -55,6 +59,8 @@ class Recorder:
         features: Any = None,
     ) -> None:
         _check_arguments(model, run_dir, metadata)
+        model = unwrap_model(model)  # DDP: the plain model's names, so the run is attributed with it
+        self._rank = rank_info()  # None outside a distributed job; rank ≥ 1 writes shards only
         self._view = None
         live = tensorboard is not False and tensorboard is not None
         if features is not None and not live:
@@ -81,8 +87,9 @@ class Recorder:
         self.config = config
         self._closed = False
         self._first_step = 0
+        _refuse_sharded(optimizer)
         try:
-            opened = open_run(
+            opened = (open_run if self._rank is None else partial(open_rank, info=self._rank))(
                 self.run_dir,
                 overwrite=overwrite,
                 resume=resume,
@@ -101,16 +108,25 @@ class Recorder:
         # the hooks reach the writer through this box, not through `self`: a Recorder dropped
         # without close() can then be collected, and its finalizer removes the hooks
         box: dict[str, RunWriter] = {}
+        shard = self._rank is not None and not self._rank.writes_run
+        self._writes_run = not shard
+
+        def sink(item: Any) -> None:
+            item = shard_packet(item) if shard else item  # rank ≥ 1: factors and tags only
+            if item is not None:
+                box["writer"].submit(item)
+
         fresh = opened.fresh  # a failed start of a new run must leave nothing behind
         try:
             self._capture = StepCapture(
                 model,
                 optimizer,
                 config,
-                sink=lambda item: box["writer"].submit(item),
+                sink=sink,
                 check=lambda: box["writer"].check(),
                 first_step=first_step,
                 scaler=scaler,
+                distributed=self._rank,
             )
             self._writer = box["writer"] = RunWriter(self.layout, self._capture.layout, config)
             if self._view is not None:
@@ -122,13 +138,14 @@ class Recorder:
         try:
             # θ_0 is on disk before the manifest makes the run visible: a visible run always
             # has the parameters its first step starts from
-            self._writer.write_keyframe_now(self._capture.keyframe("resume" if resume else "start"))
-            if manifest is None:
-                manifest = self._new_manifest(model, metadata)
-            manifest.setdefault("starts", []).append(
-                {"step": first_step, "time": _dt.datetime.now().isoformat(), "resumed": resume}
-            )
-            write_json(self.layout.manifest, manifest)
+            if not shard:
+                self._writer.write_keyframe_now(self._capture.keyframe("resume" if resume else "start"))
+                if manifest is None:
+                    manifest = self._new_manifest(model, metadata)
+                manifest.setdefault("starts", []).append(
+                    {"step": first_step, "time": _dt.datetime.now().isoformat(), "resumed": resume}
+                )
+                write_json(self.layout.manifest, manifest)
             self._capture.attach()
             if self._view is not None and self._view.geometry is not None:
                 # binds at the first forward pass, to the parameters this run records
@@ -203,6 +220,7 @@ class Recorder:
             "factor_modules": cap.factors.meta if cap.factors is not None else {},
             "config": self.config.to_json(),
             "metadata": metadata or {},
+            **({DISTRIBUTED: self._rank.to_json()} if self._rank is not None else {}),
         }
 
     # -- while training -------------------------------------------------------------------------
@@ -250,7 +268,7 @@ class Recorder:
         self._finalizer.detach()
         try:
             self._capture.detach()
-            if not self._writer.failed:
+            if not self._writer.failed and self._writes_run:  # rank ≥ 1 of DDP: no θ
                 self._writer.submit(self._capture.keyframe("end"))
         finally:
             try:
@@ -302,6 +320,15 @@ def _check_arguments(model: Any, run_dir: Any, metadata: Any) -> None:
             f"metadata must be JSON-able (numbers, strings, lists, dicts): {err}. Convert tensors "
             "with .tolist() and other objects with str()."
         ) from None
+
+
+def _refuse_sharded(optimizer: Any) -> None:
+    if any(is_sharded(p) for g in hook_target(optimizer).param_groups for p in g["params"]):
+        raise RecordConfigError(
+            "The optimizer holds DTensor parameters (FSDP2's fully_shard, or tensor "
+            "parallelism): chisel does not record sharded parameters yet. Record a DDP job, or "
+            "see docs/distributed.md for what FSDP2 support covers today."
+        )
 
 
 def _abandon(capture: StepCapture, writer: RunWriter, run_dir: str, view: Any = None) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from chisel.capture.buffers import BufferPool, Buffers, FlatLayout, copy_into
 from chisel.capture.config import RecordConfig
+from chisel.capture.distributed import RankAgreement, RankInfo, sum_over_ranks
 from chisel.capture.factors import FactorCapture
 from chisel.capture.optim import (
     group_hyperparams,
@@ -48,6 +49,7 @@ class StepCapture:
         check: Callable[[], None],
         first_step: int,
         scaler: Any = None,
+        distributed: RankInfo | None = None,
     ) -> None:
         self.model = model
         self.optimizer = hook_target(optimizer)
@@ -56,6 +58,13 @@ class StepCapture:
         self.factors = FactorCapture(model, config.factors) if config.factors else None
         if self.factors is not None:
             self.factors.enabled = first_step % config.factors_every == 0
+        # DDP: each rank's factors scaled by 1/R and fitted over all ranks; θ checked equal
+        self._agreement = None
+        if distributed is not None:
+            self._agreement = RankAgreement(distributed, self.names, self.params)
+            if self.factors is not None:
+                self.factors.scale = distributed.factor_scale
+                self.factors.reduce = sum_over_ranks(distributed)
         self.tags = TagBuffer()
         self.step = first_step
         self.scaler = scaler
@@ -175,8 +184,10 @@ class StepCapture:
                 "GradScaler found inf/NaN gradients; the fused optimizer left θ unchanged",
                 pending,
             )
-            return
-        self._emit_step(pending)
+        else:
+            self._emit_step(pending)
+        if self._agreement is not None:  # collective: every rank, every step, in step
+            self._agreement.check(self.step - 1)
 
     def _emit_step(self, pending: dict[str, Any]) -> None:
         buffers: Buffers = pending.pop("buffers")

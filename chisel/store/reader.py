@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +32,7 @@ from chisel.errors import (
 from chisel.store.index import as_step, gap_message, visible_steps
 from chisel.store.layout import RunLayout, read_manifest, read_meta, read_tensors
 from chisel.store.manifest import check_keyframe_shapes, check_manifest, record_problems
+from chisel.store.shards import merge_tags, read_shard, samples, shard_layout, world_size
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -102,6 +103,7 @@ class Run:
         )
         self._record = lru_cache(maxsize=4096)(self._read_record)
         self._lossy_cache: tuple[int, Tensors] | None = None
+        self.world_size = world_size(self.manifest)  # ranks whose samples the run holds (DDP)
         check_keyframe_shapes(self.manifest, self.layout)
 
     # -- index ----------------------------------------------------------------------------------
@@ -311,57 +313,93 @@ class Run:
         return out
 
     def tags(self, t: int) -> dict[str, Any]:
-        """Tags attached to step t: scalars as Python values, per-sample tags as 1-D tensors."""
+        """Tags attached to step t: scalars as Python values, per-sample tags as 1-D tensors.
+        A distributed run's are every rank's, in rank order (see `store.shards.merge_tags`)."""
         t = self._check_step(t)
-        stored = self.record(t).tags
-        arrays = self._step_tensors(t, N.TAG) if any(isinstance(v, dict) for v in stored.values()) else {}
-        missing = [k for k, v in stored.items() if isinstance(v, dict) and k not in arrays]
-        if missing:
-            raise CorruptStepError(
-                f"Step {t}: {self.layout.step_file(t)} lists per-sample tags {missing} but holds "
-                "no tensor for them; the file is damaged: restore it or re-record."
-            )
-        return {k: arrays[k] if isinstance(v, dict) else v for k, v in stored.items()}
+        record = self.record(t)
+        own = _tags_of(record, lambda: self._step_tensors(t, N.TAG), self.layout.step_file(t), t)
+        if self.world_size == 1:
+            return own
+        parts = [(own, samples(record.batch_sizes, own))]
+        for rec, arrays, path in self._shards(t, N.TAG):
+            tags = _tags_of(rec, lambda arrays=arrays: arrays, path, t)
+            parts.append((tags, samples(rec.batch_sizes, tags)))
+        return merge_tags(parts, t)
 
     def factors(self, t: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per-sample factors of step t: module → (X [n, ..., in], G [n, ..., out]).
 
         Several calls of one module are concatenated (flattened to rows of tokens if their
         shapes differ). Conv2d inputs are unfolded: X [n, positions, C·kh·kw], G [n, positions, out].
+        A distributed run's samples are every rank's, in rank order.
         """
         t = self._check_step(t)
         record = self.record(t)
-        calls = record.factor_calls
-        if not calls:
-            return {}
-        flats = self._step_tensors(t, N.FACTORS)
-        layout, aliases = record.factor_layout, record.factor_aliases
-
-        def get(key: str) -> torch.Tensor:
-            dtype, offset, shape = layout[aliases.get(key, key)]
-            end = offset + torch.Size(shape).numel()
-            if dtype not in flats or flats[dtype].dim() != 1 or end > len(flats[dtype]):
-                raise CorruptStepError(
-                    f"Step {t}: the factor {key} of {self.layout.step_file(t)} lies outside its "
-                    "stored vector; the file is damaged: restore it or re-record."
-                )
-            return flats[dtype][offset:end].view(shape)
-
         meta = self.manifest.get("factor_modules", {})
-        out = {}
-        for module, n_calls in calls.items():
-            pairs = [
-                (get(f"{N.FACTOR_X}{module}/{k}"), get(f"{N.FACTOR_G}{module}/{k}"))
-                for k in range(n_calls)
+        parts = [_factors_of(record, lambda: self._step_tensors(t, N.FACTORS), self.layout.step_file(t), t, meta)]
+        if self.world_size > 1 and record.has_factors:
+            parts += [
+                _factors_of(rec, lambda arrays=arrays: arrays, path, t, meta)
+                for rec, arrays, path in self._shards(t, N.FACTORS)
             ]
-            if meta.get(module, {}).get("kind") == "conv2d":
-                pairs = [_unfold(x, g, meta[module]) for x, g in pairs]
-            out[module] = _concat(pairs)
+        modules = dict.fromkeys(m for part in parts for m in part)
+        return {m: _concat([part[m] for part in parts if m in part]) for m in modules}
+
+    def _shards(self, t: int, prefix: str) -> list[tuple[StepRecord, Tensors, Path]]:
+        """Ranks 1 … R−1's shards of step t of a distributed run: record, tensors, file."""
+        out = []
+        for r in range(1, self.world_size):
+            rec, tensors = read_shard(self.path, r, t, prefix, verify=self.verify, require=self._require_sums)
+            out.append((StepRecord.from_json(rec), tensors, shard_layout(self.path, r).step_file(t)))
         return out
 
     # -- size -------------------------------------------------------------------------------------
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def _tags_of(record: StepRecord, load: Callable[[], Tensors], path: Path, t: int) -> dict[str, Any]:
+    """The tags of one step file (or shard): per-sample ones from its tensors (`load()`)."""
+    stored = record.tags
+    arrays = load() if any(isinstance(v, dict) for v in stored.values()) else {}
+    missing = [k for k, v in stored.items() if isinstance(v, dict) and k not in arrays]
+    if missing:
+        raise CorruptStepError(
+            f"Step {t}: {path} lists per-sample tags {missing} but holds no tensor for them; "
+            "the file is damaged: restore it or re-record."
+        )
+    return {k: arrays[k] if isinstance(v, dict) else v for k, v in stored.items()}
+
+
+def _factors_of(
+    record: StepRecord, load: Callable[[], Tensors], path: Path, t: int, meta: dict[str, Any]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The factors of one step file (or shard), from its packed vectors (`load()`)."""
+    if not record.factor_calls:
+        return {}
+    flats = load()
+    layout, aliases = record.factor_layout, record.factor_aliases
+
+    def get(key: str) -> torch.Tensor:
+        dtype, offset, shape = layout[aliases.get(key, key)]
+        end = offset + torch.Size(shape).numel()
+        if dtype not in flats or flats[dtype].dim() != 1 or end > len(flats[dtype]):
+            raise CorruptStepError(
+                f"Step {t}: the factor {key} of {path} lies outside its stored vector; the file "
+                "is damaged: restore it or re-record."
+            )
+        return flats[dtype][offset:end].view(shape)
+
+    out = {}
+    for module, n_calls in record.factor_calls.items():
+        pairs = [
+            (get(f"{N.FACTOR_X}{module}/{k}"), get(f"{N.FACTOR_G}{module}/{k}"))
+            for k in range(n_calls)
+        ]
+        if meta.get(module, {}).get("kind") == "conv2d":
+            pairs = [_unfold(x, g, meta[module]) for x, g in pairs]
+        out[module] = _concat(pairs)
+    return out
 
 
 def _row(record: StepRecord) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import chisel
-from chisel.errors import RankMismatchError, RunExistsError
+from chisel.errors import RankMismatchError, RecordConfigError, RunExistsError
 
 PER_RANK = 3  # samples per rank; the global batch is PER_RANK × world size
 STEPS = 3
@@ -61,7 +61,7 @@ def record_single(root: Path, kind: str, world: int, clip: float | None) -> Path
     net = model()
     opt = optimizer(kind, net.parameters())
     run_dir = root / f"single-{kind}"
-    with chisel.record(net, opt, run_dir, factors=True) as rec:
+    with chisel.record(net, opt, run_dir, factors=True, dtype="float64") as rec:
         # a single process has no rank: tag rank 0 for the first half, 1 for the second, as the
         # merged tags of the DDP run read
         class _Tags:
@@ -87,7 +87,7 @@ def run_ranks(rank: int, world: int, init: str, root: str) -> None:
         for kind, clip in (("sgd", None), ("adam", 0.05)):
             net = DDP(model())
             opt = optimizer(kind, net.parameters())
-            with chisel.record(net, opt, out / f"ddp-{kind}", factors=True) as rec:
+            with chisel.record(net, opt, out / f"ddp-{kind}", factors=True, dtype="float64") as rec:
                 train(net, opt, rec, rows, world, clip=clip, rank=rank)
         # the run exists: rank 0 refuses, and every rank raises (none waits for it forever)
         try:
@@ -99,7 +99,7 @@ def run_ranks(rank: int, world: int, init: str, root: str) -> None:
         net = model()
         opt = optimizer("sgd", net.parameters())
         try:
-            with chisel.record(net, opt, out / "diverged", factors=True) as rec:
+            with chisel.record(net, opt, out / "diverged", factors=True, dtype="float64") as rec:
                 train(net, opt, rec, rows, world, clip=None, rank=rank)
         except RankMismatchError as err:
             result["mismatch"] = str(err)
@@ -143,6 +143,10 @@ def fsdp_ranks(rank: int, world: int, init: str, root: str) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(net, mesh=mesh)
         opt = optimizer("adam", net.parameters())
+        try:  # not recorded yet: refused by name, before anything is written
+            chisel.record(net, opt, out / "refused")
+        except RecordConfigError as err:
+            (out / f"refused-{rank}.txt").write_text(str(err))
 
         def save(tag: str) -> None:
             local = {n: p.to_local().detach().clone().contiguous() for n, p in net.named_parameters()}

@@ -82,3 +82,11 @@ def test_fsdp2_shards_reassemble_to_the_unsharded_training(fsdp_job):
         torch.testing.assert_close(theta["after"][n], plain_after[n], rtol=1e-12, atol=1e-14)
         update = theta["after"][n] - theta["before"][n]
         torch.testing.assert_close(update, plain_after[n] - plain_before[n], rtol=1e-12, atol=1e-14)
+
+
+def test_record_refuses_fsdp2_by_name(fsdp_job):
+    root, _ = fsdp_job
+    for rank in range(WORLD):
+        message = (root / f"refused-{rank}.txt").read_text()
+        assert "DTensor parameters" in message and "docs/distributed.md" in message
+    assert not (root / "refused").exists()

@@ -1,0 +1,67 @@
+"""Opening a distributed run on every rank, and what a rank ≥ 1 writes of a step (see
+`chisel.store.shards` for the layout)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from chisel import _names as N
+from chisel.capture.distributed import RankInfo, broadcast_json
+from chisel.capture.packet import Keyframe, StepPacket
+from chisel.errors import (
+    ChiselError,
+    NotARunError,
+    ResumeMismatchError,
+    RunExistsError,
+    WriterError,
+)
+from chisel.store.run_dir import OpenRun, open_run
+from chisel.store.shards import shard_layout
+
+_ERRORS: dict[str, type[ChiselError]] = {
+    e.__name__: e for e in (RunExistsError, NotARunError, ResumeMismatchError, WriterError)
+}
+
+
+def open_rank(
+    run_dir: str | os.PathLike,
+    info: RankInfo,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    check_resume: Callable[[dict[str, Any]], None] | None = None,
+) -> OpenRun:
+    """`open_run` for one rank of a distributed job; every rank calls it (it is collective).
+
+    Rank 0 opens (creates, overwrites or resumes) the run; the others wait for its answer, so
+    none writes into a directory rank 0 is about to replace, then take their shard folder. A
+    refusal on rank 0 (the run exists, say) is raised on every rank, none is left waiting."""
+    if info.writes_run:
+        try:
+            opened = open_run(run_dir, overwrite=overwrite, resume=resume, check_resume=check_resume)
+        except BaseException as err:
+            kind = type(err).__name__ if type(err).__name__ in _ERRORS else "WriterError"
+            broadcast_json(info, {"error": kind, "message": str(err)})
+            raise
+        broadcast_json(info, {"first_step": opened.first_step})
+        return opened
+    answer = broadcast_json(info, None)
+    if "error" in answer:
+        raise _ERRORS[answer["error"]](f"rank 0 could not open the run: {answer['message']}")
+    layout = shard_layout(run_dir, info.rank)
+    existed = layout.root.exists()
+    (layout.root / N.STEPS_DIR).mkdir(parents=True, exist_ok=True)
+    for tmp in (layout.root / N.STEPS_DIR).glob(f"{N.TMP_PREFIX}*"):  # a killed writer's
+        tmp.unlink()
+    return OpenRun(layout, int(answer["first_step"]), {}, existed)
+
+
+def shard_packet(item: StepPacket | Keyframe) -> StepPacket | None:
+    """What a rank ≥ 1 writes of a step: its samples' factors and tags and the record, without
+    θ, gradients, optimizer state or keyframes (rank 0 writes those once). None for a keyframe."""
+    if isinstance(item, Keyframe):
+        return None
+    return replace(item, after=None, grads=None, state=None, keyframe=None, region=None)

@@ -1,0 +1,134 @@
+"""DDP: `chisel.record` in every rank of a 2-process gloo job records one run that equals a
+single-process run of the same global batch (update, factors, tags), names parameters as the
+plain model does, and fails loudly when ranks disagree or a shard is missing.
+
+Tolerance: the runs are float64. DDP sums each rank's gradient and then the two ranks' halves
+(an all-reduce), one process sums the six samples in one pass: the same terms in another order,
+so updates agree to 1e-12 relative (measured: ~1e-16), not bit for bit. Bit for bit is required
+across the ranks of one job, and checked by the recorder at every step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import chisel
+from chisel.errors import MissingShardError
+
+WORLD = 2
+RTOL, ATOL = 1e-12, 1e-14
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """Spawns the 2-rank job once (every scenario of `ddp_workers.run_ranks`), and records the
+    single-process references."""
+    import torch.multiprocessing as mp
+
+    here = str(Path(__file__).parent)
+    sys.path.insert(0, here)  # the children import `ddp_workers` by name
+    try:
+        import ddp_workers
+
+        root = tmp_path_factory.mktemp("ddp")
+        mp.spawn(ddp_workers.run_ranks, args=(WORLD, f"file://{root / 'pg'}", str(root)), nprocs=WORLD)
+        refs = {
+            kind: ddp_workers.record_single(root, kind, WORLD, clip)
+            for kind, clip in (("sgd", None), ("adam", 0.05))
+        }
+    finally:
+        sys.path.remove(here)
+    results = [json.loads((root / f"result-{r}.json").read_text()) for r in range(WORLD)]
+    return root, refs, results, ddp_workers
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a.double(), b.double(), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_ddp_update_equals_single_process(job, kind):
+    root, refs, _, w = job
+    run, ref = chisel.load(root / f"ddp-{kind}"), chisel.load(refs[kind])
+    assert len(run) == len(ref) == w.STEPS
+    assert run.param_names == ref.param_names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert run.manifest["distributed"]["world_size"] == WORLD
+    for t in range(w.STEPS):
+        for name, delta in ref.update(t).items():
+            _close(run.update(t)[name], delta)
+        for name, g in ref.grads(t).items():
+            _close(run.grads(t)[name], g)
+    for name, theta in ref.params(w.STEPS).items():
+        _close(run.params(w.STEPS)[name], theta)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_ddp_factors_and_tags_cover_the_global_batch(job, kind):
+    root, refs, _, w = job
+    run, ref = chisel.load(root / f"ddp-{kind}"), chisel.load(refs[kind])
+    for t in range(w.STEPS):
+        mine, theirs = run.factors(t), ref.factors(t)
+        assert set(mine) == set(theirs) == {"0", "2"}
+        for module, (x, g) in theirs.items():
+            assert mine[module][0].shape == x.shape == (w.PER_RANK * WORLD, x.shape[1])
+            _close(mine[module][0], x)
+            _close(mine[module][1], g)
+        tags, want = run.tags(t), ref.tags(t)
+        _close(tags["advantage"], want["advantage"])
+        assert tags["epoch"] == 1  # a scalar every rank gave alike stays a scalar
+        # a scalar that differs per rank becomes each rank's value over its samples
+        assert tags["rank"].tolist() == want["rank"].tolist() == [0, 0, 0, 1, 1, 1]
+        assert run.record(t).grad_coef == pytest.approx(ref.record(t).grad_coef, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_ddp_factors_rebuild_the_stored_gradient(job, kind):
+    """Σ over both ranks' samples of c · g_i x_iᵀ (c: the step's grad_coef, the clip
+    coefficient for Adam here) is the gradient rank 0 stored, to float64 tolerance."""
+    root, _, _, w = job
+    run = chisel.load(root / f"ddp-{kind}")
+    clipped = 0
+    for t in range(w.STEPS):
+        c = run.record(t).grad_coef
+        grads = run.grads(t)
+        clipped += c < 1 - 1e-9
+        for module, (x, g) in run.factors(t).items():
+            _close(c * g.T @ x, grads[f"{module}.weight"])
+            _close(c * g.sum(0), grads[f"{module}.bias"])
+    assert clipped == (w.STEPS if kind == "adam" else 0)
+
+
+def test_rank_disagreement_fails_loudly_on_every_rank(job):
+    _, _, results, _ = job
+    for rank in range(WORLD):
+        message = results[rank]["mismatch"]
+        assert "step 0" in message and "rank(s) [1]" in message
+        assert "0.weight" in message and "DistributedDataParallel" in message
+
+
+def test_refusal_on_rank_0_is_raised_on_every_rank(job):
+    _, _, results, _ = job
+    assert "already holds a run" in results[0]["exists"]
+    assert "rank 0 could not open the run" in results[1]["exists"]
+    assert "already holds a run" in results[1]["exists"]
+
+
+def test_missing_shard_is_named(job, tmp_path):
+    import shutil
+
+    root, _, _, w = job
+    copy = tmp_path / "run"
+    shutil.copytree(root / "ddp-sgd", copy)
+    (copy / "ranks" / "1" / "steps" / "000000001.safetensors").unlink()
+    run = chisel.load(copy)
+    assert len(run) == w.STEPS
+    run.update(1)  # rank 0's file holds the update
+    for read in (run.factors, run.tags):
+        with pytest.raises(MissingShardError, match=r"Step 1: the shard of rank 1 .* is missing"):
+            read(1)
+    assert set(run.factors(2)) == {"0", "2"}
