@@ -329,10 +329,7 @@ def _credit(run: Run, horizon: int | None, by: Sequence[str] | None, origin: int
     C.engine(run, horizon, by)  # its checks (grads recorded); its session is not used
     session = C.CreditSession(run, horizon=horizon)
     if origin is not None:
-        replay = session.replay
-        replay._load(origin, cut=True)
-        while replay._next < start:
-            replay._apply(replay._next, None)
+        session.replay.replay_from(origin, start)
 
     def rows(t: int, gbar: Any, kernels: Any) -> pd.DataFrame:
         return C.credit_rows(run, t, gbar, kernels_by_module=kernels, session=session,
@@ -353,11 +350,11 @@ def _replay_origins(
 
     C.engine(run, horizon, by)  # fail here, before any task, when the run cannot give credit
     replay = C.CreditSession(run, horizon=horizon).replay
-    history, keyframes = replay.history, sorted(replay._keyframes)
+    history, keyframes = replay.history, replay.state_points
     out: dict[int, int | None] = {}
     position = origin = None
     for t in chosen:
-        point = replay._start_point(max(t - history, 0))
+        point = replay.start_point(max(t - history, 0))
         if position is None or not point <= position <= t:
             origin, out[t] = point, None
         else:  # the latest keyframe reloaded since, if any

@@ -43,6 +43,7 @@ from chisel.attribution.optim_models import (
     model_for,
     state_from_keyframe,
 )
+from chisel.capture.step_record import StepRecord
 from chisel.errors import ChiselError
 from chisel.store.layout import read_meta
 from chisel.store.reader import Run
@@ -141,14 +142,22 @@ class OptimizerReplay:
         return self._apply(t, update)
 
     # -- positioning -----------------------------------------------------------------------
-    def _seek(self, t: int) -> None:
-        start = self._start_point(max(t - self.history, 0))
-        if self._next is None or not start <= self._next <= t:  # else advancing is no dearer
-            self._load(start, cut=True)
-        while self._next < t:
+    def replay_from(self, origin: int, until: int) -> None:
+        """Load the state stored before step `origin` (cutting the back-flow log), then replay
+        up to the state before step `until`: how `split` would stand there had it started at
+        `origin` (the Ray engine brings each task's replay to the serial engine's state so)."""
+        self._load(origin, cut=True)
+        while self._next < until:
             self._apply(self._next, None)
 
-    def _start_point(self, t: int) -> int:
+    @property
+    def state_points(self) -> list[int]:
+        """The steps before which the optimizer state is stored (keyframes)."""
+        return sorted(self._keyframes)
+
+    def start_point(self, t: int) -> int:
+        """The latest step at or before `t` whose optimizer state is stored (where a replay of
+        step t starts)."""
         points = [k for k in self._keyframes if k <= t]
         if self._every_step:
             points.append(t)
@@ -158,6 +167,13 @@ class OptimizerReplay:
                 f"(keyframes: {sorted(self._keyframes)[:20]}); the run is damaged."
             )
         return max(points)
+
+    def _seek(self, t: int) -> None:
+        start = self.start_point(max(t - self.history, 0))
+        if self._next is None or not start <= self._next <= t:  # else advancing is no dearer
+            self._load(start, cut=True)
+        while self._next < t:
+            self._apply(self._next, None)
 
     def _load(self, k: int, *, cut: bool) -> None:
         raw = self.run.optimizer_state(k)
@@ -223,7 +239,7 @@ class OptimizerReplay:
         backflow = {n: self._backflow(n, s) for n in kappa}
         return UpdateSplit(s, self.optimizer, update, parts, kappa, carry, backflow)
 
-    def _count_note(self, model: OptimizerModel, hyper: Any, record: dict[str, Any]) -> str:
+    def _count_note(self, model: OptimizerModel, hyper: Any, record: StepRecord) -> str:
         """The replayed state must agree with the record where it says (e.g. Adam's step count)."""
         first = self.run.param_names[0]
         if self._state is None or first in set(record.grad_missing):
