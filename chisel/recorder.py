@@ -17,7 +17,7 @@ from torch import nn
 
 from chisel import _names as N
 from chisel._version import __version__
-from chisel.capture.config import RecordConfig, StorageDtype, dtype_name
+from chisel.capture.config import Compact, RecordConfig, StorageDtype, dtype_name
 from chisel.capture.distributed import is_sharded, rank_info, unwrap_model
 from chisel.capture.hooks import StepCapture
 from chisel.capture.optim import hook_target
@@ -68,6 +68,8 @@ class Recorder:
                 "features= is shown by the TensorBoard view (each feature's geometry per step); "
                 "pass tensorboard=True (or a log directory) with it, or leave features out."
             )
+        if self._rank is not None and not self._rank.writes_run:
+            live = False  # DDP: rank 0's view shows the update; the other ranks hold no θ to show
         if live:
             from chisel.integrations.tensorboard import LiveView, log_dir
 
@@ -296,10 +298,15 @@ class Recorder:
         state = "closed" if self._closed else "recording"
         return (
             f"Recorder({state}: {self.run_dir}, next step {cap.step}; {len(cap.params)} params "
-            f"({n_values:,} values) as {self.config.dtype}; grads {'on' if self.config.grads else 'off'}; "
+            f"({n_values:,} values) as {_storage(self.config)}; grads {'on' if self.config.grads else 'off'}; "
             f"factors of {len(factors)} modules [{shown}]; optimizer state at "
             f"{self.config.optim_state}; keyframe every {self.config.keyframe_every} steps)"
         )
+
+
+def _storage(config: RecordConfig) -> str:
+    c = config.compact
+    return f"rank-{c.rank} {c.factor_dtype} factors (compact)" if c is not None else config.dtype
 
 
 def _check_arguments(model: Any, run_dir: Any, metadata: Any) -> None:
@@ -357,7 +364,7 @@ def record(
     dtype: StorageDtype = "float32",
     factor_dtype: StorageDtype | None = None,
     factors_every: int = 1,
-    grads: bool = True,
+    grads: bool | None = None,
     optim_state: str = "keyframes",
     keyframe_every: int = 100,
     queue_size: int = 4,
@@ -368,6 +375,7 @@ def record(
     metadata: dict[str, Any] | None = None,
     tensorboard: bool | str | os.PathLike = False,
     features: Any = None,
+    compact: bool | Compact | None = None,
 ) -> Recorder:
     """Record every update of `optimizer` (whose parameters belong to `model`) into `run_dir`.
 
@@ -377,8 +385,14 @@ def record(
         run_dir: a new or empty directory (see `overwrite` / `resume`).
         factors: per-sample factors (x_i, g_i) of every Linear / Conv1D / Conv2d (True) or of
             the named modules.
-        dtype, factor_dtype, factors_every, grads, optim_state, keyframe_every, queue_size, fsync: see
+        dtype, factor_dtype, factors_every, optim_state, keyframe_every, queue_size, fsync: see
             `RecordConfig`.
+        grads: store the gradient the optimizer consumed at every step (default: True, False
+            with `compact`).
+        compact: True or `chisel.Compact(rank=...)`: store each weight's per-step update as
+            low-rank factors with error feedback (bytes per step set by the rank, not the
+            parameter count; keyframes stay exact; each step's error is stored). See
+            docs/recording.md, "Compact recording".
         scaler: the AMP `GradScaler`, so that skipped steps are recorded as skipped.
         overwrite: replace an existing run in `run_dir`.
         resume: continue the step numbering of the run in `run_dir` (after a checkpoint reload).
@@ -405,11 +419,12 @@ def record(
         dtype=dtype,
         factor_dtype=factor_dtype,
         factors_every=factors_every,
-        grads=grads,
+        grads=not compact if grads is None else grads,
         optim_state=optim_state,  # type: ignore[arg-type]
         keyframe_every=keyframe_every,
         queue_size=queue_size,
         fsync=fsync,
+        compact=compact,  # type: ignore[arg-type]
     )
     return Recorder(
         model,

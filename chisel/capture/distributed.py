@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 
-from chisel.errors import RankMismatchError
+from chisel.errors import RankMismatchError, RecordConfigError
 
+# how long rank 0 waits (gloo) for every rank to enter chisel.record before it names the missing
+ARRIVAL_TIMEOUT_S = 300.0
 _INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
@@ -131,6 +134,26 @@ def disagreement(step: int, fingerprints: Sequence[torch.Tensor], names: Sequenc
         "outside the optimizer on some ranks. Wrap the model in DDP after loading the same "
         "weights on every rank."
     )
+
+
+def arrive(info: RankInfo) -> None:
+    """Wait until every rank has entered `chisel.record` (gloo: at most `ARRIVAL_TIMEOUT_S`,
+    then `RecordConfigError` naming the ranks that did not). Under NCCL, which has no monitored
+    barrier, a rank that never calls it leaves the others waiting, as a missing DDP rank does."""
+    import torch.distributed as dist
+
+    if "gloo" not in info.backend:
+        return
+    try:
+        dist.monitored_barrier(timeout=timedelta(seconds=ARRIVAL_TIMEOUT_S), wait_all_ranks=True)
+    except RuntimeError as err:
+        raise RecordConfigError(
+            f"rank {info.rank}: not every rank of the {info.world_size}-rank job entered "
+            f"chisel.record within {ARRIVAL_TIMEOUT_S:g} s ({str(err).strip().splitlines()[0]}). "
+            "In a distributed job every rank calls chisel.record with the same run_dir: rank 0 "
+            "records the update, every rank the factors and tags of its own samples. Call it on "
+            "every rank, not under `if rank == 0`."
+        ) from err
 
 
 def _device(info: RankInfo) -> torch.device:

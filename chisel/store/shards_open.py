@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from chisel import _names as N
-from chisel.capture.distributed import RankInfo, broadcast_json
+from chisel.capture.distributed import RankInfo, arrive, broadcast_json
 from chisel.capture.packet import Keyframe, StepPacket
 from chisel.errors import (
     ChiselError,
@@ -39,6 +39,7 @@ def open_rank(
     Rank 0 opens (creates, overwrites or resumes) the run; the others wait for its answer, so
     none writes into a directory rank 0 is about to replace, then take their shard folder. A
     refusal on rank 0 (the run exists, say) is raised on every rank, none is left waiting."""
+    arrive(info)
     if info.writes_run:
         try:
             opened = open_run(run_dir, overwrite=overwrite, resume=resume, check_resume=check_resume)

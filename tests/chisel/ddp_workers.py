@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import chisel
+from chisel.capture import distributed
 from chisel.errors import RankMismatchError, RecordConfigError, RunExistsError
 
 PER_RANK = 3  # samples per rank; the global batch is PER_RANK × world size
@@ -42,9 +43,10 @@ def global_batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor, tor
     return x, y, adv
 
 
-def train(net: nn.Module, opt, rec, rows: slice, world: int, *, clip: float | None, rank: int) -> None:
-    """STEPS steps on the samples `rows` of each global batch; loss = mean over those rows."""
-    for step in range(STEPS):
+def train(net: nn.Module, opt, rec, rows: slice, world: int, *, clip: float | None, rank: int,
+          steps: int = STEPS) -> None:
+    """`steps` steps on the samples `rows` of each global batch; loss = mean over those rows."""
+    for step in range(steps):
         x, y, adv = global_batch(step, world)
         x, y, adv = x[rows], y[rows], adv[rows]
         loss = (((net(x) - y) ** 2).sum(-1) * adv).mean()
@@ -103,6 +105,21 @@ def run_ranks(rank: int, world: int, init: str, root: str) -> None:
                 train(net, opt, rec, rows, world, clip=None, rank=rank)
         except RankMismatchError as err:
             result["mismatch"] = str(err)
+        # resume: rank 0 continues the step numbering, every rank its shards
+        for resume in (False, True):
+            net = DDP(model())
+            opt = optimizer("sgd", net.parameters())
+            with chisel.record(net, opt, out / "resumed", factors=True, dtype="float64",
+                               resume=resume) as rec:
+                train(net, opt, rec, rows, world, clip=None, rank=rank, steps=1)
+        # recorded on rank 0 only: rank 0 names the ranks that never came (last: rank 1 skips it)
+        distributed.ARRIVAL_TIMEOUT_S = 2.0
+        if rank == 0:
+            net = model()
+            try:
+                chisel.record(net, torch.optim.SGD(net.parameters(), lr=0.1), out / "rank0-only")
+            except RecordConfigError as err:
+                result["alone"] = str(err)
     finally:
         (out / f"result-{rank}.json").write_text(json.dumps(result))
         dist.destroy_process_group()

@@ -132,3 +132,23 @@ def test_missing_shard_is_named(job, tmp_path):
         with pytest.raises(MissingShardError, match=r"Step 1: the shard of rank 1 .* is missing"):
             read(1)
     assert set(run.factors(2)) == {"0", "2"}
+
+
+def test_resume_continues_every_ranks_shards(job):
+    root, _, _, w = job
+    run = chisel.load(root / "resumed")
+    assert len(run) == 2 and [s["resumed"] for s in run.manifest["starts"]] == [False, True]
+    for t in range(2):
+        c, grads = run.record(t).grad_coef, run.grads(t)
+        for module, (x, g) in run.factors(t).items():
+            assert x.shape[0] == w.PER_RANK * WORLD
+            _close(c * g.T @ x, grads[f"{module}.weight"])
+        assert run.tags(t)["rank"].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_recording_on_rank_0_only_is_named(job):
+    root, _, results, _ = job
+    message = results[0]["alone"]
+    assert "not every rank of the 2-rank job entered chisel.record within 2 s" in message
+    assert "not under `if rank == 0`" in message
+    assert not (root / "rank0-only").exists()
