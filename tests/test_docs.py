@@ -76,10 +76,19 @@ def test_api_reference_documents_every_public_name(site):
     assert "Record every update of" in html
 
 
-def test_formulas_become_mathml_and_code_stays_code(site):
-    html = (site / "attribution" / "index.html").read_text(encoding="utf-8")
-    assert html.count("<math ") >= 10 and "$" not in re.sub(r"<code>.*?</code>", "", html, flags=re.S)
+# pages whose formulas are written as mathematics ($…$), with at least this many formulas
+MATH_PAGES = {"attribution": 10, "concepts": 150, "online-ledger": 20}
+
+
+@pytest.mark.parametrize("page", sorted(MATH_PAGES))
+def test_formulas_become_mathml_and_code_stays_code(site, page):
+    html = (site / page / "index.html").read_text(encoding="utf-8")
+    assert html.count("<math ") >= MATH_PAGES[page] and "merror" not in html
+    text = re.sub(r"<code>.*?</code>|<math .*?</math>", "", html, flags=re.S)
+    assert "$" not in text and not re.search(r"\\(langle|theta|sum|bar|frac|text)\b", text)
     assert "<mi>Δ</mi>" in html or "<mi>&#x00394;</mi>" in html
+    # formulas are no longer written as code spans: no Greek-letter maths inside <code>
+    assert not re.findall(r"<code>[^<]*[ΔθḡΣ⟨ᵀ∫][^<]*</code>", html)
 
 
 def test_every_nav_page_exists_and_index_links_them():
