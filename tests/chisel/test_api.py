@@ -56,6 +56,8 @@ PUBLIC = {
     "ForwardPatchWarning",
     "attribute_ray",
     "register_optimizer",
+    "RankMismatchError",
+    "MissingShardError",
 }
 
 
