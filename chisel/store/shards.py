@@ -144,3 +144,25 @@ def reassemble(pieces: list[torch.Tensor], spec: dict[str, Any], name: str = "pa
             f"{list(shape)}; a shard is missing or from another run."
         )
     return full
+
+
+def shard_problems(root: Path, manifest: dict[str, Any], steps: range, require: bool) -> list[str]:
+    """Every missing or damaged shard of `steps` in a distributed run (for `chisel verify`)."""
+    try:
+        ranks = range(1, world_size(manifest))
+    except ManifestError as err:
+        return [str(err)]
+    out = []
+    for r in ranks:
+        for t in steps:
+            path = shard_layout(root, r).step_file(t)
+            if not path.is_file():
+                out.append(f"{path}: missing; the factors and tags of rank {r}'s samples at step {t} "
+                           "cannot be read")
+                continue
+            try:
+                read_meta(path, t, f"rank {r} shard", verify=True)
+                read_tensors(path, t, f"rank {r} shard", verify=True, require=require)
+            except CorruptStepError as err:
+                out.append(str(err))
+    return out

@@ -18,6 +18,7 @@ from chisel.errors import ChiselError
 from chisel.store.index import gap_message, visible_steps
 from chisel.store.layout import RunLayout, read_manifest, read_meta, read_tensors
 from chisel.store.manifest import manifest_problems, record_problems
+from chisel.store.shards import shard_problems
 
 
 @dataclass
@@ -75,6 +76,7 @@ def verify_run(run_dir: str | os.PathLike) -> Verification:
         sizes[p["dtype"]] = sizes.get(p["dtype"], 0) + _numel(p["shape"])
     for t in [*range(n), *later]:
         out.problems += _step_problems(layout, t, sizes, out.checksums)
+    out.problems += shard_problems(root, manifest, range(n), out.checksums)  # DDP: ranks ≥ 1
     if not out.problems:
         out.problems += _table_problems(root)
     return out

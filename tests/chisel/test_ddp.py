@@ -19,6 +19,7 @@ import torch
 
 import chisel
 from chisel.errors import MissingShardError
+from chisel.store.verify import verify_run
 
 WORLD = 2
 RTOL, ATOL = 1e-12, 1e-14
@@ -132,6 +133,9 @@ def test_missing_shard_is_named(job, tmp_path):
         with pytest.raises(MissingShardError, match=r"Step 1: the shard of rank 1 .* is missing"):
             read(1)
     assert set(run.factors(2)) == {"0", "2"}
+    problems = verify_run(copy).problems
+    assert len(problems) == 1 and "ranks/1/steps/000000001.safetensors: missing" in problems[0]
+    assert verify_run(root / "ddp-sgd").ok  # every rank's shards checked against their CRC32
 
 
 def test_resume_continues_every_ranks_shards(job):
