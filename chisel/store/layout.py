@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from chisel import _names as N
 from chisel.errors import CorruptStepError, ManifestError, NotARunError
+from chisel.store.filequeue import FileQueue, run_now
 from chisel.store.stfile import DirectFiles, crc32, encode_header, ordered, tensor_bytes, write_file
 
 _STEP_FILE = re.compile(rf"^(\d{{{N.STEP_DIGITS}}})\.safetensors$")
@@ -78,11 +80,20 @@ def write_tensors(
     fsync: bool = False,
     files: DirectFiles | None = None,
     block: Any = None,
+    queue: FileQueue | None = None,
+    written: Callable[[], None] | None = None,
+    release: Callable[[], None] | None = None,
+    step: int | None = None,
 ) -> None:
     """Write a safetensors file under a temporary name, then rename it into place. The record
     and every tensor carry a CRC32 (metadata key `checksums`), verified on read. The bytes go
     out in one write: `files` (O_DIRECT; `block`: see `DirectFiles.write`) or one `writev` of
-    the tensors' own memory."""
+    the tensors' own memory.
+
+    With `queue`, the checksums and the header are computed here and the write and the rename
+    run on the queue's thread (`FileQueue.put`): the tensors' memory must stay untouched until
+    `release()` is called there (always, also after a failure); `written()` is called once the
+    file is in place. Without it, all of that happens before this returns."""
     tmp = _atomic_target(path)
     flat = ordered(tensors)
     data = {k: tensor_bytes(v) for k, v in flat.items()}
@@ -94,11 +105,17 @@ def write_tensors(
     }
     header = encode_header(flat, data, {N.RECORD_KEY: record, N.CHECKSUM_KEY: json.dumps(sums)})
     parts = [header, *data.values()]
-    if files is not None:
-        files.write(tmp, parts, block)
-    else:
-        write_file(tmp, parts)
-    _commit(tmp, path, fsync)
+
+    def write() -> None:
+        if files is not None:
+            files.write(tmp, parts, block)
+        else:
+            write_file(tmp, parts)
+        _commit(tmp, path, fsync)
+        if written is not None:
+            written()
+
+    (queue.put if queue is not None else run_now)(write, release, step=step)
 
 
 def write_json(path: Path, obj: Any, *, fsync: bool = False) -> None:

@@ -17,6 +17,8 @@ from chisel.capture.buffers import FlatLayout
 from chisel.capture.config import RecordConfig, torch_dtype
 from chisel.capture.packet import Keyframe, StepPacket
 from chisel.errors import WriterError
+from chisel.store.compact import CompactEncoder, plan
+from chisel.store.filequeue import FileQueue
 from chisel.store.layout import RunLayout, write_tensors
 from chisel.store.stfile import DirectFiles
 
@@ -136,6 +138,11 @@ class RunWriter:
             n: encoding_for(torch_dtype(d), self._storage) for n, d in zip(flat.names, flat.dtypes)
         }
         self._group_encoding = {d: encoding_for(torch_dtype(d), self._storage) for d in flat.sizes}
+        self._compact: CompactEncoder | None = None
+        if config.compact is not None:  # low-rank updates with error feedback: chisel/store/compact.py
+            entries = plan(flat.names, flat.shapes, flat.dtypes, config.compact)
+            self._compact = CompactEncoder(entries, config.compact)
+            self.encodings = self._compact.encodings
         # per dtype group: parameter sizes and names, in flat order
         self._segments: dict[str, list[tuple[str, int]]] = {d: [] for d in flat.sizes}
         for name, shape, dtype in zip(flat.names, flat.shapes, flat.dtypes):
@@ -150,7 +157,9 @@ class RunWriter:
         self._diff: dict[str, torch.Tensor] = {}  # θ_{t+1} − θ_t per dtype, for step_deltas only
         self._prev: dict[str, torch.Tensor] = {}  # θ before the step being written (flat)
         self._recon: dict[str, torch.Tensor] = {}  # θ̂ in float64 for LOSSY groups (flat)
-        self._files = DirectFiles()
+        self._files = DirectFiles()  # used by the file thread only (and before it starts)
+        # the device writes one step while this thread prepares the next (store.filequeue)
+        self._io = FileQueue()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
         self._error: BaseException | None = None
         self._error_step: int | None = None
@@ -171,6 +180,8 @@ class RunWriter:
         return self._error is not None
 
     def check(self) -> None:
+        if self._io.error is not None and self._error is None:
+            self._error, self._error_step = self._io.error, self._io.error_step
         if self._error is not None:
             where = f" while writing step {self._error_step}" if self._error_step is not None else ""
             raise WriterError(
@@ -191,7 +202,7 @@ class RunWriter:
     def write_keyframe_now(self, keyframe: Keyframe) -> None:
         """Write a keyframe in the calling thread (before any step is queued)."""
         assert self._queue.empty()
-        self._write_keyframe(keyframe)
+        self._write_keyframe(keyframe, now=True)
 
     def flush(self) -> None:
         """Block until every queued item is written (or the writer failed: then raise)."""
@@ -200,6 +211,7 @@ class RunWriter:
             with self._queue.all_tasks_done:
                 if self._queue.unfinished_tasks:
                     self._queue.all_tasks_done.wait(timeout=0.05)
+        self._io.wait()  # the last file may still be in flight
         self.check()
 
     def close(self) -> None:
@@ -207,6 +219,7 @@ class RunWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        self._io.close()
         self.check()
 
     # -- writer-thread side --------------------------------------------------------------------
@@ -216,14 +229,16 @@ class RunWriter:
             if item is None:
                 self._queue.task_done()
                 return
+            self._handed = False  # _write sets it once the file thread owns the packet's release
             try:
-                if self._error is None:
+                if self._error is None and self._io.error is None:
                     self._write(item)
             except BaseException as err:  # surfaced by check(); later packets are only released
-                self._error = err
-                self._error_step = item.step
+                if self._io.error is None:  # else put() re-raised the file thread's failure
+                    self._error = err
+                    self._error_step = item.step
             finally:
-                if isinstance(item, StepPacket):
+                if isinstance(item, StepPacket) and not self._handed:
                     item.release()
                 self._queue.task_done()
 
@@ -241,6 +256,11 @@ class RunWriter:
             done.update(index)
         head: dict[str, torch.Tensor] = {}  # θ and grads: in the packet's region, if it has one
         if item.after is not None:
+            if self._compact is not None:  # before _encode moves θ_t on to θ_{t+1}
+                compact, done["compact"] = self._compact.encode(
+                    item.step, self.flat.split(self._prev), self.flat.split(item.after)
+                )
+                head.update(compact)
             encoded, done["update_norms"], done["update_norm"] = self._encode(item.after)
             head.update(encoded)
         if item.grads is not None:
@@ -259,6 +279,9 @@ class RunWriter:
                 done["tags"][name] = value
         record = replace(item.record, **done)
         tensors, block = _pack(item, head, tensors)
+        live = self.on_step is not None  # the live view reads this step's buffers: write it now
+        if live:
+            self._io.wait()
         write_tensors(
             self.layout.step_file(item.step),
             tensors,
@@ -266,13 +289,20 @@ class RunWriter:
             fsync=self.config.fsync,
             files=self._files,
             block=block,
+            queue=None if live else self._io,
+            written=self._written,
+            release=None if live else item.release,
+            step=item.step,
         )
-        self.steps_written += 1
-        if self.on_step is not None:
+        self._handed = not live  # the file thread releases the packet once its file is written
+        if live:
             if self.step_deltas:
                 self.on_step(record, item.tags, self._deltas if item.after is not None else None)
             else:
                 self.on_step(record, item.tags)
+
+    def _written(self) -> None:  # on the file thread, once a step file is in place
+        self.steps_written += 1
 
     def _encode(
         self, after: dict[str, torch.Tensor]
@@ -284,6 +314,8 @@ class RunWriter:
             diff = self._diff.get(dtype) if self.step_deltas else None
             values = _diff_norms(value, self._prev[dtype], self._bounds[dtype], diff)
             norms.update(zip((name for name, _ in self._segments[dtype]), values))
+            if self._compact is not None:  # stored by the compact encoder
+                continue
             if self._group_encoding[dtype] == N.EXACT:
                 out[N.AFTER + dtype] = value
                 continue
@@ -296,12 +328,16 @@ class RunWriter:
             self._deltas = self.flat.split(self._diff)  # {param: its update}, views of the diffs
         return out, {n: norms[n] for n in self.flat.names}, _total(list(norms.values()))
 
-    def _write_keyframe(self, kf: Keyframe) -> None:
+    def _write_keyframe(self, kf: Keyframe, now: bool = False) -> None:
         tensors = {N.PARAM + n: p for n, p in kf.params.items()}
         tensors.update({N.STATE + k: v for k, v in kf.state.items()})
         meta = {"step": kf.step, "reason": kf.reason}
+        if self._compact is not None:  # θ̂ ← θ; does the last step end here (compact_read.py)?
+            previous = self.flat.split(self._prev) if self._prev else None
+            meta["continues"] = self._compact.reset(kf.params, previous)
         write_tensors(
-            self.layout.keyframe_file(kf.step), tensors, meta, fsync=self.config.fsync, files=self._files
+            self.layout.keyframe_file(kf.step), tensors, meta, fsync=self.config.fsync,
+            files=self._files, queue=None if now else self._io, step=kf.step,
         )
         for dtype, segments in self._segments.items():
             flat = self._prev.get(dtype)
