@@ -40,3 +40,8 @@ CHECKSUM_ALGORITHM = "crc32"
 # parameter encodings in a step file
 EXACT = "after"
 LOSSY = "delta"
+# compact runs (chisel/store/compact.py): rank-r factors of the update, or θ after the step exactly,
+# packed under "compact/"; the step record's "compact" field holds the measured errors
+LOWRANK = "lowrank"
+COMPACT_EXACT = "compact-exact"
+COMPACT = "compact/"

@@ -13,7 +13,7 @@ from typing import Any
 # optional fields written only when they hold something (older runs lack them too)
 _OPTIONAL = (
     "skip_reason", "grad_coef", "grad_coef_residual", "clip_coef", "grads_scaled_by", "loss_scale",
-    "update_norms", "factor_calls", "factor_layout", "factor_aliases",
+    "update_norms", "factor_calls", "factor_layout", "factor_aliases", "compact",
 )
 
 
@@ -59,6 +59,11 @@ class StepRecord:
     """Factor key (X/<module>/<call>, G/<module>/<call>) → [dtype, offset, shape] in the packed vector."""
     factor_aliases: dict[str, str] = field(default_factory=dict)
     """Factor key → the key of an identical tensor stored once (a tensor read by two modules)."""
+    compact: dict[str, Any] | None = None
+    """A compact run's measured errors of this step (float64, over all parameters):
+    update_error ‖Δθ − U·diag(s)·Vᵀ‖, error_before ‖θ_t − θ̂_t‖, error_after ‖θ_{t+1} − θ̂_{t+1}‖,
+    update_errors {param: its update_error} (chisel/store/compact.py). Read them with
+    `Run.update_error(t)` / `Run.params_error(t)`."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Fields this version of chisel does not know (written by a newer one), kept as they were."""
 

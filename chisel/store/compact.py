@@ -24,15 +24,15 @@ from typing import Any
 
 import torch
 
+from chisel import _names as N
 from chisel.capture.config import Compact, torch_dtype
 
-PREFIX = "compact/"
+PREFIX = N.COMPACT
 FACTORS = "factors"  # keys under PREFIX
 SCALES = "scales"
 EXACT = "exact/"
-LOWRANK_ENCODING = "lowrank"  # manifest encodings of a compact run's params
-EXACT_ENCODING = "compact-exact"
-ENCODINGS = (LOWRANK_ENCODING, EXACT_ENCODING)
+LOWRANK_ENCODING = N.LOWRANK  # manifest encodings of a compact run's params
+EXACT_ENCODING = N.COMPACT_EXACT
 # the step record's field: {"update_error", "error_before", "error_after", "update_errors": {param}}
 RECORD_FIELD = "compact"
 KEYFRAME_CONTINUES = "continues"  # keyframe meta: θ there is θ after the previous step, bit for bit

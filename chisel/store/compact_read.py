@@ -11,7 +11,7 @@ difference of the two keyframes, and that step's error is ‖θ_t − θ̂_t‖ 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -19,9 +19,6 @@ from chisel.capture.config import Compact
 from chisel.errors import ChiselError
 from chisel.store import compact as C
 from chisel.store.layout import read_meta
-
-if TYPE_CHECKING:
-    from chisel.store.reader import Run
 
 Tensors = dict[str, torch.Tensor]
 
@@ -42,7 +39,7 @@ def _skipped(record: Any) -> bool:
 class CompactReader:
     """Decodes the steps of one compact `Run` (which calls it from `params` and `update`)."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Any) -> None:  # a chisel.Run (not imported: reader imports this)
         self.run = run
         options = Compact(**run.manifest["config"]["compact"])
         m = run.manifest["params"]

@@ -20,7 +20,7 @@ from chisel.store.layout import MANIFEST_FIX, RunLayout
 PARAM_DTYPES = ("float64", "float32", "bfloat16", "float16")
 """Parameter dtypes a run can hold (the reader rebuilds each as a torch dtype)."""
 STORAGE_DTYPES = PARAM_DTYPES
-ENCODINGS = (N.EXACT, N.LOSSY)
+ENCODINGS = (N.EXACT, N.LOSSY, N.LOWRANK, N.COMPACT_EXACT)
 OPTIM_STATE = ("keyframes", "every_step", "none")
 
 
@@ -123,6 +123,15 @@ def _config_problems(config: Any) -> list[str]:
     for key in ("keyframe_every", "factors_every", "queue_size"):
         if key in config and not (_is_int(config[key]) and config[key] >= 0):
             out.append(f"config.{key}: {config[key]!r} is not an integer >= 0")
+    compact = config.get("compact")  # absent before compact recording existed
+    if compact is not None:
+        if not isinstance(compact, dict):
+            return [*out, f"config.compact: a {_kind(compact)}, not the Compact object"]
+        for key in ("rank", "oversample", "power_iters"):
+            if not (_is_int(compact.get(key)) and compact[key] >= (key == "rank")):
+                out.append(f"config.compact.{key}: {compact.get(key)!r} is not an integer >= {int(key == 'rank')}")
+        if compact.get("factor_dtype") not in STORAGE_DTYPES:
+            out.append(f"config.compact.factor_dtype: {compact.get('factor_dtype')!r} is not a storage dtype")
     return out
 
 

@@ -29,10 +29,19 @@ from chisel.errors import (
     StepOutOfRangeError,
     UnverifiedRunWarning,
 )
+from chisel.store.compact_read import CompactReader, is_compact
 from chisel.store.index import as_step, gap_message, visible_steps
 from chisel.store.layout import RunLayout, read_manifest, read_meta, read_tensors
 from chisel.store.manifest import check_keyframe_shapes, check_manifest, record_problems
-from chisel.store.shards import merge_tags, read_shard, samples, shard_layout, world_size
+from chisel.store.shards import (
+    is_sharded_run,
+    merge_tags,
+    read_shard,
+    samples,
+    shard_layout,
+    world_size,
+)
+from chisel.store.shards_run import ShardedRun
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -105,6 +114,7 @@ class Run:
         self._lossy_cache: tuple[int, Tensors] | None = None
         self.world_size = world_size(self.manifest)  # ranks whose samples the run holds (DDP)
         check_keyframe_shapes(self.manifest, self.layout)
+        self._compact = CompactReader(self) if is_compact(self.manifest) else None
 
     # -- index ----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -221,6 +231,8 @@ class Run:
     def params(self, t: int) -> Tensors:
         """θ before step t, in each parameter's own dtype; `params(len(run))` is the final θ."""
         t = self._check_step(t, allow_end=True)
+        if self._compact is not None:
+            return self._compact.params(t, self._dtypes)
         keyframes = set(self.keyframes)
         exact = [n for n in self.param_names if self._encodings[n] == N.EXACT]
         lossy = [n for n in self.param_names if self._encodings[n] == N.LOSSY]
@@ -273,6 +285,8 @@ class Run:
                 f"step {t} was skipped ({record.skip_reason}); it has no update. "
                 "Filter with `run.steps[~run.steps.skipped]`."
             )
+        if self._compact is not None:
+            return self._compact.update(t)
         out: Tensors = {}
         exact = [n for n in self.param_names if self._encodings[n] == N.EXACT]
         if exact:  # only the exact params' θ_t: the lossy ones come straight from the delta
@@ -283,6 +297,31 @@ class Run:
             delta = self._flat(t, N.DELTA, [n for n in self.param_names if n not in exact])
             out.update({n: delta[n].double() for n in self.param_names if self._encodings[n] == N.LOSSY})
         return {n: out[n] for n in self.param_names}
+
+    def update_error(self, t: int) -> float:
+        """‖run.update(t) − Δθ_t‖ over all parameters (float64): stored per step by a compact
+        run (as the writer measured it), 0.0 for a run whose every parameter is stored exactly."""
+        t = self._check_step(t)
+        if self._compact is not None:
+            return self._compact.update_error(t)
+        return self._exact_only("update_error")
+
+    def params_error(self, t: int) -> float:
+        """‖run.params(t) − θ_t‖ over all parameters (float64): 0.0 at keyframes and for a run
+        whose every parameter is stored exactly; stored per step by a compact run."""
+        t = self._check_step(t, allow_end=True)
+        if self._compact is not None:
+            return 0.0 if t in set(self.keyframes) else self._compact.params_error(t)
+        return self._exact_only("params_error")
+
+    def _exact_only(self, what: str) -> float:
+        if all(e == N.EXACT for e in self._encodings.values()):
+            return 0.0
+        raise ChiselError(
+            f"run.{what}: this run stores some parameters as {self.manifest['config'].get('dtype')} "
+            "deltas, whose error is bounded (docs/run-format.md, precision) but not stored per "
+            "step; only exact and compact runs state it."
+        )
 
     def grads(self, t: int) -> Tensors:
         """The gradient the optimizer consumed at step t (after clipping and unscaling)."""
@@ -442,10 +481,15 @@ def _unfold(x: torch.Tensor, g: torch.Tensor, meta: dict[str, Any]) -> tuple[tor
     return cols.transpose(1, 2), g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
 
 
-def load(run_dir: str | os.PathLike, *, verify: bool = True) -> Run:
+def load(run_dir: str | os.PathLike, *, verify: bool = True) -> Run | ShardedRun:
     """Open a run directory written by `chisel.record` (also while it is written, or after a crash).
 
     Every step and keyframe file read is checked against the CRC32 stored in it (a damaged file
     is a `CorruptStepError`); `verify=False` skips the check for speed. The manifest is checked
-    against its schema either way (`ManifestError`, a `NotARunError`)."""
-    return Run(run_dir, verify=verify)
+    against its schema either way (`ManifestError`, a `NotARunError`). An FSDP2 run reads as a
+    `ShardedRun`: the ranks' shards joined into full parameters."""
+    run = Run(run_dir, verify=verify)
+    if is_sharded_run(run.manifest):
+        return ShardedRun(run.path, run.manifest, lambda p: Run(p, verify=verify), verify=verify,
+                          step=Step, row=_row)
+    return run

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from chisel import _names as N
 from chisel.errors import ChiselError
+from chisel.store.compact import PREFIX as COMPACT_PREFIX
 from chisel.store.index import gap_message, visible_steps
 from chisel.store.layout import RunLayout, read_manifest, read_meta, read_tensors
 from chisel.store.manifest import manifest_problems, record_problems
@@ -127,7 +128,7 @@ def _step_problems(layout: RunLayout, t: int, sizes: dict[str, int], require: bo
                 f"{sizes.get(dtype)}"
             )
     if not record.get("skipped") and not any(
-        k.startswith((N.AFTER, N.DELTA)) for k in tensors
+        k.startswith((N.AFTER, N.DELTA, COMPACT_PREFIX)) for k in tensors
     ):
         out.append(f"{path}: a step that was not skipped, with no θ ({N.AFTER}/{N.DELTA}) vector")
     return out

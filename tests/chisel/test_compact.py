@@ -1,0 +1,183 @@
+"""Compact recording of a small GPT-2 against full recording of the same training: θ at every
+keyframe bit for bit, every step's stated error equal (float64 rounding) to the measured one, the
+telescoped sum of updates closing at keyframes, a run still being written (or killed) readable up
+to its last step, the manifest naming the encoding, and bad options refused."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import chisel
+from chisel.store import compact as C
+
+VOCAB, CTX, D, BATCH, STEPS, K = 50, 8, 32, 4, 7, 3
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=CTX, n_embd=D, n_layer=2, n_head=2, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+    return GPT2LMHeadModel(cfg)
+
+
+def _train(run_dir, steps=STEPS, *, close=True, **options):
+    """`steps` Adam steps of next-token loss (float32), recorded; (final θ, recorder)."""
+    model = _gpt2()
+    tokens = torch.randint(0, VOCAB, (BATCH, CTX), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rec = chisel.record(model, opt, run_dir, **options)
+    for _ in range(steps):
+        logits = model(tokens).logits[:, :-1]
+        nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    if close:
+        rec.close()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, rec
+
+
+def _norm(a: dict, b: dict | None = None) -> float:
+    return math.sqrt(sum(float((a[n].double() - (b[n].double() if b else 0)).square().sum()) for n in a))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final_full, _ = _train(root / "full", keyframe_every=K)
+        final_compact, _ = _train(root / "compact", compact=chisel.Compact(rank=2), keyframe_every=K)
+    assert all(torch.equal(final_full[n], final_compact[n]) for n in final_full)  # training untouched
+    return chisel.load(root / "full"), chisel.load(root / "compact")
+
+
+def test_manifest_names_the_encoding_and_grads_are_off(runs):
+    _, compact = runs
+    enc = {p["name"]: p["encoding"] for p in compact.manifest["params"]}
+    assert enc["transformer.h.0.attn.c_attn.weight"] == C.LOWRANK_ENCODING
+    assert enc["transformer.wte.weight"] == C.LOWRANK_ENCODING
+    assert enc["transformer.wpe.weight"] == C.EXACT_ENCODING  # 8×32: rank-2 factors would not shrink it
+    assert enc["transformer.h.0.ln_1.weight"] == C.EXACT_ENCODING
+    assert compact.manifest["config"]["compact"]["rank"] == 2
+    assert compact.manifest["config"]["grads"] is False
+    with pytest.raises(chisel.ChiselError, match="grads=False"):
+        compact.grads(0)
+
+
+def test_keyframes_are_the_full_runs_theta_bit_for_bit(runs):
+    full, compact = runs
+    assert compact.keyframes == [0, 3, 6, 7] and len(compact) == STEPS
+    for k in compact.keyframes:
+        pf, pc = full.params(k), compact.params(k)
+        assert all(torch.equal(pf[n], pc[n]) for n in pf), k
+        assert compact.params_error(k) == 0.0
+    between = compact.params(4)
+    assert not all(torch.equal(full.params(4)[n], between[n]) for n in between)  # lossy there
+
+
+def test_every_step_states_its_true_error(runs):
+    """‖full.update(t) − compact.update(t)‖ is the stated error (both float64), and so is
+    ‖θ_t − θ̂_t‖; the steps that end at a keyframe state ‖θ_t − θ̂_t‖ as their update's error."""
+    full, compact = runs
+    snapped = []
+    for t in range(len(compact)):
+        uf, uc = full.update(t), compact.update(t)
+        measured, stated = _norm(uf, uc), compact.update_error(t)
+        assert measured <= stated * (1 + 1e-9) + 1e-15
+        assert measured == pytest.approx(stated, rel=1e-9, abs=1e-15)
+        # Adam's updates are far from rank 2: lossy at every step but one between two keyframes
+        assert (stated == 0) == (t in compact.keyframes and compact._compact.snapped(t) == t + 1)
+        theta = compact._compact.params64(t)
+        assert compact.params_error(t) == pytest.approx(
+            _norm(theta, {n: full.params(t)[n] for n in theta}), rel=1e-9, abs=1e-15
+        )
+        # error feedback: θ̂ is nearer θ_t than the keyframe it started from
+        start = max(k for k in compact.keyframes if k <= t)
+        assert compact.params_error(t) <= _norm(full.params(t), full.params(start))
+        if compact._compact.snapped(t) is not None:
+            snapped.append(t)
+            assert stated == pytest.approx(compact.params_error(t), rel=1e-12)
+        exact = [n for n, e in compact._encodings.items() if e == C.EXACT_ENCODING]
+        assert all(torch.equal(uf[n], uc[n]) for n in exact)
+    assert snapped == [2, 5, 6]
+
+
+def test_telescoped_sum_closes_at_every_keyframe(runs):
+    """θ_k + Σ_{k ≤ s < k'} run.update(s) = θ_{k'} for consecutive keyframes, up to float64 rounding
+    of the sum; without ending at the keyframe it would miss by ‖θ − θ̂‖ of the last step."""
+    _, compact = runs
+    kfs = compact.keyframes
+    for k0, k1 in itertools.pairwise(kfs):
+        acc = {n: v.double() for n, v in compact.params(k0).items()}
+        for s in range(k0, k1):
+            for n, v in compact.update(s).items():
+                acc[n] += v
+        target = compact.params(k1)
+        miss = _norm(acc, target)
+        assert miss <= 1e-13 * _norm(target), (k0, k1, miss)
+        if k1 - 1 > k0:  # the error ending at the keyframe removed
+            assert compact.params_error(k1 - 1) > 1e6 * max(miss, 1e-300)
+
+
+def test_updates_and_params_agree_in_float64(runs):
+    _, compact = runs
+    for t in range(len(compact) - 1):
+        if compact._compact.snapped(t) is None:
+            a, b, u = compact._compact.params64(t), compact._compact.params64(t + 1), compact.update(t)
+            assert all(torch.equal(b[n] - a[n], u[n]) or torch.allclose(b[n] - a[n], u[n], rtol=0, atol=1e-15)
+                       for n in a)
+
+
+def test_a_run_still_being_written_reads_up_to_its_last_step(tmp_path):
+    """No final keyframe yet (a killed process leaves the same files): every written step reads,
+    the last one's update is the stored product with its stated error; after close() the last
+    step ends at the final keyframe instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final, rec = _train(tmp_path / "run", steps=4, close=False, compact=True)
+        rec.flush()
+        run = chisel.load(tmp_path / "run")
+        assert len(run) == 4 and run.keyframes == [0]
+        open_update = run.update(3)
+        assert run._compact.snapped(3) is None
+        assert run.update_error(3) == pytest.approx(run.record(3).compact["update_error"])
+        theta4 = run.params(4)  # lossy: no keyframe yet
+        assert _norm(theta4, final) > 0
+        rec.close()
+    run = chisel.load(tmp_path / "run")
+    assert run.keyframes == [0, 4] and run._compact.snapped(3) == 4
+    assert all(torch.equal(run.params(4)[n], final[n]) for n in final)
+    assert run.update_error(3) == pytest.approx(run.record(3).compact["error_before"])
+    assert _norm(run.update(3), open_update) > 0
+
+
+def test_default_is_rank_4_float16_and_grads_can_be_asked_for(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _train(tmp_path / "run", steps=2, compact=True, grads=True)
+    run = chisel.load(tmp_path / "run")
+    assert run.manifest["config"]["compact"] == {"rank": 4, "factor_dtype": "float16", "oversample": 4,
+                                                 "power_iters": 2}
+    assert set(run.grads(1)) == set(run.param_names)
+    assert run.update_error(0) < _norm(run.update(0))
+
+
+@pytest.mark.parametrize("compact", ["yes", 4, {"rank": 2}])
+def test_bad_compact_options_are_refused_before_anything_is_written(tmp_path, compact):
+    model = _gpt2()
+    with pytest.raises(chisel.RecordConfigError, match="compact="):
+        chisel.record(model, torch.optim.Adam(model.parameters()), tmp_path / "run", compact=compact)
+    assert not (tmp_path / "run").exists()
+
+
+def test_full_runs_state_zero_error(runs):
+    full, _ = runs
+    assert full.update_error(0) == 0.0 and full.params_error(3) == 0.0
