@@ -68,6 +68,8 @@ class Recorder:
                 "features= is shown by the TensorBoard view (each feature's geometry per step); "
                 "pass tensorboard=True (or a log directory) with it, or leave features out."
             )
+        if self._rank is not None and not self._rank.writes_run:
+            live = False  # DDP: rank 0's view shows the update; the other ranks hold no θ to show
         if live:
             from chisel.integrations.tensorboard import LiveView, log_dir
 
