@@ -18,7 +18,7 @@ from torch import nn
 from chisel import _names as N
 from chisel._version import __version__
 from chisel.capture.config import Compact, RecordConfig, StorageDtype, dtype_name
-from chisel.capture.distributed import is_sharded, rank_info, unwrap_model
+from chisel.capture.distributed import RankInfo, is_sharded, rank_info, shard_spec, unwrap_model
 from chisel.capture.hooks import StepCapture
 from chisel.capture.optim import hook_target
 from chisel.errors import (
@@ -30,10 +30,10 @@ from chisel.errors import (
     TagError,
     WriterError,
 )
-from chisel.store.layout import write_json
+from chisel.store.layout import RunLayout, write_json
 from chisel.store.run_dir import open_run
-from chisel.store.shards import DISTRIBUTED
-from chisel.store.shards_open import open_rank, shard_packet
+from chisel.store.shards import DISTRIBUTED, sharded_manifest
+from chisel.store.shards_open import open_rank, open_sharded, shard_packet
 from chisel.store.writer import RunWriter
 
 
@@ -89,9 +89,13 @@ class Recorder:
         self.config = config
         self._closed = False
         self._first_step = 0
-        _refuse_sharded(optimizer)
+        self._sharded = _check_sharded(optimizer, self._rank, config, resume)  # FSDP2
+        if self._rank is None:
+            opener: Any = open_run
+        else:
+            opener = partial(open_sharded if self._sharded else open_rank, info=self._rank)
         try:
-            opened = (open_run if self._rank is None else partial(open_rank, info=self._rank))(
+            opened = opener(
                 self.run_dir,
                 overwrite=overwrite,
                 resume=resume,
@@ -110,7 +114,7 @@ class Recorder:
         # the hooks reach the writer through this box, not through `self`: a Recorder dropped
         # without close() can then be collected, and its finalizer removes the hooks
         box: dict[str, RunWriter] = {}
-        shard = self._rank is not None and not self._rank.writes_run
+        shard = self._rank is not None and not self._rank.writes_run and not self._sharded
         self._writes_run = not shard
 
         def sink(item: Any) -> None:
@@ -128,7 +132,7 @@ class Recorder:
                 check=lambda: box["writer"].check(),
                 first_step=first_step,
                 scaler=scaler,
-                distributed=self._rank,
+                distributed=None if self._sharded else self._rank,
             )
             self._writer = box["writer"] = RunWriter(self.layout, self._capture.layout, config)
             if self._view is not None:
@@ -148,6 +152,8 @@ class Recorder:
                     {"step": first_step, "time": _dt.datetime.now().isoformat(), "resumed": resume}
                 )
                 write_json(self.layout.manifest, manifest)
+                if self._sharded and self._rank is not None and self._rank.writes_run:
+                    self._write_sharded_manifest(manifest)
             self._capture.attach()
             if self._view is not None and self._view.geometry is not None:
                 # binds at the first forward pass, to the parameters this run records
@@ -197,7 +203,7 @@ class Recorder:
 
     def _new_manifest(self, model: nn.Module, metadata: dict[str, Any] | None) -> dict[str, Any]:
         cap, writer = self._capture, self._writer
-        recorded = {id(p) for p in cap.params}
+        recorded = {id(p) for p in cap.owners}
         return {
             "format_version": N.FORMAT_VERSION,
             "chisel_version": __version__,
@@ -222,8 +228,15 @@ class Recorder:
             "factor_modules": cap.factors.meta if cap.factors is not None else {},
             "config": self.config.to_json(),
             "metadata": metadata or {},
-            **({DISTRIBUTED: self._rank.to_json()} if self._rank is not None else {}),
+            **({DISTRIBUTED: self._rank.to_json()} if self._rank is not None and not self._sharded else {}),
         }
+
+    def _write_sharded_manifest(self, own: dict[str, Any]) -> None:
+        """FSDP2: the run directory's manifest (full shapes, how each parameter is cut)."""
+        cap = self._capture
+        specs = {n: shard_spec(p) for n, p in zip(cap.names, cap.owners)}
+        assert self._rank is not None
+        write_json(RunLayout(self.run_dir).manifest, sharded_manifest(own, specs, self._rank.to_json()))
 
     # -- while training -------------------------------------------------------------------------
     @property
@@ -329,13 +342,25 @@ def _check_arguments(model: Any, run_dir: Any, metadata: Any) -> None:
         ) from None
 
 
-def _refuse_sharded(optimizer: Any) -> None:
-    if any(is_sharded(p) for g in hook_target(optimizer).param_groups for p in g["params"]):
+def _check_sharded(optimizer: Any, rank: RankInfo | None, config: RecordConfig, resume: bool) -> bool:
+    """True for an FSDP2 job (DTensor parameters); what it cannot record yet is refused by name."""
+    if not any(is_sharded(p) for g in hook_target(optimizer).param_groups for p in g["params"]):
+        return False
+    missing = [
+        why for why, bad in (
+            ("outside an initialized process group of more than one rank", rank is None),
+            ("with factors=True (per-sample factors of sharded weights are not taken yet)", bool(config.factors)),
+            ("with resume=True", resume),
+            ("with compact recording", getattr(config, "compact", None) is not None),
+        ) if bad
+    ]
+    if missing:
         raise RecordConfigError(
-            "The optimizer holds DTensor parameters (FSDP2's fully_shard, or tensor "
-            "parallelism): chisel does not record sharded parameters yet. Record a DDP job, or "
-            "see docs/distributed.md for what FSDP2 support covers today."
+            "The optimizer holds DTensor parameters (FSDP2's fully_shard): chisel records each "
+            f"rank's shards, but not {'; nor '.join(missing)}. Drop that option (see "
+            "docs/distributed.md for what FSDP2 recording covers)."
         )
+    return True
 
 
 def _abandon(capture: StepCapture, writer: RunWriter, run_dir: str, view: Any = None) -> None:

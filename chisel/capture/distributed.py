@@ -214,6 +214,20 @@ def is_sharded(param: torch.Tensor) -> bool:
     return type(param).__name__ == "DTensor" and hasattr(param, "placements")
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor (shares its storage: the optimizer's in-place updates show
+    in it); any other tensor as it is."""
+    if not is_sharded(tensor):
+        return tensor
+    with torch.no_grad():
+        return tensor.to_local()
+
+
+def local_grad(param: torch.Tensor) -> torch.Tensor | None:
+    """This rank's piece of a parameter's gradient (FSDP2: the reduce-scattered mean)."""
+    return None if param.grad is None else local_tensor(param.grad)
+
+
 def shard_spec(param: torch.Tensor) -> dict[str, Any]:
     """How a DTensor parameter is cut over the ranks, as JSON: {"dim", "shape", "world_size"}.
 

@@ -12,7 +12,13 @@ from torch import nn
 
 from chisel.capture.buffers import BufferPool, Buffers, FlatLayout, copy_into
 from chisel.capture.config import RecordConfig
-from chisel.capture.distributed import RankAgreement, RankInfo, sum_over_ranks
+from chisel.capture.distributed import (
+    RankAgreement,
+    RankInfo,
+    local_grad,
+    local_tensor,
+    sum_over_ranks,
+)
 from chisel.capture.factors import FactorCapture
 from chisel.capture.optim import (
     group_hyperparams,
@@ -54,7 +60,10 @@ class StepCapture:
         self.model = model
         self.optimizer = hook_target(optimizer)
         self.config = config
-        self.names, self.params = named_optimizer_params(model, self.optimizer)
+        self.names, self.owners = named_optimizer_params(model, self.optimizer)
+        # what this process holds of each parameter: the parameter itself, or under FSDP2 its
+        # local shard (a DTensor's piece, updated in place by the optimizer)
+        self.params = [local_tensor(p) for p in self.owners]
         self.factors = FactorCapture(model, config.factors) if config.factors else None
         if self.factors is not None:
             self.factors.enabled = first_step % config.factors_every == 0
@@ -91,7 +100,7 @@ class StepCapture:
         return Keyframe(
             step=self.step,
             params={n: p.detach().to("cpu", copy=True) for n, p in zip(self.names, self.params)},
-            state=state_tensors(self.optimizer, self.names, self.params),
+            state=state_tensors(self.optimizer, self.names, self.owners),
             reason=reason,
         )
 
@@ -152,10 +161,10 @@ class StepCapture:
         elif cfg.keyframe_every and t % cfg.keyframe_every == 0 and t != self._keyframed_at:
             pending["keyframe"] = self.keyframe("periodic")
         if cfg.optim_state == "every_step":
-            pending["state"] = state_tensors(self.optimizer, self.names, self.params)
+            pending["state"] = state_tensors(self.optimizer, self.names, self.owners)
         buffers = self._pool.acquire(self._check)
         pending["buffers"] = buffers
-        grads = [p.grad for p in self.params]
+        grads = [local_grad(p) for p in self.owners]
         present = [g is not None for g in grads]
         live = [g.detach() for g in grads if g is not None]
         if buffers.grad_views is not None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from chisel.capture.distributed import local_tensor
 from chisel.errors import RecordConfigError
 
 
@@ -83,6 +84,7 @@ def state_tensors(
     for name, p in zip(names, params):
         for key, value in optimizer.state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
+                value = local_tensor(value)  # FSDP2: this rank's shard of the state
                 out[f"{key}/{name}"] = value.detach().to("cpu", copy=True)
             elif isinstance(value, (int, float)):
                 out[f"{key}/{name}"] = torch.tensor(value)

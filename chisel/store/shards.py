@@ -166,3 +166,21 @@ def shard_problems(root: Path, manifest: dict[str, Any], steps: range, require: 
             except CorruptStepError as err:
                 out.append(str(err))
     return out
+
+
+def sharded_manifest(own: dict[str, Any], specs: dict[str, dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of an FSDP2 run's directory, from rank 0's sub-run manifest `own`: the full
+    shape of every parameter, and under `distributed.sharded` how each is cut (`shard_spec`)."""
+    from chisel.capture.buffers import FlatLayout
+
+    params = [{**p, "shape": list(specs[p["name"]]["shape"])} for p in own["params"]]
+    layout = FlatLayout.build([p["name"] for p in params], [p["shape"] for p in params],
+                              [p["dtype"] for p in params])
+    return {**own, "params": params, "layout": layout.to_json(),
+            DISTRIBUTED: {**info, "sharded": specs}}
+
+
+def is_sharded_run(manifest: dict[str, Any]) -> bool:
+    """An FSDP2 run: each rank's sub-run holds its shards (read with `ShardedRun`)."""
+    entry = manifest.get(DISTRIBUTED)
+    return isinstance(entry, dict) and isinstance(entry.get("sharded"), dict)

@@ -66,3 +66,31 @@ def shard_packet(item: StepPacket | Keyframe) -> StepPacket | None:
     if isinstance(item, Keyframe):
         return None
     return replace(item, after=None, grads=None, state=None, keyframe=None, region=None)
+
+
+def open_sharded(
+    run_dir: str | os.PathLike,
+    info: RankInfo,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    check_resume: Callable[[dict[str, Any]], None] | None = None,
+) -> OpenRun:
+    """FSDP2: rank 0 opens the run's directory (its manifest will name the full parameters and
+    how they are cut); then every rank, rank 0 included, opens its own sub-run `ranks/<r>/`, a
+    complete run of its local shards. Collective, like `open_rank`."""
+    del check_resume  # resume is refused before this (see the recorder)
+    arrive(info)
+    if info.writes_run:
+        try:
+            open_run(run_dir, overwrite=overwrite, resume=resume)
+        except BaseException as err:
+            kind = type(err).__name__ if type(err).__name__ in _ERRORS else "WriterError"
+            broadcast_json(info, {"error": kind, "message": str(err)})
+            raise
+        broadcast_json(info, {"first_step": 0})
+    else:
+        answer = broadcast_json(info, None)
+        if "error" in answer:
+            raise _ERRORS[answer["error"]](f"rank 0 could not open the run: {answer['message']}")
+    return open_run(shard_layout(run_dir, info.rank).root)

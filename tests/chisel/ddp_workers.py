@@ -64,14 +64,7 @@ def record_single(root: Path, kind: str, world: int, clip: float | None) -> Path
     opt = optimizer(kind, net.parameters())
     run_dir = root / f"single-{kind}"
     with chisel.record(net, opt, run_dir, factors=True, dtype="float64") as rec:
-        # a single process has no rank: tag rank 0 for the first half, 1 for the second, as the
-        # merged tags of the DDP run read
-        class _Tags:
-            def tag(self, **values):
-                values["rank"] = torch.arange(world).repeat_interleave(PER_RANK).double()
-                rec.tag(**values)
-
-        train(net, opt, _Tags(), slice(None), world, clip=clip, rank=0)
+        train(net, opt, _RankTags(rec, world), slice(None), world, clip=clip, rank=0)
     return run_dir
 
 
@@ -125,14 +118,26 @@ def run_ranks(rank: int, world: int, init: str, root: str) -> None:
         dist.destroy_process_group()
 
 
-def train_plain(kind: str, world: int) -> list[dict[str, torch.Tensor]]:
-    """θ before each step and after the last, one process on the global batch."""
+def train_plain(kind: str, world: int, run_dir: Path) -> list[dict[str, torch.Tensor]]:
+    """θ before training and after it, one process on the global batch, recorded to `run_dir`."""
     net = model()
     opt = optimizer(kind, net.parameters())
     thetas = [{n: p.detach().clone() for n, p in net.named_parameters()}]
-    train(net, opt, _NoTags(), slice(None), world, clip=None, rank=0)
+    with chisel.record(net, opt, run_dir, dtype="float64") as rec:
+        train(net, opt, _RankTags(rec, world), slice(None), world, clip=None, rank=0)
     thetas.append({n: p.detach().clone() for n, p in net.named_parameters()})
     return thetas
+
+
+class _RankTags:
+    """One process's stand-in for the ranks' tags: rank r for the samples rank r would hold."""
+
+    def __init__(self, rec, world: int) -> None:
+        self.rec, self.world = rec, world
+
+    def tag(self, **values) -> None:
+        values["rank"] = torch.arange(self.world).repeat_interleave(PER_RANK)
+        self.rec.tag(**values)
 
 
 class _NoTags:
@@ -160,8 +165,8 @@ def fsdp_ranks(rank: int, world: int, init: str, root: str) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(net, mesh=mesh)
         opt = optimizer("adam", net.parameters())
-        try:  # not recorded yet: refused by name, before anything is written
-            chisel.record(net, opt, out / "refused")
+        try:  # factors are not taken of sharded weights yet: refused by name, nothing written
+            chisel.record(net, opt, out / "refused", factors=True)
         except RecordConfigError as err:
             (out / f"refused-{rank}.txt").write_text(str(err))
 
@@ -175,7 +180,9 @@ def fsdp_ranks(rank: int, world: int, init: str, root: str) -> None:
                 (out / "specs.json").write_text(json.dumps(specs))
 
         save("before")
-        train(net, opt, _NoTags(), slice(rank * PER_RANK, (rank + 1) * PER_RANK), world, clip=None, rank=rank)
+        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        with chisel.record(net, opt, out / "fsdp-run", dtype="float64") as rec:  # each rank its shards
+            train(net, opt, rec, rows, world, clip=None, rank=rank)
         save("after")
     finally:
         dist.destroy_process_group()
