@@ -66,8 +66,8 @@ def test_a_demo_run_selects_the_demo_sections_a_bare_run_the_generic_ones(tmp_pa
 
 def test_the_report_imports_the_demo_only_for_a_run_naming_it(tmp_path):
     """In a fresh interpreter: a run without a scenario file is reported without importing
-    chisel.demo; a run whose demo.json names the demo's module imports it and shows its
-    sections."""
+    chisel.demo; a run whose demo.json names the demo's module imports it (not the demo's
+    training pipeline) and shows its sections."""
     bare = _bare_with_ledger(tmp_path)
     named = syn.make_run(tmp_path / "named")
     demo = json.loads((named / "demo.json").read_text())
@@ -80,6 +80,7 @@ def test_the_report_imports_the_demo_only_for_a_run_naming_it(tmp_path):
         assert '<section id="causal">' not in page
         page = write_report({str(named)!r}).read_text()
         assert {DEMO_MODULE!r} in sys.modules
+        assert "chisel.demo.pipeline" not in sys.modules  # the sections, not the training
         assert '<section id="causal">' in page and '<section id="reward-optimizer">' in page
         print("ok")
     """)
