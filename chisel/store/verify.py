@@ -19,7 +19,7 @@ from chisel.store.compact import PREFIX as COMPACT_PREFIX
 from chisel.store.index import gap_message, visible_steps
 from chisel.store.layout import RunLayout, read_manifest, read_meta, read_tensors
 from chisel.store.manifest import manifest_problems, record_problems
-from chisel.store.shards import shard_problems
+from chisel.store.shards import is_sharded_run, shard_layout, shard_problems, world_size
 
 
 @dataclass
@@ -61,6 +61,12 @@ def verify_run(run_dir: str | os.PathLike) -> Verification:
     if problems:
         return out
     out.checksums = manifest["format_version"] >= N.CHECKSUMS_SINCE
+    if is_sharded_run(manifest):  # FSDP2: every rank's sub-run of its pieces is a run
+        for r in range(world_size(manifest)):
+            sub = verify_run(shard_layout(root, r).root)
+            out.problems += sub.problems
+            out.steps, out.keyframes = out.steps + sub.steps, out.keyframes + sub.keyframes
+        return out
     params = {p["name"]: p for p in manifest["params"]}
     keyframes = layout.numbers(N.KEYFRAMES_DIR)
     out.keyframes = len(keyframes)

@@ -22,6 +22,7 @@ import chisel
 from chisel.errors import CorruptStepError
 from chisel.store.shards import reassemble
 from chisel.store.shards_run import ShardedRun
+from chisel.store.verify import verify_run
 
 WORLD = 2
 
@@ -116,6 +117,8 @@ def test_fsdp2_recording_reassembles_to_the_unsharded_run(fsdp_job):
     for name, state in plain.optimizer_state(end).items():
         _close_all(run.optimizer_state(end)[name], state)
     assert list(run.steps["update_norm"]) == pytest.approx(list(plain.steps["update_norm"]), rel=1e-12)
+    check = verify_run(root / "fsdp-run")
+    assert check.ok and check.steps == 3 * WORLD, check.problems  # every rank's sub-run
 
 
 def _close_all(a: dict, b: dict, keys=None) -> None:
