@@ -98,6 +98,14 @@ def run_ranks(rank: int, world: int, init: str, root: str) -> None:
                 train(net, opt, rec, rows, world, clip=None, rank=rank)
         except RankMismatchError as err:
             result["mismatch"] = str(err)
+        # unequal batches (rank 0: 2 samples, rank 1: 4): DDP's gradient is the mean of the ranks'
+        # means, which the 1/R-scaled factors still rebuild; a per-rank scalar tag is spread over
+        # each rank's own samples
+        net = DDP(model())
+        opt = optimizer("sgd", net.parameters())
+        uneven = slice(0, 2) if rank == 0 else slice(2, 6)
+        with chisel.record(net, opt, out / "uneven", factors=True, dtype="float64") as rec:
+            train(net, opt, rec, uneven, world, clip=None, rank=rank, steps=1)
         # resume: rank 0 continues the step numbering, every rank its shards
         for resume in (False, True):
             net = DDP(model())

@@ -104,6 +104,19 @@ def test_ddp_factors_rebuild_the_stored_gradient(job, kind):
     assert clipped == (w.STEPS if kind == "adam" else 0)
 
 
+def test_unequal_batches_per_rank(job):
+    root, _, _, _ = job
+    run = chisel.load(root / "uneven")
+    c, grads = run.record(0).grad_coef, run.grads(0)
+    assert c == pytest.approx(1.0, abs=1e-12)
+    for module, (x, g) in run.factors(0).items():
+        assert x.shape[0] == 6
+        _close(g.T @ x, grads[f"{module}.weight"])
+    tags = run.tags(0)
+    assert tags["rank"].tolist() == [0, 0, 1, 1, 1, 1] and tags["epoch"] == 1
+    assert len(tags["advantage"]) == 6
+
+
 def test_rank_disagreement_fails_loudly_on_every_rank(job):
     _, _, results, _ = job
     for rank in range(WORLD):
