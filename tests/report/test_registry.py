@@ -173,3 +173,22 @@ def test_names_are_unique_and_anchors_must_exist():
     with pytest.raises(SectionRegistryError, match="no report section 'nope' for 'x' to replace"):
         register_section("x", lambda i: None, replaces="nope")
     assert [s.name for s in registered_sections()] == before
+
+
+def test_the_report_package_names_no_scenario():
+    """chisel/report imports no scenario and holds none of the TrashWorld demo's words (its
+    sections, tables and figures live in chisel/demo/report_*.py)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    words = re.compile(r"trash|button|blue|wall_blue|TrashWorld|reward_source|advantage", re.I)
+    found = []
+    for path in sorted((Path(__file__).resolve().parents[2] / "chisel" / "report").glob("*.py")):
+        text = path.read_text()
+        found += [f"{path.name}: {m.group(0)}" for m in words.finditer(text)]
+        for node in ast.walk(ast.parse(text)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name} imports {n}" for n in names if n.startswith("chisel.demo")]
+    assert found == []
