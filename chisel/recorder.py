@@ -132,7 +132,7 @@ class Recorder:
                 check=lambda: box["writer"].check(),
                 first_step=first_step,
                 scaler=scaler,
-                distributed=None if self._sharded else self._rank,
+                distributed=self._rank,
             )
             self._writer = box["writer"] = RunWriter(self.layout, self._capture.layout, config)
             if self._view is not None:
@@ -349,7 +349,6 @@ def _check_sharded(optimizer: Any, rank: RankInfo | None, config: RecordConfig, 
     missing = [
         why for why, bad in (
             ("outside an initialized process group of more than one rank", rank is None),
-            ("with factors=True (per-sample factors of sharded weights are not taken yet)", bool(config.factors)),
             ("with resume=True", resume),
             ("with compact recording", getattr(config, "compact", None) is not None),
         ) if bad

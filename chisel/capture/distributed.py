@@ -243,3 +243,17 @@ def shard_spec(param: torch.Tensor) -> dict[str, Any]:
         )
     dim = placements[0].dim if kinds[0] == "Shard" else None
     return {"dim": dim, "shape": list(param.shape), "world_size": int(param.device_mesh.size())}
+
+
+def shard_rows(param: torch.Tensor) -> tuple[int, int]:
+    """(first row, rows) of this rank's piece of a DTensor parameter cut along dim 0 (FSDP2:
+    `torch.chunk` pieces of ⌈N/R⌉ rows, trailing ranks possibly empty)."""
+    spec = shard_spec(param)
+    n = spec["shape"][0] if spec["shape"] else 1
+    if spec["dim"] is None:
+        return 0, n
+    if spec["dim"] != 0:
+        raise ValueError(f"a parameter cut along dim {spec['dim']}: chisel's factors need dim 0")
+    chunk = -(-n // spec["world_size"])
+    start = min(param.device_mesh.get_local_rank() * chunk, n)
+    return start, min(start + chunk, n) - start

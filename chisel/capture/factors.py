@@ -14,6 +14,7 @@ got a gradient in a step without its hook seeing the computation (a trainer comp
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from chisel.capture.distributed import is_sharded, local_tensor, shard_rows
 from chisel.capture.factor_calls import Call as _Call
 from chisel.capture.factor_calls import catch_broadcasts
 from chisel.capture.factor_kinds import (  # noqa: F401  (LINEAR, CONV1D re-exported)
@@ -319,9 +321,9 @@ class FactorCapture:
         clean = [s for pid, s in sketches.items()
                  if pid not in silent and pid not in self._shared and s["fired"]]
         fit = clean or [s for s in sketches.values() if s["fired"]]
-        num = sum(float(s["grad"] @ s["factors"]) for s in fit)
-        den = sum(float(s["factors"] @ s["factors"]) for s in fit)
-        gg = sum(float(s["grad"] @ s["grad"]) for s in fit)
+        sharded = any(s.get("rows") is not None for s in sketches.values())
+        num, den, gg = self._sums(fit, sharded, lambda s: (
+            float(s["grad"] @ s["factors"]), float(s["factors"] @ s["factors"]), float(s["grad"] @ s["grad"])), 3)
         c = num / den if den else None
         for pid in silent:
             s = sketches[pid]
@@ -336,8 +338,21 @@ class FactorCapture:
                               "F.linear(h, lm_head.weight) instead of calling the module)")
         if c is None:
             return None, None
-        left = sum(float((s["grad"] - c * s["factors"]).pow(2).sum()) for s in fit)
+        (left,) = self._sums(fit, sharded, lambda s: (float((s["grad"] - c * s["factors"]).pow(2).sum()),), 1)
         return c, left**0.5 / max(gg**0.5, 1e-300)
+
+    def _sums(self, fit: list[dict[str, Any]], sharded: bool, terms: Any, width: int) -> list[float]:
+        """Σ over `fit` of each of the `width` values `terms(sketch)`. Under FSDP2 a sharded
+        weight's sketch covers this rank's rows only: its terms are summed over the ranks too (a
+        collective: every rank calls it whenever any weight is sharded)."""
+        totals, mine = [0.0] * width, [0.0] * width
+        for s in fit:
+            target = mine if s.get("rows") is not None else totals
+            for i, value in enumerate(terms(s)):
+                target[i] += value
+        if sharded:
+            mine = self.reduce(torch.tensor(mine, dtype=torch.float64)).tolist()
+        return [a + b for a, b in zip(totals, mine)]
 
     def _reduce(self, sketches: dict[int, dict[str, Any]]) -> None:
         """The factors' sketches summed over the ranks (each saw its own samples) and scaled;
@@ -355,6 +370,10 @@ class FactorCapture:
         for e, any_rank in zip(entries, total[offset:].tolist()):
             if any_rank and not e["fired"]:
                 e["fired"], e["silent"] = e["silent"], []
+        for e in entries:  # FSDP2: the rows of this rank's piece of the weight
+            if e.get("rows") is not None:
+                start, n = e["rows"]
+                e["factors"] = e["factors"][start : start + n]
 
     def _sketches(self) -> dict[int, dict[str, Any]]:
         """Per weight (by identity): its gradient's sketch, the factors' sketch, and the factor
@@ -365,27 +384,29 @@ class FactorCapture:
             weight = getattr(self.modules[name], "weight", None)
             if kind == CONV2D or weight is None or weight.grad is None or name in self._failed:
                 continue
-            grad = weight.grad
+            grad, rows, n_rows = weight.grad, None, weight.shape[0] if weight.ndim else 1
+            if is_sharded(weight):  # FSDP2: the rank's piece of the gradient, its rows
+                grad, rows = local_tensor(grad), shard_rows(weight)
             v = self._probe(weight)
             entry = out.get(id(weight))
             if entry is None:
                 sketch = grad_sketch(grad, v).double()
-                entry = out[id(weight)] = {"grad": sketch, "factors": torch.zeros_like(sketch),
-                                           "fired": [], "silent": []}
+                entry = out[id(weight)] = {"grad": sketch, "rows": rows, "fired": [], "silent": [],
+                                           "factors": sketch.new_zeros(n_rows)}
             pairs = [(c.x, c.g) for c in calls if c.g is not None]
             if not pairs:
                 entry["silent"].append(name)
                 continue
             entry["fired"].append(name)
             for x, g in pairs:
-                entry["factors"] += factor_sketch(kind, x, g, v, grad.shape[0]).double()
+                entry["factors"] += factor_sketch(kind, x, g, v, n_rows).double()
         return out
 
     def _probe(self, like: torch.Tensor) -> torch.Tensor | None:
         if like.ndim < 2:
             return None
         v = self._probes.get(id(like))
-        size = like[0].numel()
+        size = math.prod(like.shape[1:])
         if v is None or v.device != like.device or v.dtype != like.dtype:
             gen = torch.Generator().manual_seed(size)
             v = torch.randn(size, generator=gen, dtype=torch.float64).to(like.device, like.dtype)

@@ -15,6 +15,7 @@ from chisel.capture.config import RecordConfig
 from chisel.capture.distributed import (
     RankAgreement,
     RankInfo,
+    is_sharded,
     local_grad,
     local_tensor,
     sum_over_ranks,
@@ -67,10 +68,11 @@ class StepCapture:
         self.factors = FactorCapture(model, config.factors) if config.factors else None
         if self.factors is not None:
             self.factors.enabled = first_step % config.factors_every == 0
-        # DDP: each rank's factors scaled by 1/R and fitted over all ranks; θ checked equal
+        # DDP / FSDP2: each rank's factors scaled by 1/R and fitted over all ranks; DDP: θ checked equal
         self._agreement = None
         if distributed is not None:
-            self._agreement = RankAgreement(distributed, self.names, self.params)
+            if not any(is_sharded(p) for p in self.owners):  # FSDP2: ranks hold different pieces
+                self._agreement = RankAgreement(distributed, self.names, self.params)
             if self.factors is not None:
                 self.factors.scale = distributed.factor_scale
                 self.factors.reduce = sum_over_ranks(distributed)

@@ -34,7 +34,9 @@ from chisel.store.index import as_step, gap_message, visible_steps
 from chisel.store.layout import RunLayout, read_manifest, read_meta, read_tensors
 from chisel.store.manifest import check_keyframe_shapes, check_manifest, record_problems
 from chisel.store.shards import (
+    concat_pairs,
     is_sharded_run,
+    merge_factors,
     merge_tags,
     read_shard,
     samples,
@@ -381,8 +383,7 @@ class Run:
                 _factors_of(rec, lambda arrays=arrays: arrays, path, t, meta)
                 for rec, arrays, path in self._shards(t, N.FACTORS)
             ]
-        modules = dict.fromkeys(m for part in parts for m in part)
-        return {m: _concat([part[m] for part in parts if m in part]) for m in modules}
+        return merge_factors(parts)
 
     def _shards(self, t: int, prefix: str) -> list[tuple[StepRecord, Tensors, Path]]:
         """Ranks 1 … R−1's shards of step t of a distributed run: record, tensors, file."""
@@ -437,7 +438,7 @@ def _factors_of(
         ]
         if meta.get(module, {}).get("kind") == "conv2d":
             pairs = [_unfold(x, g, meta[module]) for x, g in pairs]
-        out[module] = _concat(pairs)
+        out[module] = concat_pairs(pairs)
     return out
 
 
@@ -455,17 +456,6 @@ def _row(record: StepRecord) -> dict[str, Any]:
     for name, norm in record.update_norms.items():
         row[f"update_norm/{name}"] = norm
     return row
-
-
-def _concat(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(pairs) == 1:
-        return pairs[0]
-    if len({(x.shape[1:], g.shape[1:]) for x, g in pairs}) == 1:
-        return torch.cat([x for x, _ in pairs]), torch.cat([g for _, g in pairs])
-    return (
-        torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in pairs]),
-        torch.cat([g.reshape(-1, g.shape[-1]) for _, g in pairs]),
-    )
 
 
 def _unfold(x: torch.Tensor, g: torch.Tensor, meta: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,6 +69,25 @@ def read_shard(
     return record, tensors
 
 
+def concat_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several (X, G) of one module as one: stacked along samples, or as rows of tokens
+    ([-1, features]) when their shapes beyond the first dim differ."""
+    if len(pairs) == 1:
+        return pairs[0]
+    if len({(x.shape[1:], g.shape[1:]) for x, g in pairs}) == 1:
+        return torch.cat([x for x, _ in pairs]), torch.cat([g for _, g in pairs])
+    return (
+        torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in pairs]),
+        torch.cat([g.reshape(-1, g.shape[-1]) for _, g in pairs]),
+    )
+
+
+def merge_factors(parts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One step's factors over the ranks: each module's samples in rank order."""
+    modules = dict.fromkeys(m for part in parts for m in part)
+    return {m: concat_pairs([part[m] for part in parts if m in part]) for m in modules}
+
+
 def merge_tags(parts: list[tuple[dict[str, Any], int]], t: int) -> dict[str, Any]:
     """One step's tags over the ranks: per-sample tags concatenated in rank order; a scalar
     that every rank gave alike stays a scalar, one that differs becomes per-sample (each rank's

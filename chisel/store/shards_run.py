@@ -23,6 +23,7 @@ from chisel.errors import StepOutOfRangeError
 from chisel.store.index import as_step
 from chisel.store.shards import (
     DISTRIBUTED,
+    merge_factors,
     merge_tags,
     reassemble,
     samples,
@@ -141,9 +142,10 @@ class ShardedRun:
         return merge_tags(parts, t)
 
     def factors(self, t: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{}: per-sample factors are not taken under FSDP2 yet (recording refuses factors=True)."""
-        self._check(t)
-        return {}
+        """Every rank's per-sample factors, in rank order (each rank's g_i scaled by 1/R, so all
+        ranks' terms sum to the joined gradient, times `record(t).grad_coef`)."""
+        t = self._check(t)
+        return merge_factors([r.factors(t) for r in self.ranks])
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())

@@ -131,7 +131,7 @@ def train_plain(kind: str, world: int, run_dir: Path) -> list[dict[str, torch.Te
     net = model()
     opt = optimizer(kind, net.parameters())
     thetas = [{n: p.detach().clone() for n, p in net.named_parameters()}]
-    with chisel.record(net, opt, run_dir, dtype="float64") as rec:
+    with chisel.record(net, opt, run_dir, factors=True, dtype="float64") as rec:
         train(net, opt, _RankTags(rec, world), slice(None), world, clip=None, rank=0)
     thetas.append({n: p.detach().clone() for n, p in net.named_parameters()})
     return thetas
@@ -173,8 +173,8 @@ def fsdp_ranks(rank: int, world: int, init: str, root: str) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(net, mesh=mesh)
         opt = optimizer("adam", net.parameters())
-        try:  # factors are not taken of sharded weights yet: refused by name, nothing written
-            chisel.record(net, opt, out / "refused", factors=True)
+        try:  # not supported under FSDP2 yet: refused by name, nothing written
+            chisel.record(net, opt, out / "refused", resume=True)
         except RecordConfigError as err:
             (out / f"refused-{rank}.txt").write_text(str(err))
 
@@ -189,7 +189,7 @@ def fsdp_ranks(rank: int, world: int, init: str, root: str) -> None:
 
         save("before")
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        with chisel.record(net, opt, out / "fsdp-run", dtype="float64") as rec:  # each rank its shards
+        with chisel.record(net, opt, out / "fsdp-run", factors=True, dtype="float64") as rec:
             train(net, opt, rec, rows, world, clip=None, rank=rank)
         save("after")
     finally:

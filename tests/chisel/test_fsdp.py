@@ -5,7 +5,8 @@ records each rank's shards; `chisel.load` joins them. Tested: the reassembly on 
 shards (uneven and empty chunks); the real local shards equal `full_tensor()` when joined; the
 recorded run's θ, updates, gradients, Adam state, norms and tags equal an unsharded recorded run
 of the same global batch to float64 tolerance (rtol 1e-12: the reduce-scatter sums in another
-order); factors=True is refused by name (not taken of sharded weights yet).
+order), and so do the per-sample factors of every rank in rank order, which rebuild the joined
+gradient; resume=True is refused by name.
 """
 
 from __future__ import annotations
@@ -87,11 +88,11 @@ def test_fsdp2_shards_reassemble_to_the_unsharded_training(fsdp_job):
         torch.testing.assert_close(update, plain_after[n] - plain_before[n], rtol=1e-12, atol=1e-14)
 
 
-def test_record_refuses_fsdp2_factors_by_name(fsdp_job):
+def test_record_refuses_fsdp2_resume_by_name(fsdp_job):
     root, _ = fsdp_job
     for rank in range(WORLD):
         message = (root / f"refused-{rank}.txt").read_text()
-        assert "DTensor parameters" in message and "factors=True" in message
+        assert "DTensor parameters" in message and "with resume=True" in message
         assert "docs/distributed.md" in message
     assert not (root / "refused").exists()
 
@@ -113,6 +114,18 @@ def test_fsdp2_recording_reassembles_to_the_unsharded_run(fsdp_job):
         assert run.record(t).batch_sizes == plain.record(t).batch_sizes == (6,)
         assert run.tags(t)["rank"].tolist() == plain.tags(t)["rank"].tolist() == [0, 0, 0, 1, 1, 1]
         _close_all(run.tags(t), plain.tags(t), ["advantage"])
+        # per-sample factors: every rank's samples in rank order, as the unsharded run's
+        mine, theirs = run.factors(t), plain.factors(t)
+        assert set(mine) == set(theirs) == {"0", "2"}
+        for module, (x, g) in theirs.items():
+            _close_all(dict(zip("xg", mine[module])), {"x": x, "g": g})
+        c = run.record(t).grad_coef
+        assert c == pytest.approx(plain.record(t).grad_coef, rel=1e-12)
+        assert c == pytest.approx(1.0, abs=1e-12)
+        grads = run.grads(t)
+        for module, (x, g) in mine.items():  # Σ over both ranks' samples rebuilds the gradient
+            _close_all({"w": c * g.T @ x, "b": c * g.sum(0)},
+                       {"w": grads[f"{module}.weight"], "b": grads[f"{module}.bias"]})
     end = len(plain)
     for name, state in plain.optimizer_state(end).items():
         _close_all(run.optimizer_state(end)[name], state)
