@@ -344,13 +344,19 @@ def _check_arguments(model: Any, run_dir: Any, metadata: Any) -> None:
 
 def _check_sharded(optimizer: Any, rank: RankInfo | None, config: RecordConfig, resume: bool) -> bool:
     """True for an FSDP2 job (DTensor parameters); what it cannot record yet is refused by name."""
-    if not any(is_sharded(p) for g in hook_target(optimizer).param_groups for p in g["params"]):
+    params = [p for g in hook_target(optimizer).param_groups for p in g["params"]]
+    if not any(is_sharded(p) for p in params):
         return False
+    try:
+        dims = {shard_spec(p)["dim"] for p in params if is_sharded(p)}
+    except ValueError as err:
+        raise RecordConfigError(f"The optimizer holds DTensor parameters: {err}") from None
     missing = [
         why for why, bad in (
             ("outside an initialized process group of more than one rank", rank is None),
             ("with resume=True", resume),
             ("with compact recording", getattr(config, "compact", None) is not None),
+            ("with factors of parameters cut along another dim than 0", bool(config.factors) and bool(dims - {0, None})),
         ) if bad
     ]
     if missing:
