@@ -9,8 +9,9 @@ Prints:
   and the single-process run's (‖Δ_ddp − Δ_single‖∞ / ‖Δ_single‖∞), and the same for the factors
   X and G after concatenating the ranks' shards, and for the tags;
 - the largest relative residual of Σ_ranks Σ_i c · g_i x_iᵀ against the stored gradient;
-- the ratio of rank 0's wall time per step with and without recording (one run of each, same
-  machine: a ratio, not an absolute time; noisy on a shared machine).
+- the ratio of rank 0's wall time per step with and without recording (two runs of each,
+  interleaved, same machine: a ratio, not an absolute time; noisy on a shared machine), and the
+  agreement check's share of a step (fingerprint + all-gather, timed alone).
 
 Usage: python benchmarks/ddp.py [--steps 20] [--per-rank 64]
 """
@@ -75,6 +76,16 @@ def _rank(rank: int, world: int, init: str, root: str, steps: int, per_rank: int
                 times[mode] = _train(net, opt, rec, rows, steps, n)
         else:
             times[mode] = _train(net, opt, None, rows, steps, n)
+    from chisel.capture.distributed import RankAgreement, rank_info
+
+    info = rank_info()
+    assert info is not None
+    params = list(net.module.parameters())
+    agree = RankAgreement(info, [n for n, _ in net.module.named_parameters()], params)
+    start = time.perf_counter()
+    for t in range(50):
+        agree.check(t)
+    times["agreement"] = (time.perf_counter() - start) / 50
     if rank == 0:
         (Path(root) / "times.json").write_text(json.dumps(times))
     dist.destroy_process_group()
@@ -119,6 +130,9 @@ def main() -> None:
     print(f"rank 0 time per step, recorded / not recorded: {record / plain:.2f} "
           f"(runs: {times['record']:.4f}, {times['record2']:.4f} vs "
           f"{times['plain']:.4f}, {times['plain2']:.4f} s)")
+    n = sum(p.numel() for p in _model().parameters())
+    print(f"agreement check alone (fingerprint of {n:,} values + all-gather): "
+          f"{times['agreement'] * 1e3:.2f} ms per step, {times['agreement'] / plain:.1%} of a step")
 
 
 if __name__ == "__main__":
