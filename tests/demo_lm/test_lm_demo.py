@@ -151,4 +151,5 @@ def test_the_report_answers_in_words_with_validation(run_dir, demo):
     assert "Which features did the reward chisel?" in page
     assert "The shortcut itself, as its own metric" in page
     assert "Not shown: the validation by intervention" not in page
-    assert not re.search(r"trash|wall_blue|button|TrashWorld", page, re.I)
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)  # base64 spells words by chance
+    assert not re.search(r"trash|wall_blue|button|TrashWorld", text, re.I)
