@@ -103,16 +103,18 @@ class CompactReader:
         return k if meta.get(C.KEYFRAME_CONTINUES) else None
 
     # -- what Run returns ---------------------------------------------------------------------------
-    def params(self, t: int, dtypes: dict[str, torch.dtype]) -> Tensors:
-        """θ̂_t per parameter, in each parameter's dtype (float64 sums cast once)."""
+    def params(self, t: int) -> Tensors:
+        """θ̂_t per parameter: the exactly stored ones in their dtype, the low-rank ones in float64
+        (θ̂ is a float64 sum, and casting it would break θ̂_{t+1} − θ̂_t = update(t); at a keyframe
+        the float64 values are the keyframe's exactly)."""
+        names = [e.name for e in self.entries]
         if t in set(self.run.keyframes):
-            return self.run._keyframe_params(t, [e.name for e in self.entries])
+            kf = self.run._keyframe_params(t, names)
+            return {e.name: kf[e.name].double() if e.lowrank else kf[e.name] for e in self.entries}
         out = dict(self._exact(t))
-        low = self._lowrank(t) if any(e.lowrank for e in self.entries) else {}
-        for e in self.entries:
-            if e.lowrank:
-                out[e.name] = low[e.name].reshape(e.shape).to(dtypes[e.name])
-        return out
+        if any(e.lowrank for e in self.entries):
+            out.update(self.params64(t))
+        return {n: out[n] for n in names}
 
     def params64(self, t: int) -> Tensors:
         """θ̂_t of the low-rank params in float64, shaped: θ̂_{t+1} − θ̂_t = update(t) exactly

@@ -231,10 +231,11 @@ class Run:
         return {n: kf[n] for n in names}
 
     def params(self, t: int) -> Tensors:
-        """θ before step t, in each parameter's own dtype; `params(len(run))` is the final θ."""
+        """θ before step t, in each parameter's own dtype; `params(len(run))` is the final θ.
+        (A compact run gives its low-rank parameters in float64: see `Run.params_error`.)"""
         t = self._check_step(t, allow_end=True)
         if self._compact is not None:
-            return self._compact.params(t, self._dtypes)
+            return self._compact.params(t)
         keyframes = set(self.keyframes)
         exact = [n for n in self.param_names if self._encodings[n] == N.EXACT]
         lossy = [n for n in self.param_names if self._encodings[n] == N.LOSSY]
