@@ -23,6 +23,8 @@ from chisel.store.verify import verify_run
 
 WORLD = 2
 RTOL, ATOL = 1e-12, 1e-14
+# two spawned processes import torch and chisel: ~15-30 s for the whole module on a loaded machine
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,7 @@ def fsdp_job(tmp_path_factory):
     return root, plain
 
 
+@pytest.mark.slow  # two spawned processes
 def test_fsdp2_shards_reassemble_to_the_unsharded_training(fsdp_job):
     root, (plain_before, plain_after) = fsdp_job
     specs = json.loads((root / "specs.json").read_text())
@@ -88,6 +89,7 @@ def test_fsdp2_shards_reassemble_to_the_unsharded_training(fsdp_job):
         torch.testing.assert_close(update, plain_after[n] - plain_before[n], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow  # two spawned processes
 def test_record_refuses_fsdp2_resume_by_name(fsdp_job):
     root, _ = fsdp_job
     for rank in range(WORLD):
@@ -97,6 +99,7 @@ def test_record_refuses_fsdp2_resume_by_name(fsdp_job):
     assert not (root / "refused").exists()
 
 
+@pytest.mark.slow  # two spawned processes
 def test_fsdp2_recording_reassembles_to_the_unsharded_run(fsdp_job):
     """Each rank recorded its shards (ranks/<r>/); the loaded run joins them: θ, every update,
     every gradient and Adam's state equal an unsharded recorded run of the same global batch."""
