@@ -48,6 +48,11 @@ class Compact:
     """Extra columns of the randomised range finder (the sketch has rank + oversample columns)."""
     power_iters: int = 2
     """Power iterations of the range finder (sharper singular vectors for a flat spectrum)."""
+    feedback: bool = True
+    """Factorise θ_{t+1} − θ̂_t, carrying what earlier factors missed into this step, so θ̂ stays
+    near θ; False factorises each step's own update θ_{t+1} − θ_t (each step's stored update is
+    then its own best rank-r view, and θ̂ drifts by the sum of the residuals until the next
+    keyframe)."""
 
     def __post_init__(self) -> None:
         for field in ("rank", "oversample", "power_iters"):
@@ -55,6 +60,8 @@ class Compact:
             low = 1 if field == "rank" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise RecordConfigError(f"Compact({field}={value!r}): use an integer >= {low}.")
+        if not isinstance(self.feedback, bool):
+            raise RecordConfigError(f"Compact(feedback={self.feedback!r}): use True or False.")
         if self.factor_dtype not in _DTYPES:
             raise RecordConfigError(
                 f"Compact(factor_dtype={self.factor_dtype!r}) is not a storage dtype; use one of "

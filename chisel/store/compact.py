@@ -167,7 +167,7 @@ class CompactEncoder:
             new = after[e.name].reshape(e.rows, e.cols).double()
             old = before[e.name].reshape(e.rows, e.cols).double()
             recon = self._recon[e.name]
-            d = new - recon
+            d = new - (recon if o.feedback else old)
             self._generator.manual_seed(step * 1_000_003 + i)
             u, s, v = lowrank(
                 d.float(), e.rank, oversample=o.oversample, power_iters=o.power_iters,

@@ -130,6 +130,8 @@ def _config_problems(config: Any) -> list[str]:
         for key in ("rank", "oversample", "power_iters"):
             if not (_is_int(compact.get(key)) and compact[key] >= (key == "rank")):
                 out.append(f"config.compact.{key}: {compact.get(key)!r} is not an integer >= {int(key == 'rank')}")
+        if not isinstance(compact.get("feedback", True), bool):
+            out.append(f"config.compact.feedback: {compact['feedback']!r} is not true/false")
         if compact.get("factor_dtype") not in STORAGE_DTYPES:
             out.append(f"config.compact.factor_dtype: {compact.get('factor_dtype')!r} is not a storage dtype")
     return out

@@ -166,7 +166,7 @@ def test_default_is_rank_4_float16_and_grads_can_be_asked_for(tmp_path):
         _train(tmp_path / "run", steps=2, compact=True, grads=True)
     run = chisel.load(tmp_path / "run")
     assert run.manifest["config"]["compact"] == {"rank": 4, "factor_dtype": "float16", "oversample": 4,
-                                                 "power_iters": 2}
+                                                 "power_iters": 2, "feedback": True}
     assert set(run.grads(1)) == set(run.param_names)
     assert run.update_error(0) < _norm(run.update(0))
 
@@ -207,3 +207,22 @@ def test_attribution_totals_agree_over_a_keyframe_interval_and_credit_is_refused
     dm = [led[led[L.QUANTITY] == L.DELTA_METRIC].sort_values(L.STEP)[L.VALUE].to_numpy() for led in ledgers]
     assert abs(dm[0].sum() - dm[1].sum()) <= 1e-12 * abs(dm[0]).sum()
     assert abs(dm[0] - dm[1]).max() > 1e-6 * abs(dm[0]).max()  # the steps inside differ: lossy
+
+
+def test_without_feedback_each_step_is_its_own_best_rank_r_view(runs, tmp_path):
+    """feedback=False: each stored update is the rank-2 view of that step's own Δθ_t, so its error
+    is below ‖Δθ_t‖ (and is the measured one); θ̂ drifts more than with feedback, and the
+    keyframes are exact all the same."""
+    full, with_feedback = runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _train(tmp_path / "run", compact=chisel.Compact(rank=2, feedback=False), keyframe_every=K)
+    run = chisel.load(tmp_path / "run")
+    for t in range(len(run)):
+        uf, uc = full.update(t), run.update(t)
+        assert _norm(uf, uc) == pytest.approx(run.update_error(t), rel=1e-9, abs=1e-15)
+        if run._compact.snapped(t) is None:
+            assert run.update_error(t) < _norm(uf)
+    for k in run.keyframes:
+        assert all(torch.equal(full.params(k)[n].double(), run.params(k)[n].double()) for n in run.param_names)
+    assert run.params_error(2) > with_feedback.params_error(2)

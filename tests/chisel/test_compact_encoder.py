@@ -92,7 +92,8 @@ def test_reset_says_whether_the_keyframe_continues_the_last_step():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"rank": 0}, {"rank": 2.5}, {"rank": True}, {"oversample": -1}, {"factor_dtype": "int8"}]
+    "kwargs",
+    [{"rank": 0}, {"rank": 2.5}, {"rank": True}, {"oversample": -1}, {"factor_dtype": "int8"}, {"feedback": 1}],
 )
 def test_bad_options_are_chisel_errors(kwargs):
     with pytest.raises(RecordConfigError, match="Compact"):
