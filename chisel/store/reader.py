@@ -35,6 +35,7 @@ from chisel.store.layout import RunLayout, read_manifest, read_meta, read_tensor
 from chisel.store.manifest import check_keyframe_shapes, check_manifest, record_problems
 from chisel.store.shards import (
     concat_pairs,
+    global_samples,
     is_sharded_run,
     merge_factors,
     merge_tags,
@@ -174,7 +175,12 @@ class Run:
         rows = []
         for t in range(len(self)):
             try:
-                rows.append(_row(self.record(t)))
+                row = _row(self.record(t))
+                if self.world_size > 1:  # DDP: every rank's samples, not rank 0's alone
+                    row["n_samples"] = global_samples(
+                        self.path, t, self.world_size, row["n_samples"], verify=self.verify
+                    )
+                rows.append(row)
             except CorruptStepError as err:
                 warnings.warn(str(err), stacklevel=2)
                 rows.append({"step": t, "error": str(err)})

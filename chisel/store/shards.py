@@ -203,3 +203,15 @@ def is_sharded_run(manifest: dict[str, Any]) -> bool:
     """An FSDP2 run: each rank's sub-run holds its shards (read with `ShardedRun`)."""
     entry = manifest.get(DISTRIBUTED)
     return isinstance(entry, dict) and isinstance(entry.get("sharded"), dict)
+
+
+def global_samples(root: Path, t: int, ranks: int, own: int | None, *, verify: bool) -> int | None:
+    """The samples of step t over all ranks (rank 0's `own` plus each shard's), None while a
+    shard is missing."""
+    total = own or 0
+    for r in range(1, ranks):
+        path = shard_layout(root, r).step_file(t)
+        if not path.is_file():
+            return None
+        total += sum(read_meta(path, t, f"rank {r} shard", verify=verify).get("batch_sizes") or ())
+    return total or None

@@ -68,6 +68,7 @@ def test_ddp_update_equals_single_process(job, kind):
             _close(run.grads(t)[name], g)
     for name, theta in ref.params(w.STEPS).items():
         _close(run.params(w.STEPS)[name], theta)
+    assert list(run.steps["n_samples"]) == list(ref.steps["n_samples"]) == [w.PER_RANK * WORLD] * w.STEPS
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
@@ -144,6 +145,7 @@ def test_missing_shard_is_named(job, tmp_path):
     run = chisel.load(copy)
     assert len(run) == w.STEPS
     run.update(1)  # rank 0's file holds the update
+    assert run.steps["n_samples"].isna().tolist() == [False, True, False]  # unknown, not wrong
     for read in (run.factors, run.tags):
         with pytest.raises(MissingShardError, match=r"Step 1: the shard of rank 1 .* is missing"):
             read(1)
