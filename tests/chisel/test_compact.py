@@ -226,3 +226,17 @@ def test_without_feedback_each_step_is_its_own_best_rank_r_view(runs, tmp_path):
     for k in run.keyframes:
         assert all(torch.equal(full.params(k)[n].double(), run.params(k)[n].double()) for n in run.param_names)
     assert run.params_error(2) > with_feedback.params_error(2)
+
+
+def test_a_damaged_compact_manifest_is_a_manifest_error(runs, tmp_path):
+    import json
+    import shutil
+
+    _, compact = runs
+    shutil.copytree(compact.path, tmp_path / "run")
+    path = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["config"]["compact"]["rank"] = 0
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(chisel.ManifestError, match=r"config\.compact\.rank"):
+        chisel.load(tmp_path / "run")
