@@ -1,5 +1,8 @@
 """The exact split of a recorded update over training samples: this step's, and through
-momentum, earlier steps' (see `credit` for the rows and the mathematics).
+momentum, earlier steps' (see `credit` for the rows and the mathematics). A `CreditSession`
+keeps the optimizer replay and a window of earlier steps' factors (`credit_factors`) across
+consecutive steps; its `split` turns each update into `SampleBlock`s and what they leave
+unresolved.
 
     Δθ = weight_decay + Σ samples(gradient) + gradient (unresolved)
          + Σ samples(momentum) + momentum (unresolved) + residual
@@ -13,6 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from chisel.attribution.credit_block import SampleBlock, _fits
+from chisel.attribution.credit_factors import StepFactors, read_factors
+from chisel.attribution.credit_parts import (  # noqa: F401  (re-exported: the split's vocabulary)
+    GRADIENT_UNRESOLVED,
+    LEAVES,
+    MAX_HORIZON,
+    MIN_WEIGHT,
+    MOMENTUM_UNRESOLVED,
+    NOT_CAPTURED_SHARE,
+    CreditError,
+)
 from chisel.attribution.optim_replay import (
     GRADIENT,
     MOMENTUM,
@@ -24,202 +38,8 @@ from chisel.attribution.optim_replay import (
     ReplayError,
     UpdateSplit,
 )
-from chisel.attribution.splits import _CHUNK_ELEMENTS, Kernels, read_kernels
-from chisel.capture.factor_kinds import EMBEDDING as EMBEDDING_KIND
 from chisel.capture.factor_kinds import NORMS as NORM_KINDS
-from chisel.errors import ChiselError
 from chisel.store.reader import Run
-
-GRADIENT_UNRESOLVED = "gradient (unresolved)"
-# ledger quantity: ‖gradient (unresolved)‖ / ‖gradient‖ of a param whose factor modules were not
-# all captured at a step (site: the module paths, comma-separated)
-NOT_CAPTURED_SHARE = "not_captured_share"
-MOMENTUM_UNRESOLVED = "momentum (unresolved)"
-# the leaves of the split: each sample-less part once, samples under GRADIENT / MOMENTUM
-LEAVES = (WEIGHT_DECAY, GRADIENT, GRADIENT_UNRESOLVED, MOMENTUM, MOMENTUM_UNRESOLVED, RESIDUAL)
-# default horizon: the earlier steps that hold 99% of the momentum buffer's mass. For a constant
-# decay β the steps older than s hold a fraction β^(t−1−s) of it, so that is "decay ≥ 1%":
-# 44 steps for Adam's β1 = 0.9, 459 for SGD momentum 0.99 (each step's factors are kept in
-# memory while within reach; pass `horizon` to bound it). What lies beyond is reported per step.
-MAX_HORIZON = 500
-MIN_WEIGHT = 1e-2
-
-
-class CreditError(ChiselError, ValueError):
-    """The run or the inputs cannot give the credit split asked for."""
-
-
-@dataclass(frozen=True)
-class SampleBlock:
-    """The terms of one param from the n samples of one step: term_i = coef ⊙ layout(g_i, x_i).
-
-    `g` already holds the step's coefficient c. For a weight, layout(g, x) = Σ_T g_T x_Tᵀ as
-    [out, in] ("linear"), its transpose ("conv1d", HF in × out) or reshaped to the conv weight
-    ("conv2d", unfolded input); for a bias, Σ_T g_T. "embedding": x holds token ids [n, T] and
-    layout(g, x) adds the rows g_T at the ids x_T ([vocab, d], never built per sample).
-    "layernorm" / "rmsnorm": g holds the per-sample Σ_tokens g ⊙ x̂ (the scale's block) or
-    Σ_tokens g (the shift's), times c, and term_i = g_i; x is not read. So in every kind a
-    sample's term is linear in its g_i: scaling g_i by w_i scales term_i by w_i.
-    """
-
-    part: str  # GRADIENT (samples of this step) or MOMENTUM (samples of an earlier step)
-    origin_step: int
-    module: str
-    param: str
-    kind: str  # "linear" | "conv1d" | "conv2d" | "embedding" | "layernorm" | "rmsnorm"
-    is_bias: bool
-    x: Tensor  # [n, T, in] float64 (embedding: [n, T] int64 ids; norms: unused)
-    g: Tensor  # [n, T, out] float64, times c (norms: [n, 1, numel])
-    coef: Coef  # param shape or a number
-    # Σ_i layout(g_i, x_i) without coef, param-shaped: the session computes it once per origin
-    # step and module and shares it with every later block of those samples (not an init field:
-    # `dataclasses.replace(block, g=...)` drops it, so a reweighted block sums its own g)
-    unscaled: Tensor | None = field(default=None, init=False, repr=False, compare=False)
-
-    @property
-    def n(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def _norm(self) -> bool:
-        return self.kind in NORM_KINDS
-
-    @property
-    def _rows(self) -> Tensor:
-        """The per-sample vectors of a norm's scale or shift, or a bias: [n, numel]."""
-        return self.g.sum(1)
-
-    def _as_weight(self, m: Tensor, shape: torch.Size) -> Tensor:
-        """An [out, in] matrix in the param's own layout."""
-        return m.transpose(-1, -2) if self.kind == "conv1d" else m.reshape(*m.shape[:-2], *shape)
-
-    def _as_matrix(self, w: Tensor) -> Tensor:
-        """A param-shaped tensor as [out, in] (an embedding's [vocab, d] is its own)."""
-        if self._norm:
-            raise self._no_features()
-        return w.T if self.kind == "conv1d" else w.reshape(w.shape[0], -1)
-
-    def total(self, shape: torch.Size) -> Tensor:
-        """Σ_i term_i, param-shaped: coef ⊙ `raw_total` (no per-sample tensors)."""
-        return self.coef * self.raw_total(shape)
-
-    def raw_total(self, shape: torch.Size) -> Tensor:
-        """Σ_i layout(g_i, x_i), param-shaped, without coef: one matmul (or scatter); cached
-        in `unscaled` when the session has it."""
-        if self.unscaled is not None and self.unscaled.shape == shape:
-            return self.unscaled
-        if self.is_bias or self._norm:
-            return self._rows.sum(0).reshape(shape)
-        if self.kind == EMBEDDING_KIND:
-            rows = torch.zeros(shape, dtype=self.g.dtype)
-            return rows.index_add_(0, self.x.reshape(-1), self.g.flatten(0, 1))
-        gx = self.g.flatten(0, 1).T @ self.x.flatten(0, 1)  # [out, in]
-        return self._as_weight(gx, shape)
-
-    def terms(self, shape: torch.Size) -> Tensor:
-        """[n, *shape]: every sample's term (materialised; for tests and small layers)."""
-        if self.is_bias or self._norm:
-            return self.coef * self._rows.reshape(self.n, *shape)
-        if self.kind == EMBEDDING_KIND:
-            rows = torch.zeros(self.n * shape[0], *shape[1:], dtype=self.g.dtype)
-            at = self.x + shape[0] * torch.arange(self.n)[:, None]  # sample i's rows at i·vocab
-            rows.index_add_(0, at.reshape(-1), self.g.flatten(0, 1))
-            return self.coef * rows.reshape(self.n, *shape)
-        gx = torch.einsum("nto,nti->noi", self.g, self.x)
-        return self.coef * self._as_weight(gx, shape)
-
-    def reads(self, gbar: Tensor) -> Tensor:
-        """H = G (coef ⊙ ḡ) [n, T, in]: the metric's read of each input row; ⟨term_i, ḡ⟩ = Σ H⊙X
-        (Linear-like kinds: an embedding's input is token ids, a norm's is elementwise)."""
-        if self.kind == EMBEDDING_KIND:
-            raise CreditError(f"{self.param}: embedding {self.module!r} reads token ids, not vectors.")
-        return self.g @ self._as_matrix(self.coef * gbar)
-
-    def attribution(self, gbar: Tensor) -> Tensor:
-        """[n]: ⟨term_i, ḡ⟩ for every sample."""
-        if self.is_bias or self._norm:
-            return self._rows @ (self.coef * gbar).reshape(-1)
-        if self.kind == EMBEDDING_KIND:  # Σ_T ⟨g_T, (coef ⊙ ḡ)[id_T]⟩: a gather, no [vocab, d]
-            return (self.g * (self.coef * gbar)[self.x]).sum((1, 2))
-        return (self.reads(gbar) * self.x).sum((1, 2))
-
-    def kernel_shares(self, gbar: Tensor, kernels: Kernels) -> Tensor:
-        """[n, K]: ⟨term_i, R_k⟩ for every sample and kernel (they sum to `attribution`)."""
-        if self._norm:
-            raise self._no_features()
-        if self.is_bias:
-            return kernels.sample_bias_shares(self.g, self.coef)
-        self.check_width(kernels.weight)
-        if self.kind == EMBEDDING_KIND:
-            return self._embedding_shares(kernels)
-        coef = self.coef if not isinstance(self.coef, Tensor) else self._as_matrix(self.coef)
-        return kernels.sample_shares(self.g, self.x, coef)
-
-    def _embedding_shares(self, kernels: Kernels) -> Tensor:
-        """[n, K]: Σ_T ⟨g_T, (coef ⊙ R_k)[id_T]⟩, gathering kernel rows at the ids (kernels of
-        the Linear that shares the weight: an LM head tied to its embedding)."""
-        weight = kernels.weight * self.coef  # [K, vocab, d]
-        ids, g = self.x.reshape(-1), self.g.flatten(0, 1)  # [n·T], [n·T, d]
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[0] * weight.shape[2]))
-        parts = [
-            torch.einsum("krd,rd->rk", weight[:, ids[s : s + chunk]], g[s : s + chunk])
-            for s in range(0, ids.shape[0], chunk)
-        ]
-        return torch.cat(parts).reshape(self.n, -1, weight.shape[0]).sum(1)
-
-    def summed_kernel_shares(self, gbar: Tensor, kernels: Kernels) -> Tensor:
-        """[K]: Σ_i ⟨term_i, R_k⟩ = ⟨Σ_i term_i, R_k⟩, from the block's total (one matmul)."""
-        if self._norm:
-            raise self._no_features()
-        total = self.total(gbar.shape)
-        if self.is_bias:
-            return kernels.bias_shares(total)
-        self.check_width(kernels.weight)
-        return kernels.shares(self._as_matrix(total))
-
-    def _no_features(self) -> CreditError:
-        return CreditError(
-            f"{self.param} is the {'shift' if self.is_bias else 'scale'} of {self.kind} "
-            f"{self.module!r}: it is elementwise, so no input features split it; its credit "
-            "has whole-sample rows only. Give features at a Linear's input."
-        )
-
-    def check_width(self, directions: Tensor) -> None:
-        """Refuse features whose width is not this block's input width."""
-        if self._norm:
-            raise self._no_features()
-        if self.kind == EMBEDDING_KIND:
-            if directions.ndim == 3 and directions.shape[-1] == self.g.shape[-1]:
-                return  # kernels [K, vocab, d] of a tied Linear, in the weight's own layout
-            raise CreditError(
-                f"{self.param} is read by embedding {self.module!r} from token ids: no feature "
-                "directions at its input split it. Give features at a Linear's input (a tied "
-                "LM head's features also split the embedding's terms)."
-            )
-        if directions.shape[-1] != self.x.shape[-1]:
-            raise CreditError(
-                f"feature directions of width {directions.shape[-1]} do not fit {self.param}, "
-                f"whose factor input has width {self.x.shape[-1]} (module {self.module!r}, "
-                f"{self.kind}); give directions at this module's input (conv2d: in unfolded "
-                "C·kh·kw space)."
-            )
-
-    def feature_shares(
-        self, gbar: Tensor, directions: Tensor, dual: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """([n, F] shares, [n] off-span share), uncentred; they sum to `attribution` exactly.
-
-        directions: [F, in] unit read directions at the module's input (`dual` is ignored; kept
-        for callers of the earlier signature).
-        """
-        if self.is_bias:
-            raise CreditError(f"{self.param} is a bias: it reads no input features.")
-        self.check_width(directions)
-        names = tuple(str(i) for i in range(directions.shape[0]))
-        kernels = read_kernels(names, ("",) * len(names), directions.to(torch.float64),
-                               self._as_matrix(gbar))
-        shares = self.kernel_shares(gbar, kernels)
-        return shares[:, :-1], shares[:, -1]
 
 
 @dataclass(frozen=True)
@@ -263,14 +83,6 @@ class CreditSplit:
         }
 
 
-@dataclass(frozen=True)
-class _StepFactors:
-    """One step's factors in float64, c folded into G, and its per-sample tags."""
-
-    modules: dict[str, tuple[str, Tensor, Tensor]]  # module -> (kind, X [n,T,in], c·G [n,T,out])
-    tags: dict[str, Any]  # name -> 1-D tensor (per sample) or a scalar
-
-
 class CreditSession:
     """The optimizer replay plus a window of earlier steps' factors, kept for consecutive steps.
 
@@ -300,11 +112,13 @@ class CreditSession:
         self.replay = replay if replay is not None else OptimizerReplay(run, history=self.reach)
         if self.replay.run is not run:
             raise ReplayError("the OptimizerReplay given belongs to another run; make one per run.")
-        self._factors: dict[int, _StepFactors | None] = {}
+        self._factors: dict[int, StepFactors | None] = {}
         # (s, module, param) -> Σ_i layout(g_i, x_i) of step s's samples (SampleBlock.unscaled)
         self._sums: dict[tuple[int, str, str], Tensor] = {}
         # (s, key) -> anything derived from step s's factors alone (`cached`), evicted with them
         self._derived: dict[tuple[int, Any], Any] = {}
+        # module -> (the features given, their version, FeatureBlock): `credit_basis.module_basis`
+        self.bases: dict[str, tuple[Any, int, Any]] = {}
         meta = run.manifest.get("factor_modules") or {}
         self._kinds = {m: v.get("kind", "linear") for m, v in meta.items()}
         self._params = {m: {k: v[k] for k in ("weight", "bias") if k in v} for m, v in meta.items()}
@@ -321,31 +135,11 @@ class CreditSession:
         return self._kinds.get(module, "linear")
 
     # -- factors ---------------------------------------------------------------------------
-    def factors(self, s: int) -> _StepFactors | None:
+    def factors(self, s: int) -> StepFactors | None:
         """Step s's factors (cached while s is within reach of the steps asked for)."""
         if s not in self._factors:
-            self._factors[s] = self._read_factors(s)
+            self._factors[s] = read_factors(self.run, s, self._kinds)
         return self._factors[s]
-
-    def _read_factors(self, s: int) -> _StepFactors | None:
-        record = self.run.record(s)
-        coef = record.grad_coef
-        if record.skipped or coef is None:
-            return None
-        coef = float(coef) / float(record.grads_scaled_by or 1.0)
-        modules = {}
-        for module, (x, g) in self.run.factors(s).items():
-            n, kind = x.shape[0], self._kinds.get(module, "linear")
-            g64 = g.to(torch.float64).reshape(n, -1, g.shape[-1]) * coef  # [n, T, out]
-            if kind == EMBEDDING_KIND:
-                x64 = _token_ids(x, module, s).reshape(n, -1)  # [n, T]
-            elif kind in NORM_KINDS:  # both are per-sample sums of gradient terms: both get c
-                x64 = x.to(torch.float64).reshape(n, 1, -1) * coef
-                g64 = g64.reshape(n, 1, -1)
-            else:
-                x64 = x.to(torch.float64).reshape(n, -1, x.shape[-1])  # [n, T, in]
-            modules[module] = (kind, x64, g64)
-        return _StepFactors(modules, self.run.tags(s))
 
     def not_captured(self, t: int, gradient: Params) -> dict[str, tuple[str, ...]]:
         """{param: factor modules of it without factors at step t} where step t took factors and
@@ -430,27 +224,6 @@ class CreditSession:
                     SampleBlock(part, s, module, param, kind, is_bias, x, rows, coefs[param])
                 )
         return blocks
-
-
-def _fits(b: SampleBlock, numel: int) -> bool:
-    """Whether a param-sized cache of `numel` elements per origin is no larger than the block's
-    factors it summarises (so the session's caches stay within the factors' own memory)."""
-    return numel <= b.x.numel() + b.g.numel()
-
-
-def _token_ids(x: Tensor, module: str, s: int) -> Tensor:
-    """An embedding's stored ids as int64; ids cast to a compact float `factor_dtype` are exact
-    only up to 2^(mantissa bits + 1) (bfloat16: 256), so larger ones are refused."""
-    if not x.is_floating_point():
-        return x.long()
-    limit = int(2 / torch.finfo(x.dtype).eps)  # 2^(mantissa bits + 1)
-    if x.numel() and (bool((x != x.round()).any()) or float(x.abs().max()) > limit):
-        raise CreditError(
-            f"step {s}: the token ids of embedding {module!r} were stored as {x.dtype} (the run's "
-            f"factor_dtype), which holds integers exactly only up to {limit}; they are lost. "
-            "Record with factor_dtype=None (or float32) to get credit rows for embeddings."
-        )
-    return x.long()
 
 
 def split_update(

@@ -265,6 +265,37 @@ def test_attributions_of_the_parts_sum_to_the_update_attribution(runs, name):
         assert 0.0 <= float(shares["value"].iloc[0]) <= 1.0
 
 
+def test_each_modules_feature_basis_is_computed_once_per_session(runs, monkeypatch):
+    """Read directions are fixed across steps: the session keeps each module's FeatureBlock, so
+    Dᵀ(DDᵀ)⁺ is computed once per module, not once per step (directions changed in place are
+    seen); the rows are those of features given afresh at every step, to the last bit."""
+    from chisel.attribution import geometry
+
+    calls: list[torch.Size] = []
+    real = geometry.dual
+    monkeypatch.setattr(geometry, "dual", lambda d: calls.append(d.shape) or real(d))
+    run = runs["adam"]
+    features = {m: (site, names, d.clone()) for m, (site, names, d) in FEATURES.items()}
+    kept, fresh = C.CreditSession(run), C.CreditSession(run)
+
+    def both(t: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+        gbar = random_like(run.update(t), seed=t)
+        again = {m: (site, list(names), d.clone()) for m, (site, names, d) in features.items()}
+        return (C.credit_rows(run, t, gbar, features_by_module=features, session=kept),
+                C.credit_rows(run, t, gbar, features_by_module=again, session=fresh))
+
+    for t in range(len(run)):
+        before = len(calls)
+        rows, want = both(t)
+        assert len(calls) - before == (2 if t == 0 else 0) + 2  # kept: step 0 only; fresh: each
+        pd.testing.assert_frame_equal(rows, want, check_exact=True)
+    features["2"][2][0] = unit_rows(1, WIDTH, 9)[0]  # in place: the kept basis is made again
+    before = len(calls)
+    rows, want = both(len(run) - 1)
+    assert len(calls) - before == 1 + 2
+    pd.testing.assert_frame_equal(rows, want, check_exact=True)
+
+
 def test_sample_attribution_is_the_inner_product_with_gbar(runs):
     run, t = runs["adam"], 5
     split = C.split_update(run, t)

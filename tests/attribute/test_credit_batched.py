@@ -13,6 +13,7 @@ import torch
 from chisel.attribution import credit as C
 from chisel.attribution import ledger as L
 from chisel.attribution import optim_replay as R
+from chisel.attribution.credit_tags import aggregate_samples
 from chisel.attribution.splits import read_kernels
 
 from .test_credit import D_IN, WIDTH, random_like, record
@@ -89,7 +90,7 @@ def test_rows_summed_by_tags_equal_the_per_sample_rows_grouped(run):
         # the frame-level aggregation of the per-sample rows gives the same rows, to rounding
         # (by= sums each origin's per-group sums of terms, kept across updates)
         tags = ["tag/reward", "tag/episode"]
-        same = C._aggregate_samples(per_sample, ["reward", "episode"])
+        same = aggregate_samples(per_sample, ["reward", "episode"])
         pd.testing.assert_frame_equal(L.to_frame(by, tags), L.to_frame(same, tags), rtol=1e-12, atol=1e-18)
         # and a plain pandas groupby of the per-sample rows, to rounding
         samples = per_sample[per_sample[L.SAMPLE].notna()]
@@ -138,7 +139,7 @@ def test_without_caches_the_rows_are_the_same(run, monkeypatch):
                              feature_rows="summed", by=["reward"])
 
     cached = rows(C.CreditSession(run))
-    monkeypatch.setattr(C, "_fits", lambda b, numel: False)
+    monkeypatch.setattr("chisel.attribution.credit_values._fits", lambda b, numel: False)
     monkeypatch.setattr("chisel.attribution.credit_split._fits", lambda b, numel: False)
     session = C.CreditSession(run)
     fresh = rows(session)
