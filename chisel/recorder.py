@@ -182,6 +182,13 @@ class Recorder:
     def _check_resume(self, manifest: dict[str, Any], model: nn.Module, optimizer: Any) -> None:
         from chisel.capture.optim import named_optimizer_params
 
+        stored = manifest["config"].get("compact")  # a step file's encoding must be the manifest's
+        if stored != (self.config.to_json()["compact"]):
+            raise ResumeMismatchError(
+                f"resume=True with compact={self.config.compact!r}, but the run in {self.run_dir} was "
+                f"recorded with compact={stored!r}: its steps could not be read as one run. Resume "
+                "with the run's compact option, or start a new run."
+            )
         names, params = named_optimizer_params(model, hook_target(optimizer))
         have = {n: (tuple(p.shape), dtype_name(p.dtype)) for n, p in zip(names, params)}
         want = {p["name"]: (tuple(p["shape"]), p["dtype"]) for p in manifest["params"]}

@@ -240,3 +240,20 @@ def test_a_damaged_compact_manifest_is_a_manifest_error(runs, tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(chisel.ManifestError, match=r"config\.compact\.rank"):
         chisel.load(tmp_path / "run")
+
+
+def test_resume_keeps_the_compact_option(tmp_path):
+    """Resuming a compact run continues it (the resume keyframe is exact, every step reads);
+    resuming it without compact (or a full run with it) is refused before anything is written."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _train(tmp_path / "run", steps=2, compact=True)
+        for options in ({}, {"compact": chisel.Compact(rank=2)}):
+            with pytest.raises(chisel.ResumeMismatchError, match="compact="):
+                _train(tmp_path / "run", steps=1, resume=True, **options)
+        final, _ = _train(tmp_path / "run", steps=2, resume=True, compact=True)
+    run = chisel.load(tmp_path / "run")
+    assert len(run) == 4 and run.keyframes == [0, 2, 4]
+    assert all(torch.equal(run.params(4)[n].double(), final[n].double()) for n in final)
+    assert run._compact.snapped(1) is None  # the resumed model restarts from θ_0: not a continuation
+    assert all(run.update_error(t) >= 0 for t in range(4))
