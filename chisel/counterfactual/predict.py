@@ -18,21 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from chisel.attribution.credit import (
-    GRADIENT_UNRESOLVED,
-    MAX_HORIZON,
-    MIN_WEIGHT,
-    MOMENTUM_UNRESOLVED,
-    CreditSession,
-    SampleBlock,
-)
+from chisel.attribution.credit import MAX_HORIZON, MIN_WEIGHT, CreditSession, SampleBlock
+from chisel.attribution.credit_parts import SAMPLE_LESS
 from chisel.attribution.functional import ParamSpace
-from chisel.attribution.optim_replay import RESIDUAL, WEIGHT_DECAY
 from chisel.counterfactual.result import Counterfactual, Params
 from chisel.counterfactual.selection import CounterfactualError, Selection
 from chisel.store.reader import Run
-
-NON_SAMPLE = (WEIGHT_DECAY, GRADIENT_UNRESOLVED, MOMENTUM_UNRESOLVED, RESIDUAL)
 
 
 def _zeros(like: Params) -> Params:
@@ -66,7 +57,7 @@ class _Pass:
             old = entry.get(key)
             entry[key] = (b, b.coef) if old is None else (old[0], old[1] + b.coef)
         # the sample-less leaves (not `split.leaves()`, which would sum every block again)
-        for leaf in NON_SAMPLE:
+        for leaf in SAMPLE_LESS:  # parts with no samples: kept whole
             unresolved = leaf in split.unresolved
             for n, v in (split.unresolved if unresolved else split.base.parts)[leaf].items():
                 self.non_sample[n] += v
