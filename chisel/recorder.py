@@ -18,7 +18,8 @@ from torch import nn
 from chisel import _names as N
 from chisel._version import __version__
 from chisel.capture.config import Compact, RecordConfig, StorageDtype, dtype_name
-from chisel.capture.distributed import RankInfo, is_sharded, rank_info, shard_spec, unwrap_model
+from chisel.capture.distributed import RankInfo, rank_info, unwrap_model
+from chisel.capture.distributed_fsdp import is_sharded, shard_spec
 from chisel.capture.hooks import StepCapture
 from chisel.capture.optim import hook_target
 from chisel.errors import (

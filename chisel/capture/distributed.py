@@ -165,22 +165,6 @@ def broadcast_json(info: RankInfo, value: Any) -> Any:
     return json.loads(broadcast_from(info, 0, json.dumps(value) if info.rank == 0 else None))
 
 
-def gather_errors(info: RankInfo, error: str | None) -> list[tuple[int, str]]:
-    """(rank, message) of every rank whose `error` is not None, known to all ranks."""
-    import torch.distributed as dist
-
-    device = _device(info)
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=device)
-    flags = [torch.empty_like(flag) for _ in range(info.world_size)]
-    dist.all_gather(flags, flag)
-    failed = [r for r, f in enumerate(flags) if int(f.item())]
-    out = []
-    for r in failed:  # messages only when something failed: the common case is one small gather
-        text = broadcast_from(info, r, error if info.rank == r else None)
-        out.append((r, text))
-    return out
-
-
 def broadcast_from(info: RankInfo, src: int, text: str | None) -> str:
     """A string held by rank `src`, on every rank."""
     import torch.distributed as dist
@@ -206,54 +190,3 @@ def sum_over_ranks(info: RankInfo):
         return work.cpu()
 
     return reduce
-
-
-# -- FSDP2 (`fully_shard`): each rank holds a dim-0 shard of each parameter ------------------------
-def is_sharded(param: torch.Tensor) -> bool:
-    """True for a DTensor parameter (FSDP2's `fully_shard`, tensor parallelism)."""
-    return type(param).__name__ == "DTensor" and hasattr(param, "placements")
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a DTensor (shares its storage: the optimizer's in-place updates show
-    in it); any other tensor as it is."""
-    if not is_sharded(tensor):
-        return tensor
-    with torch.no_grad():
-        return tensor.to_local()
-
-
-def local_grad(param: torch.Tensor) -> torch.Tensor | None:
-    """This rank's piece of a parameter's gradient (FSDP2: the reduce-scattered mean)."""
-    return None if param.grad is None else local_tensor(param.grad)
-
-
-def shard_spec(param: torch.Tensor) -> dict[str, Any]:
-    """How a DTensor parameter is cut over the ranks, as JSON: {"dim", "shape", "world_size"}.
-
-    FSDP2 shards dim 0 (or the `shard_placement_fn` dim) over a 1-D mesh as `torch.chunk`
-    does, trailing ranks possibly empty; `chisel.store.shards.reassemble` undoes it. Other
-    layouts (2-D meshes: HSDP, tensor parallelism) are refused by name."""
-    placements = tuple(param.placements)
-    kinds = [type(p).__name__ for p in placements]
-    if len(placements) != 1 or kinds[0] not in ("Shard", "Replicate"):
-        raise ValueError(
-            f"a DTensor parameter placed as {placements}: chisel reassembles parameters sharded "
-            "over one mesh dimension (FSDP2's fully_shard over a 1-D mesh), not this layout."
-        )
-    dim = placements[0].dim if kinds[0] == "Shard" else None
-    return {"dim": dim, "shape": list(param.shape), "world_size": int(param.device_mesh.size())}
-
-
-def shard_rows(param: torch.Tensor) -> tuple[int, int]:
-    """(first row, rows) of this rank's piece of a DTensor parameter cut along dim 0 (FSDP2:
-    `torch.chunk` pieces of ⌈N/R⌉ rows, trailing ranks possibly empty)."""
-    spec = shard_spec(param)
-    n = spec["shape"][0] if spec["shape"] else 1
-    if spec["dim"] is None:
-        return 0, n
-    if spec["dim"] != 0:
-        raise ValueError(f"a parameter cut along dim {spec['dim']}: chisel's factors need dim 0")
-    chunk = -(-n // spec["world_size"])
-    start = min(param.device_mesh.get_local_rank() * chunk, n)
-    return start, min(start + chunk, n) - start

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from chisel.capture.distributed import is_sharded, local_tensor, shard_rows
+from chisel.capture.distributed_fsdp import is_sharded, local_tensor, shard_rows
 from chisel.capture.factor_calls import Call as _Call
 from chisel.capture.factor_calls import catch_broadcasts
 from chisel.capture.factor_kinds import (  # noqa: F401  (LINEAR, CONV1D re-exported)

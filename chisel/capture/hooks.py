@@ -12,14 +12,8 @@ from torch import nn
 
 from chisel.capture.buffers import BufferPool, Buffers, FlatLayout, copy_into
 from chisel.capture.config import RecordConfig
-from chisel.capture.distributed import (
-    RankAgreement,
-    RankInfo,
-    is_sharded,
-    local_grad,
-    local_tensor,
-    sum_over_ranks,
-)
+from chisel.capture.distributed import RankAgreement, RankInfo, sum_over_ranks
+from chisel.capture.distributed_fsdp import is_sharded, local_grad, local_tensor
 from chisel.capture.factors import FactorCapture
 from chisel.capture.optim import (
     group_hyperparams,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from chisel.capture.distributed import local_tensor
+from chisel.capture.distributed_fsdp import local_tensor
 from chisel.errors import RecordConfigError
 
 

@@ -161,7 +161,7 @@ def fsdp_ranks(rank: int, world: int, init: str, root: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from chisel.capture.distributed import shard_spec
+    from chisel.capture.distributed_fsdp import shard_spec
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
