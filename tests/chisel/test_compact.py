@@ -60,7 +60,7 @@ def runs(tmp_path_factory):
 
 
 def test_manifest_names_the_encoding_and_grads_are_off(runs):
-    _, compact = runs
+    full, compact = runs
     enc = {p["name"]: p["encoding"] for p in compact.manifest["params"]}
     assert enc["transformer.h.0.attn.c_attn.weight"] == C.LOWRANK_ENCODING
     assert enc["transformer.wte.weight"] == C.LOWRANK_ENCODING
@@ -70,6 +70,11 @@ def test_manifest_names_the_encoding_and_grads_are_off(runs):
     assert compact.manifest["config"]["grads"] is False
     with pytest.raises(chisel.ChiselError, match="grads=False"):
         compact.grads(0)
+    from chisel.store.verify import verify_run
+
+    assert verify_run(compact.path).ok, verify_run(compact.path).problems  # `chisel verify` accepts it
+    # the records' norms are the true ones (the writer has θ), equal to the full run's
+    assert list(compact.steps["update_norm"]) == [full.record(t).update_norm for t in range(STEPS)]
 
 
 def test_keyframes_are_the_full_runs_theta_bit_for_bit(runs):
