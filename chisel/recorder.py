@@ -134,6 +134,7 @@ class Recorder:
                 first_step=first_step,
                 scaler=scaler,
                 distributed=self._rank,
+                theta=not shard,
             )
             self._writer = box["writer"] = RunWriter(self.layout, self._capture.layout, config)
             if self._view is not None:

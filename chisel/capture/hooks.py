@@ -51,6 +51,7 @@ class StepCapture:
         first_step: int,
         scaler: Any = None,
         distributed: RankInfo | None = None,
+        theta: bool = True,
     ) -> None:
         self.model = model
         self.optimizer = hook_target(optimizer)
@@ -76,7 +77,10 @@ class StepCapture:
         self._sink, self._check = sink, check
         self.layout = FlatLayout.of(self.names, self.params)
         pin = any(p.device.type == "cuda" for p in self.params)
-        self._pool = BufferPool(self.layout, config.queue_size + 1, grads=config.grads, pin=pin)
+        # theta=False (DDP ranks ≥ 1, which write only their samples' factors and tags): no θ
+        # or gradient copies, no host buffers for them, no keyframes
+        self._theta = theta
+        self._pool = BufferPool(self.layout, config.queue_size + 1, grads=config.grads, pin=pin) if theta else None
         # in-place changes bump a tensor's version: a cheap test for θ changed outside step()
         self._versions = self._current_versions()
         self._depth = 0
@@ -152,6 +156,10 @@ class StepCapture:
     def _begin_step(self) -> dict[str, Any]:
         t, cfg = self.step, self.config
         pending: dict[str, Any] = {"time": time.time()}
+        if self._pool is None:
+            if self.factors is not None:  # collective under DDP: every rank fits c
+                pending["grad_coef"], pending["grad_coef_residual"] = self.factors.grad_coef()
+            return pending
         if self._current_versions() != self._versions:
             pending["keyframe"] = self.keyframe("external change")
         elif cfg.keyframe_every and t % cfg.keyframe_every == 0 and t != self._keyframed_at:
@@ -183,7 +191,8 @@ class StepCapture:
         assert pending is not None
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and float(found_inf) > 0:
-            self._pool.release(pending.pop("buffers"))
+            if self._pool is not None:
+                self._pool.release(pending.pop("buffers"))
             self._versions = self._current_versions()  # the fused kernel touched θ in place
             self._emit_skip(
                 "GradScaler found inf/NaN gradients; the fused optimizer left θ unchanged",
@@ -195,8 +204,9 @@ class StepCapture:
             self._agreement.check(self.step - 1)
 
     def _emit_step(self, pending: dict[str, Any]) -> None:
-        buffers: Buffers = pending.pop("buffers")
-        copy_into(buffers.after_views, [p.detach() for p in self.params])
+        buffers: Buffers | None = pending.pop("buffers", None)
+        if buffers is not None:
+            copy_into(buffers.after_views, [p.detach() for p in self.params])
         self._versions = self._current_versions()
         record = self._record(pending)  # the writer adds the update and gradient norms
         if self.factors is not None and pending.get("grad_coef") is not None:
@@ -205,14 +215,14 @@ class StepCapture:
         packet = StepPacket(
             step=self.step,
             record=record,
-            after=buffers.after,
-            grads=buffers.grads,
+            after=buffers.after if buffers is not None else None,
+            grads=buffers.grads if buffers is not None else None,
             state=pending.get("state"),
             keyframe=pending.get("keyframe"),
             factors=self.factors.take() if self.factors is not None else {},
             tags=self.tags.take(),
-            release=lambda: self._pool.release(buffers),
-            region=buffers.region,
+            release=(lambda: self._pool.release(buffers)) if buffers is not None else (lambda: None),
+            region=buffers.region if buffers is not None else None,
         )
         self._send(packet)
 

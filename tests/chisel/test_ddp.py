@@ -208,3 +208,17 @@ def test_credit_of_the_ddp_run_equals_the_single_process_run(job):
     want = C.credit_by(single, "rank").set_index("tag/rank")["value"]
     torch.testing.assert_close(torch.tensor(by_rank.sort_index().to_numpy()),
                                torch.tensor(want.sort_index().to_numpy()), rtol=0, atol=1e-13 * scale)
+
+
+def test_shards_hold_only_samples(job):
+    """Rank 1 writes its samples' factors and tags, never θ, gradients or keyframes."""
+    from safetensors import safe_open
+
+    root, _, _, w = job
+    shard_root = root / "ddp-adam" / "ranks" / "1"
+    files = sorted((shard_root / "steps").iterdir())
+    assert [f.name for f in files] == [f"{t:09d}.safetensors" for t in range(w.STEPS)]
+    assert not (shard_root / "keyframes").exists() or not any((shard_root / "keyframes").iterdir())
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            assert {k.split("/")[0] for k in handle.keys()} == {"factors", "tag"}  # noqa: SIM118
