@@ -79,7 +79,6 @@ class StepCapture:
         pin = any(p.device.type == "cuda" for p in self.params)
         # theta=False (DDP ranks ≥ 1, which write only their samples' factors and tags): no θ
         # or gradient copies, no host buffers for them, no keyframes
-        self._theta = theta
         self._pool = BufferPool(self.layout, config.queue_size + 1, grads=config.grads, pin=pin) if theta else None
         # in-place changes bump a tensor's version: a cheap test for θ changed outside step()
         self._versions = self._current_versions()
