@@ -446,6 +446,12 @@ def record(
             identity during the first training forward pass; see
             `chisel.integrations.live_geometry`).
 
+    In a `torch.distributed` job call it on every rank with the same `run_dir`: under
+    DistributedDataParallel (pass the wrapped model; parameters keep the plain model's names)
+    rank 0 records the update and every rank its samples' factors and tags, and a step whose
+    ranks disagree on θ raises `RankMismatchError`; under FSDP2 (`fully_shard`) each rank records
+    its shards and `chisel.load` joins them. See docs/distributed.md.
+
     Example:
         >>> with chisel.record(model, optimizer, "runs/x", factors=True) as rec:  # doctest: +SKIP
         ...     loss.backward(); rec.tag(advantage=adv); optimizer.step()
