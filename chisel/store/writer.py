@@ -20,6 +20,7 @@ from chisel.errors import WriterError
 from chisel.store.compact import CompactEncoder, plan
 from chisel.store.filequeue import FileQueue
 from chisel.store.layout import RunLayout, write_tensors
+from chisel.store.norms import SegmentNorms, total
 from chisel.store.stfile import DirectFiles
 
 _EXACT_IN: dict[torch.dtype, set[torch.dtype]] = {
@@ -34,58 +35,6 @@ def encoding_for(param_dtype: torch.dtype, storage: torch.dtype) -> str:
     """EXACT when the storage dtype holds every value of the parameter's dtype, else LOSSY."""
     exact = param_dtype in _EXACT_IN.get(storage, set()) or not param_dtype.is_floating_point
     return N.EXACT if exact else N.LOSSY
-
-
-def _segment_norms(flat: torch.Tensor, bounds: list[tuple[int, int]]) -> list[float]:
-    """‖segment‖ of each parameter in a flat vector, accumulated in float64.
-
-    numpy, not torch: one thread (torch's intra-op pool belongs to training), and the float64
-    squares are formed in numpy's small cast buffers, never as a float64 copy of the vector.
-    A float32 value squared in float64 is exact, so the norms match a float64 reference.
-    """
-    if flat.dtype == torch.bfloat16:  # numpy has no bfloat16; rare (bfloat16 parameters)
-        return torch.segment_reduce(
-            flat.double().square(), "sum", lengths=torch.tensor([b - a for a, b in bounds])
-        ).sqrt().tolist()
-    x = flat.numpy()
-    return [
-        float(np.sqrt(np.einsum("i,i->", x[a:b], x[a:b], dtype=np.float64))) for a, b in bounds
-    ]
-
-
-def _total(norms: list[float]) -> float:
-    return float(np.sqrt(np.sum(np.square(np.asarray(norms, dtype=np.float64)))))
-
-
-_CHUNK = 1 << 15  # elements per pass: the difference stays in cache between its uses
-
-
-def _diff_norms(
-    after: torch.Tensor, prev: torch.Tensor, bounds: list[tuple[int, int]], out: torch.Tensor | None
-) -> list[float]:
-    """‖after − prev‖ of each segment (float64 accumulation), then prev ← after, in one pass
-    over cache-sized chunks. The difference goes to `out` (flat, kept across steps) when given,
-    else to a chunk-sized scratch buffer: no vector-sized temporary either way."""
-    if after.dtype == torch.bfloat16:  # numpy has no bfloat16; rare (bfloat16 parameters)
-        diff = after - prev
-        if out is not None:
-            out.copy_(diff)
-        prev.copy_(after)
-        return _segment_norms(diff, bounds)
-    a, b = after.numpy(), prev.numpy()
-    whole = out.numpy() if out is not None else None
-    scratch = np.empty(min(_CHUNK, len(a)), dtype=a.dtype) if whole is None else None
-    norms = []
-    for lo, hi in bounds:
-        acc = 0.0
-        for c in range(lo, hi, _CHUNK):
-            e = min(c + _CHUNK, hi)
-            d = whole[c:e] if whole is not None else scratch[: e - c]
-            np.subtract(a[c:e], b[c:e], out=d)
-            acc += float(np.einsum("i,i->", d, d, dtype=np.float64))
-            b[c:e] = a[c:e]
-        norms.append(float(np.sqrt(acc)))
-    return norms
 
 
 def _pack(
@@ -154,6 +103,7 @@ class RunWriter:
         for dtype, segs in self._segments.items():
             starts = np.cumsum([0] + [n for _, n in segs]).tolist()
             self._bounds[dtype] = list(itertools.pairwise(starts))
+        self._norms = {d: SegmentNorms(b) for d, b in self._bounds.items()}  # store.norms
         self._diff: dict[str, torch.Tensor] = {}  # θ_{t+1} − θ_t per dtype, for step_deltas only
         self._prev: dict[str, torch.Tensor] = {}  # θ before the step being written (flat)
         self._recon: dict[str, torch.Tensor] = {}  # θ̂ in float64 for LOSSY groups (flat)
@@ -265,8 +215,8 @@ class RunWriter:
             head.update(encoded)
         if item.grads is not None:
             if item.record.grad_norm is None:
-                norms = [n for d, flat in item.grads.items() for n in _segment_norms(flat, self._bounds[d])]
-                done["grad_norm"] = _total(norms)
+                norms = [n for d, flat in item.grads.items() for n in self._norms[d](flat)]
+                done["grad_norm"] = total(norms)
             head.update({N.GRAD + d: flat.to(self._storage) for d, flat in item.grads.items()})
         if item.state is not None:
             tensors.update({N.STATE + k: v for k, v in item.state.items()})
@@ -312,7 +262,7 @@ class RunWriter:
         out, norms = {}, {}
         for dtype, value in after.items():
             diff = self._diff.get(dtype) if self.step_deltas else None
-            values = _diff_norms(value, self._prev[dtype], self._bounds[dtype], diff)
+            values = self._norms[dtype].diff(value, self._prev[dtype], diff)
             norms.update(zip((name for name, _ in self._segments[dtype]), values))
             if self._compact is not None:  # stored by the compact encoder
                 continue
@@ -326,7 +276,7 @@ class RunWriter:
             out[N.DELTA + dtype] = delta
         if self.step_deltas:
             self._deltas = self.flat.split(self._diff)  # {param: its update}, views of the diffs
-        return out, {n: norms[n] for n in self.flat.names}, _total(list(norms.values()))
+        return out, {n: norms[n] for n in self.flat.names}, total(list(norms.values()))
 
     def _write_keyframe(self, kf: Keyframe, now: bool = False) -> None:
         tensors = {N.PARAM + n: p for n, p in kf.params.items()}
