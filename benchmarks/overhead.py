@@ -152,34 +152,47 @@ class Trainer:
             rec.tag(advantage=adv)
         self.opt.step()
 
-    def segment(self, mode: str, run_dir: Path, n: int) -> tuple[float, float, float]:
+    def segment(self, mode: str, run_dir: Path, n: int) -> tuple[float, ...]:
         """n steps in `mode`; returns (seconds of the steps, seconds of the steps + close,
-        process CPU seconds of the steps + close)."""
-        c0 = _cpu()
+        process CPU seconds of the steps + close, CPU seconds of the training thread, of
+        chisel's writer thread and of its file thread; the last two 0 for plain)."""
+        c0, m0 = _cpu(), time.thread_time()
         if mode == "plain":
             t0 = time.perf_counter()
             for _ in range(n):
                 self.step(None)
             t1 = time.perf_counter()
-            return t1 - t0, t1 - t0, _cpu() - c0
+            return t1 - t0, t1 - t0, _cpu() - c0, time.thread_time() - m0, 0.0, 0.0
         rec = chisel.record(
             self.policy, self.opt, run_dir, factors=mode == "factors", grads=mode != "nograds",
             queue_size=QUEUE_SIZE,
         )
+        writer = rec._writer  # chisel's threads, read before close() ends them
+        threads = [writer._thread.native_id, writer._io._thread.native_id]
         t0 = time.perf_counter()
         try:
             for _ in range(n):
                 self.step(rec)
             t1 = time.perf_counter()
+            rec.flush()
+            busy = [_thread_cpu(tid) for tid in threads]
         finally:
             rec.close()
-        return t1 - t0, time.perf_counter() - t0, _cpu() - c0
+        return (t1 - t0, time.perf_counter() - t0, _cpu() - c0, time.thread_time() - m0, *busy)
 
 
 def _cpu() -> float:
     """CPU seconds of this process: every thread, user and system (page-cache writes count)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _thread_cpu(tid: int | None) -> float:
+    """CPU seconds of one thread of this process (Linux: /proc; 0 where unavailable)."""
+    try:
+        return int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _bytes_per_step(run_dir: Path) -> float:
@@ -196,6 +209,7 @@ def time_workload(w: Workload, root: Path, quick: bool) -> dict:
     loop: dict[str, list[float]] = {m: [] for m in MODES}
     total: dict[str, list[float]] = {m: [] for m in MODES}
     cpu: dict[str, list[float]] = {m: [] for m in MODES}
+    threads: dict[str, list[tuple[float, float, float]]] = {m: [] for m in MODES}
     per_step: dict[str, float] = {}
     for r in range(-1, repeats):  # r = -1 warms up every mode (short) and is not counted
         k = r % len(MODES)
@@ -210,6 +224,7 @@ def time_workload(w: Workload, root: Path, quick: bool) -> dict:
                 loop[mode].append(seconds[0])
                 total[mode].append(seconds[1])
                 cpu[mode].append(seconds[2])
+                threads[mode].append(seconds[3:])
     return {
         "params": sum(p.numel() for p in trainer.policy.parameters()),
         "param_bytes": trainer.param_bytes,
@@ -217,6 +232,8 @@ def time_workload(w: Workload, root: Path, quick: bool) -> dict:
         "loop": {m: statistics.median(v) for m, v in loop.items()},
         "total": {m: statistics.median(v) for m, v in total.items()},
         "cpu": {m: statistics.median(v) for m, v in cpu.items()},
+        # training, writer and file thread CPU seconds per segment (medians, each on its own)
+        "threads": {m: [statistics.median(x[i] for x in v) for i in range(3)] for m, v in threads.items()},
         "spread": {m: (min(v), max(v)) for m, v in loop.items()},
         "bytes_per_step": per_step,
         "repeats": repeats,
@@ -344,6 +361,12 @@ def report(name: str, t: dict, mem: dict[str, int] | None, threads: int) -> list
             f"of the step's (target <= {100 * CPU_TARGET:.0f}% {cpu_verdict})  "
             f"[{_mb(t['bytes_per_step'][mode])} on disk per step]"
         )
+        train, writer, files = (1e3 * x / steps for x in t["threads"][mode])
+        lines.append(
+            f"  {'':8} thread CPU per step: training {train:.2f} ms "
+            f"({train - 1e3 * t['threads']['plain'][0] / steps:+.2f} over plain), "
+            f"writer {writer:.2f} ms, file thread {files:.2f} ms"
+        )
     if mem is not None:
         for mode in RECORDED:
             extra_mem = mem[mode] - mem["plain"]
@@ -361,6 +384,7 @@ def run_threads(args: argparse.Namespace, threads: int) -> None:
     """Every workload at one torch-thread setting, in this process."""
     torch.set_num_threads(threads)
     print(f"--- {threads} torch thread(s); load average {os.getloadavg()[0]:.1f}", flush=True)
+    # numpy's BLAS is unused by the writer (its norms are einsum loops): no pool of its own
     with tempfile.TemporaryDirectory(prefix="chisel-bench-") as tmp:
         root = Path(tmp)
         for name in args.workloads.split(","):
