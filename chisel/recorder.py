@@ -58,10 +58,17 @@ class Recorder:
         metadata: dict[str, Any] | None = None,
         tensorboard: bool | str | os.PathLike = False,
         features: Any = None,
+        distributed: bool | None = None,
     ) -> None:
         _check_arguments(model, run_dir, metadata)
         model = unwrap_model(model)  # DDP: the plain model's names, so the run is attributed with it
-        self._rank = rank_info()  # None outside a distributed job; rank ≥ 1 writes shards only
+        # None outside a distributed job (or with distributed=False); rank ≥ 1 writes shards only
+        self._rank = rank_info() if distributed is not False else None
+        if distributed and self._rank is None:
+            raise RecordConfigError(
+                "distributed=True, but torch.distributed has no initialized process group of more "
+                "than one rank. Call dist.init_process_group(...) first, or leave distributed out."
+            )
         self._view = None
         live = tensorboard is not False and tensorboard is not None
         if features is not None and not live:
@@ -415,6 +422,7 @@ def record(
     tensorboard: bool | str | os.PathLike = False,
     features: Any = None,
     compact: bool | Compact | None = None,
+    distributed: bool | None = None,
 ) -> Recorder:
     """Record every update of `optimizer` (whose parameters belong to `model`) into `run_dir`.
 
@@ -432,6 +440,10 @@ def record(
             low-rank factors with error feedback (bytes per step set by the rank, not the
             parameter count; keyframes stay exact; each step's error is stored). See
             docs/recording.md, "Compact recording".
+        distributed: None (default) records one run together with the other ranks when
+            torch.distributed has a process group of more than one rank; False records this
+            process alone even then (independent runs per rank, each its own `run_dir`); True
+            requires the process group.
         scaler: the AMP `GradScaler`, so that skipped steps are recorded as skipped.
         overwrite: replace an existing run in `run_dir`.
         resume: continue the step numbering of the run in `run_dir` (after a checkpoint reload).
@@ -482,4 +494,5 @@ def record(
         metadata=metadata,
         tensorboard=tensorboard,
         features=features,
+        distributed=distributed,
     )

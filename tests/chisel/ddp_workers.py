@@ -113,6 +113,12 @@ def run_ranks(rank: int, world: int, init: str, root: str) -> None:
             with chisel.record(net, opt, out / "resumed", factors=True, dtype="float64",
                                resume=resume) as rec:
                 train(net, opt, rec, rows, world, clip=None, rank=rank, steps=1)
+        # distributed=False: each rank trains and records alone, into its own run (no collectives)
+        net = model()
+        opt = optimizer("sgd", net.parameters())
+        with chisel.record(net, opt, out / f"alone-{rank}", factors=True, dtype="float64",
+                           distributed=False) as rec:
+            train(net, opt, rec, rows, world, clip=None, rank=rank, steps=1)
         # recorded on rank 0 only: rank 0 names the ranks that never came (last: rank 1 skips it)
         distributed.ARRIVAL_TIMEOUT_S = 2.0
         if rank == 0:

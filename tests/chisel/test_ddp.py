@@ -222,3 +222,22 @@ def test_shards_hold_only_samples(job):
     for f in files:
         with safe_open(str(f), framework="pt") as handle:
             assert {k.split("/")[0] for k in handle.keys()} == {"factors", "tag"}  # noqa: SIM118
+
+
+def test_distributed_false_records_each_rank_alone(job):
+    root, _, _, w = job
+    for rank in range(WORLD):
+        run = chisel.load(root / f"alone-{rank}")
+        assert "distributed" not in run.manifest and not (root / f"alone-{rank}" / "ranks").exists()
+        c, grads = run.record(0).grad_coef, run.grads(0)
+        for module, (x, g) in run.factors(0).items():
+            assert x.shape[0] == w.PER_RANK  # this rank's samples, its own gradient
+            _close(c * g.T @ x, grads[f"{module}.weight"])
+        assert run.tags(0)["rank"] == rank
+
+
+def test_distributed_true_needs_a_process_group(tmp_path):
+    with pytest.raises(chisel.RecordConfigError, match="distributed=True, but torch.distributed"):
+        model = torch.nn.Linear(2, 2)
+        chisel.record(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path / "r", distributed=True)
+    assert not (tmp_path / "r").exists()
