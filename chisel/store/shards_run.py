@@ -77,7 +77,13 @@ class ShardedRun:
 
     @property
     def keyframes(self) -> list[int]:
+        """Keyframe steps (every rank writes its pieces at the same steps)."""
         return self.ranks[0].keyframes
+
+    @property
+    def layout(self) -> Any:
+        """Rank 0's sub-run's paths (its keyframe files carry each keyframe's reason)."""
+        return self.ranks[0].layout
 
     def params(self, t: int) -> Tensors:
         """θ before step t, full parameters."""
