@@ -44,7 +44,7 @@ from chisel.store.shards import (
     shard_layout,
     world_size,
 )
-from chisel.store.shards_run import ShardedRun
+from chisel.store.shards_run import ShardedRunMixin
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -478,7 +478,14 @@ def _unfold(x: torch.Tensor, g: torch.Tensor, meta: dict[str, Any]) -> tuple[tor
     return cols.transpose(1, 2), g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
 
 
-def load(run_dir: str | os.PathLike, *, verify: bool = True) -> Run | ShardedRun:
+class ShardedRun(ShardedRunMixin, Run):
+    """An FSDP2 run: each rank's shards joined into full parameters (see `chisel.store.shards_run`)."""
+
+    plain = Run
+    row = staticmethod(_row)
+
+
+def load(run_dir: str | os.PathLike, *, verify: bool = True) -> Run:
     """Open a run directory written by `chisel.record` (also while it is written, or after a crash).
 
     Every step and keyframe file read is checked against the CRC32 stored in it (a damaged file
@@ -486,7 +493,4 @@ def load(run_dir: str | os.PathLike, *, verify: bool = True) -> Run | ShardedRun
     against its schema either way (`ManifestError`, a `NotARunError`). An FSDP2 run reads as a
     `ShardedRun`: the ranks' shards joined into full parameters."""
     run = Run(run_dir, verify=verify)
-    if is_sharded_run(run.manifest):
-        return ShardedRun(run.path, run.manifest, lambda p: Run(p, verify=verify), verify=verify,
-                          step=Step, row=_row)
-    return run
+    return ShardedRun(run_dir, verify=verify) if is_sharded_run(run.manifest) else run

@@ -12,7 +12,7 @@ the full tensors, as an unsharded run of the same training would give them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,26 +28,30 @@ from chisel.store.shards import (
     reassemble,
     samples,
     shard_layout,
-    world_size,
 )
 
 Tensors = dict[str, torch.Tensor]
 
 
-class ShardedRun:
+class ShardedRunMixin:
     """An FSDP2 run read as one run: the ranks' sub-runs (`ranks`) joined parameter by parameter.
 
-    Built by `chisel.load` (`open_rank_run` opens one rank's sub-run; `step` and `row` are the
-    store's Step and steps-table row makers)."""
+    The methods of `chisel.store.reader.ShardedRun`, which mixes them into `Run` (so a sharded
+    run is a `Run` wherever one is expected); `plain` is `Run` itself, which opens each rank's
+    sub-run, and `row` the steps table's row maker."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], open_rank_run: Callable[[Path], Any],
-                 *, verify: bool, step: Callable[[Any, int], Any], row: Callable[[Any], dict]) -> None:
-        self.path, self.manifest, self.verify = Path(path), manifest, verify
-        self.param_names = [p["name"] for p in manifest["params"]]
-        self.world_size = world_size(manifest)
-        self.specs: dict[str, dict[str, Any]] = manifest[DISTRIBUTED]["sharded"]
-        self.ranks = [open_rank_run(shard_layout(self.path, r).root) for r in range(self.world_size)]
-        self._step, self._row = step, row
+    plain: Any
+    row: Any
+    path: Path
+    manifest: dict[str, Any]
+    param_names: list[str]
+    world_size: int
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
+        super().__init__(path, verify=verify)  # type: ignore[call-arg]  # Run: the run's manifest
+        self.specs: dict[str, dict[str, Any]] = self.manifest[DISTRIBUTED]["sharded"]
+        self.ranks = [self.plain(shard_layout(self.path, r).root, verify=verify) for r in range(self.world_size)]
+        self.layout = self.ranks[0].layout  # keyframe files (their reasons): rank 0's
 
     def __repr__(self) -> str:
         return (f"ShardedRun({str(self.path)!r}, steps={len(self)}, params={len(self.param_names)}, "
@@ -56,10 +60,6 @@ class ShardedRun:
     def __len__(self) -> int:
         """Steps every rank has written (a rank behind the others bounds the run)."""
         return min(len(r) for r in self.ranks)
-
-    def __iter__(self) -> Iterator[Any]:
-        for t in range(len(self)):
-            yield self._step(self, t)
 
     def _check(self, t: Any, *, allow_end: bool = False) -> int:
         t = as_step(t, "θ index" if allow_end else "step")
@@ -80,10 +80,6 @@ class ShardedRun:
         """Keyframe steps (every rank writes its pieces at the same steps)."""
         return self.ranks[0].keyframes
 
-    @property
-    def layout(self) -> Any:
-        """Rank 0's sub-run's paths (its keyframe files carry each keyframe's reason)."""
-        return self.ranks[0].layout
 
     def params(self, t: int) -> Tensors:
         """θ before step t, full parameters."""
@@ -136,7 +132,7 @@ class ShardedRun:
     def steps(self) -> Any:
         import pandas as pd
 
-        return pd.DataFrame([self._row(self.record(t)) for t in range(len(self))])
+        return pd.DataFrame([type(self).row(self.record(t)) for t in range(len(self))])
 
     def tags(self, t: int) -> dict[str, Any]:
         """Every rank's tags, in rank order (see `merge_tags`)."""

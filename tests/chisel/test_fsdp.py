@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 import chisel
 from chisel.errors import CorruptStepError
+from chisel.store.reader import ShardedRun
 from chisel.store.shards import reassemble
-from chisel.store.shards_run import ShardedRun
 from chisel.store.verify import verify_run
 
 WORLD = 2
@@ -168,3 +168,32 @@ def test_credit_of_the_fsdp2_run_equals_the_unsharded_run(fsdp_job):
     scale = float(plain["value"].abs().max())
     torch.testing.assert_close(torch.tensor(fsdp["value"].to_numpy()), torch.tensor(plain["value"].to_numpy()),
                                rtol=0, atol=1e-13 * scale)
+
+
+@pytest.mark.slow  # two spawned processes
+def test_attribute_the_fsdp2_run_with_the_plain_model(fsdp_job):
+    """`chisel.attribute` reads the FSDP2 run (joined) with the plain model; every family's
+    ledger equals the unsharded run's."""
+    import pandas as pd
+
+    import probes
+    from tests.chisel import ddp_workers as w
+
+    root, _ = fsdp_job
+    x, _, _ = w.global_batch(99, WORLD)
+
+    def metric(model):
+        return model(x).logsumexp(-1).mean()
+
+    ledgers = [
+        chisel.attribute(chisel.load(root / name), w.model(), probes.FeatureSet([]), metric, points=4)
+        for name in ("fsdp-run", "plain-run")
+    ]
+    assert {"integrated", "credit"} <= set(ledgers[0]["family"])
+    key = [c for c in ledgers[1].columns if c != "value" and ledgers[1][c].dtype == object]
+    a, b = (df.sort_values(key + ["step"]).reset_index(drop=True) for df in ledgers)
+    pd.testing.assert_frame_equal(a.drop(columns="value"), b.drop(columns="value"))
+    scale = float(b["value"].abs().max())
+    torch.testing.assert_close(torch.tensor(a["value"].to_numpy(dtype=float)),
+                               torch.tensor(b["value"].to_numpy(dtype=float)), rtol=0, atol=1e-12 * scale,
+                               equal_nan=True)
