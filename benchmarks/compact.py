@@ -19,7 +19,7 @@ exact keyframes, grads off). Prints:
   run and per (step, feature).
 
 Usage: python benchmarks/compact.py [--steps 4] [--rank 4] [--points 2] [--threads 2] [--no-feedback]
-       [--metrics train|held-out|both]
+       [--lr 1e-3] [--metrics train|held-out|both]
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def gpt2() -> nn.Module:
     return GPT2LMHeadModel(cfg)
 
 
-def train(model: nn.Module, run_dir: Path, steps: int, tokens: torch.Tensor, **options) -> float:
+def train(model: nn.Module, run_dir: Path, steps: int, tokens: torch.Tensor, lr: float, **options) -> float:
     """`steps` Adam steps of next-token loss on `tokens`, recorded into run_dir; seconds taken."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     start = time.perf_counter()
     with chisel.record(model, opt, run_dir, **options):
         for _ in range(steps):
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--keyframe-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     parser.add_argument("--no-feedback", action="store_true", help="Compact(feedback=False)")
     parser.add_argument("--metrics", choices=("train", "held-out", "both"), default="both")
     parser.add_argument("--points", type=int, default=2, help="Gauss-Legendre points of the integrated family")
@@ -96,7 +97,8 @@ def main() -> None:
     model = gpt2()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"GPT-2 d_model {D}, {LAYERS} layers, vocab {VOCAB}, context {CTX}: {n_params:,} parameters "
-          f"({n_params * 4 / 2**20:.1f} MiB fp32)")
+          f"({n_params * 4 / 2**20:.1f} MiB fp32); {args.steps} Adam steps, lr {args.lr}; "
+          f"compact rank {args.rank}, feedback {not args.no_feedback}")
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, VOCAB, (BATCH, CTX), generator=gen)
     held_out = torch.randint(0, VOCAB, (BATCH, CTX), generator=gen)
@@ -110,7 +112,7 @@ def main() -> None:
                          "keyframe_every": args.keyframe_every}),
         ):
             model.load_state_dict(init)
-            secs = train(model, root / mode, args.steps, tokens, **options)
+            secs = train(model, root / mode, args.steps, tokens, args.lr, **options)
             runs[mode] = chisel.load(root / mode)
             finals[mode] = {n: p.detach().clone() for n, p in model.named_parameters()}
             print(f"{mode}: {args.steps} steps recorded in {secs:.1f} s")
@@ -152,7 +154,7 @@ def main() -> None:
         print(f"  measured / stated, worst step: {worst_ratio:.9f} (≤ 1 + float64 rounding)")
         for k in compact.keyframes:
             pf, pc = full.params(k), compact.params(k)
-            print(f"  keyframe {k}: θ equal to the full run bit for bit: {all(torch.equal(pf[n], pc[n]) for n in pf)}")
+            print(f"  keyframe {k}: θ equal to the full run bit for bit: {all(torch.equal(pf[n].double(), pc[n].double()) for n in pf)}")
 
         site_stream, site_mlp = "transformer.h.3:out", "transformer.h.3.mlp.act:out"
         fgen = torch.Generator().manual_seed(2)
