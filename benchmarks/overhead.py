@@ -168,7 +168,8 @@ class Trainer:
             queue_size=QUEUE_SIZE,
         )
         writer = rec._writer  # chisel's threads, read before close() ends them
-        threads = [writer._thread.native_id, writer._io._thread.native_id]
+        files = getattr(writer, "_io", None)  # the file thread (chisel ≥ this benchmark)
+        threads = [writer._thread.native_id, files._thread.native_id if files else None]
         t0 = time.perf_counter()
         try:
             for _ in range(n):

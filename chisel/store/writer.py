@@ -73,6 +73,12 @@ def _pack(
     return {**{k: head[k] for k in keys}, **placed}, region.data
 
 
+# step files at least this large are written by the file thread (store.filequeue): the device's
+# wait for an O_DIRECT write (measured 0.3 ms for 0.4 MB, 2.7 ms for 2.7 MB, 21 ms for 21 MB)
+# then overlaps the next step's work; smaller ones cost less written on the writer thread
+QUEUED_FILE_BYTES = 1 << 20
+
+
 class RunWriter:
     """Consumes packets from a bounded queue in a daemon thread; failures are re-raised by
     `check()` in the training thread (at the next step, or at `close()`)."""
@@ -229,8 +235,11 @@ class RunWriter:
                 done["tags"][name] = value
         record = replace(item.record, **done)
         tensors, block = _pack(item, head, tensors)
-        live = self.on_step is not None  # the live view reads this step's buffers: write it now
-        if live:
+        # written here, after the file in flight: a small file (the device's wait is short and
+        # the hand-over to the file thread would cost more), or one the live view reads now
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        now = self.on_step is not None or nbytes < QUEUED_FILE_BYTES
+        if now:
             self._io.wait()
         write_tensors(
             self.layout.step_file(item.step),
@@ -239,13 +248,13 @@ class RunWriter:
             fsync=self.config.fsync,
             files=self._files,
             block=block,
-            queue=None if live else self._io,
+            queue=None if now else self._io,
             written=self._written,
-            release=None if live else item.release,
+            release=None if now else item.release,
             step=item.step,
         )
-        self._handed = not live  # the file thread releases the packet once its file is written
-        if live:
+        self._handed = not now  # the file thread releases the packet once its file is written
+        if self.on_step is not None:
             if self.step_deltas:
                 self.on_step(record, item.tags, self._deltas if item.after is not None else None)
             else:

@@ -11,6 +11,7 @@ import torch
 
 import chisel
 from chisel.store import stfile
+from chisel.store import writer as writer_module
 from chisel.store.filequeue import FileQueue
 from tests.chisel.helpers import mlp
 
@@ -55,7 +56,14 @@ def _train(rec, model, optimizer, steps: int) -> None:
         optimizer.zero_grad()
 
 
-def test_a_failure_on_the_file_thread_is_a_writer_error_naming_its_step(tmp_path, monkeypatch):
+@pytest.fixture(params=["file thread", "writer thread"])
+def where(request, monkeypatch) -> str:
+    """Step files written by the file thread (every size queued) or by the writer itself."""
+    monkeypatch.setattr(writer_module, "QUEUED_FILE_BYTES", 0 if request.param == "file thread" else 1 << 40)
+    return request.param
+
+
+def test_a_failed_write_is_a_writer_error_naming_its_step(tmp_path, monkeypatch, where):
     real = stfile.DirectFiles.write
 
     def write(self, path, parts, block=None):
@@ -81,7 +89,7 @@ def test_a_failure_on_the_file_thread_is_a_writer_error_naming_its_step(tmp_path
     assert pool._free.qsize() >= pool._made - 1
 
 
-def test_flush_waits_for_the_file_in_flight(tmp_path, monkeypatch):
+def test_flush_waits_for_the_file_in_flight(tmp_path, monkeypatch, where):
     real = stfile.DirectFiles.write
     gate = threading.Event()
 
