@@ -34,10 +34,10 @@ class Compact:
     """Options of compact recording (`chisel.record(..., compact=True | Compact(...))`): bytes per
     step set by `rank`, not by the parameter count. Each weight of ≥ 2 dimensions whose update a
     rank-`rank` factorisation stores in at most a quarter of its size is stored, per step, as the
-    factors U·diag(s)·Vᵀ of a rank-`rank` approximation of θ_{t+1} − θ̂_t (θ̂ what the reader
-    rebuilds, so the error is fed back into the next step and never accumulates); every other
-    parameter (biases, norms, small matrices) is stored exactly. Keyframes stay exact; the error of
-    every step is measured in float64 and stored (see docs/recording.md, "Compact recording")."""
+    factors U·diag(s)·Vᵀ of a rank-`rank` approximation of its update (see `feedback`); every
+    other parameter (biases, norms, small matrices) is stored exactly. Keyframes stay exact; the
+    error of every step is measured in float64 and stored (see docs/recording.md, "Compact
+    recording")."""
 
     rank: int = 4
     """Rank of each weight's per-step update (its singular vectors and values)."""
@@ -48,11 +48,13 @@ class Compact:
     """Extra columns of the randomised range finder (the sketch has rank + oversample columns)."""
     power_iters: int = 2
     """Power iterations of the range finder (sharper singular vectors for a flat spectrum)."""
-    feedback: bool = True
-    """Factorise θ_{t+1} − θ̂_t, carrying what earlier factors missed into this step, so θ̂ stays
-    near θ; False factorises each step's own update θ_{t+1} − θ_t (each step's stored update is
-    then its own best rank-r view, and θ̂ drifts by the sum of the residuals until the next
-    keyframe)."""
+    feedback: bool = False
+    """False (default): factorise each step's own update θ_{t+1} − θ_t, so each stored product is
+    that step's best rank-r view; the reader spreads what they all missed over the steps of a
+    closed keyframe interval (see docs/recording.md). True: factorise θ_{t+1} − θ̂_t, carrying what
+    earlier factors missed into this step (error feedback), so θ̂ itself stays near θ even in an
+    interval not yet closed by a keyframe, at the price of each product mixing earlier steps'
+    residuals (worse per-step attribution, measured in benchmarks/compact.py)."""
 
     def __post_init__(self) -> None:
         for field in ("rank", "oversample", "power_iters"):

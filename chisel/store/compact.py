@@ -1,13 +1,14 @@
 """Compact recording: per-step updates as low-rank factors with error feedback.
 
 Each weight of ≥ 2 dimensions (viewed as a matrix [shape[0], rest]) whose rank-r factors take at
-most a quarter of its size is stored per step as U·diag(s)·Vᵀ, a rank-r approximation of
-D_t = θ_{t+1} − θ̂_t, where θ̂_t (float64) is exactly what the reader rebuilds: the last keyframe
-plus the stored products since. What the factors miss (truncation and their rounding to the
-factor dtype) is therefore carried into the next step's D instead of accumulating. Every other
-parameter is stored exactly (θ after the step, in its own dtype). The encoder measures, in
-float64, per step: ‖Δθ_t − Δ̂θ_t‖ (the error of the stored update), ‖θ_t − θ̂_t‖ and
-‖θ_{t+1} − θ̂_{t+1}‖, and stores them in the step record.
+most a quarter of its size is stored per step as U·diag(s)·Vᵀ, a rank-r approximation of its
+update: of Δθ_t = θ_{t+1} − θ_t (default), or, with `Compact(feedback=True)`, of
+D_t = θ_{t+1} − θ̂_t, where θ̂_t (float64) is exactly what the reader rebuilds (the last keyframe
+plus the stored products since), so that what the factors missed is carried into the next step.
+Every other parameter is stored exactly (θ after the step, in its own dtype). The encoder
+measures, in float64, per step: ‖Δθ_t − U·diag(s)·Vᵀ‖, ‖θ_t − θ̂_t‖ and ‖θ_{t+1} − θ̂_{t+1}‖, and
+stores them in the step record; the reader (compact_read.py) spreads each closed keyframe
+interval's residual over its steps.
 
 Layout of a step file (fixed by the manifest's params and `Compact.rank`, see `plan`):
   compact/factors   one vector in the factor dtype: U [m, r] then V [n, r] of each low-rank param

@@ -18,7 +18,7 @@ def _decode(entries, tensors):
 
 def _setup(rank=2, factor_dtype="float32"):
     names, shapes, dtypes = ["w", "b", "small", "e"], [(40, 30), (30,), (3, 2), (50, 8, 2)], ["float32"] * 4
-    opts = Compact(rank=rank, factor_dtype=factor_dtype)
+    opts = Compact(rank=rank, factor_dtype=factor_dtype, feedback=True)
     return C.plan(names, shapes, dtypes, opts), opts, dict(zip(names, shapes))
 
 
