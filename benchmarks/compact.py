@@ -3,8 +3,8 @@
 A GPT-2 (d_model 512, 8 layers, 8 heads, vocabulary 8192, tied embeddings; random init, CPU,
 float32) trains a few Adam steps on a fixed random batch, twice from the same seed: once recorded in
 full (`chisel.record` defaults: θ and the gradient in float32 every step) and once compact
-(`compact=chisel.Compact(rank=...)`: rank-r factors of each weight's update with error feedback,
-exact keyframes, grads off). Prints:
+(`compact=chisel.Compact(rank=...)`: rank-r factors of each weight's update, exact keyframes, the
+residual of a closed interval spread over its steps, grads off). Prints:
 
 - the parameter count; bytes per step of each recording (mean step-file size) and their ratio,
   also against full recording without gradients; keyframe bytes, amortised at K steps;
@@ -18,7 +18,7 @@ exact keyframes, grads off). Prints:
   L2 difference and the Spearman rank correlation; the same for the per-feature totals over the
   run and per (step, feature).
 
-Usage: python benchmarks/compact.py [--steps 4] [--rank 4] [--points 2] [--threads 2] [--no-feedback]
+Usage: python benchmarks/compact.py [--steps 4] [--rank 4] [--points 2] [--threads 2] [--feedback]
        [--lr 1e-3] [--metrics train|held-out|both]
 """
 
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--keyframe-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
-    parser.add_argument("--no-feedback", action="store_true", help="Compact(feedback=False)")
+    parser.add_argument("--feedback", action="store_true", help="Compact(feedback=True) (default: False)")
     parser.add_argument("--metrics", choices=("train", "held-out", "both"), default="both")
     parser.add_argument("--points", type=int, default=2, help="Gauss-Legendre points of the integrated family")
     args = parser.parse_args()
@@ -98,7 +98,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"GPT-2 d_model {D}, {LAYERS} layers, vocab {VOCAB}, context {CTX}: {n_params:,} parameters "
           f"({n_params * 4 / 2**20:.1f} MiB fp32); {args.steps} Adam steps, lr {args.lr}; "
-          f"compact rank {args.rank}, feedback {not args.no_feedback}")
+          f"compact rank {args.rank}, feedback {args.feedback}")
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, VOCAB, (BATCH, CTX), generator=gen)
     held_out = torch.randint(0, VOCAB, (BATCH, CTX), generator=gen)
@@ -108,7 +108,7 @@ def main() -> None:
         runs, finals = {}, {}
         for mode, options in (
             ("full", {}),
-            ("compact", {"compact": chisel.Compact(rank=args.rank, feedback=not args.no_feedback),
+            ("compact", {"compact": chisel.Compact(rank=args.rank, feedback=args.feedback),
                          "keyframe_every": args.keyframe_every}),
         ):
             model.load_state_dict(init)
