@@ -120,9 +120,11 @@ class CompactReader:
         k0 = self._start(t)
         later = [k for k in self.run.keyframes if k > t]
         k1 = min(later) if later else None
-        if k1 is None or k1 > len(self.run):
+        if k1 is None:
             return None
         if (k0, k1) not in self._spreads:
+            if k1 > len(self.run):  # keyframe k1 is in place, a step before it not yet
+                return None
             meta = read_meta(self.run.layout.keyframe_file(k1), k1, "keyframe", verify=self.run.verify)
             if not meta.get(C.KEYFRAME_CONTINUES):
                 self._spreads[(k0, k1)] = None
