@@ -35,3 +35,17 @@ def module_hook_count(model: nn.Module) -> int:
 
 def optimizer_hook_count(optimizer: torch.optim.Optimizer) -> int:
     return len(optimizer._optimizer_step_pre_hooks) + len(optimizer._optimizer_step_post_hooks)
+
+
+def assert_ledgers_match(got, want, *, rel: float = 1e-12) -> None:
+    """Two attribution ledgers (DataFrames) hold the same rows, values within `rel` of the largest
+    |value| of `want` (sums over ranks or shards add the same terms in another order)."""
+    import pandas as pd
+
+    key = [c for c in want.columns if c != "value" and want[c].dtype == object]
+    a, b = (df.sort_values(key + ["step"]).reset_index(drop=True) for df in (got, want))
+    pd.testing.assert_frame_equal(a.drop(columns="value"), b.drop(columns="value"))
+    scale = float(b["value"].abs().max())
+    torch.testing.assert_close(torch.tensor(a["value"].to_numpy(dtype=float)),
+                               torch.tensor(b["value"].to_numpy(dtype=float)), rtol=0, atol=rel * scale,
+                               equal_nan=True)

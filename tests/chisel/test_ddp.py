@@ -20,6 +20,7 @@ import torch
 import chisel
 from chisel.errors import MissingShardError
 from chisel.store.verify import verify_run
+from tests.chisel.helpers import assert_ledgers_match
 
 WORLD = 2
 RTOL, ATOL = 1e-12, 1e-14
@@ -246,7 +247,6 @@ def test_distributed_true_needs_a_process_group(tmp_path):
 def test_attribute_the_ddp_run_with_the_plain_model(job):
     """`chisel.attribute` reads the DDP run with the plain (unwrapped) model: every family's
     ledger equals the single-process run's."""
-    import pandas as pd
 
     import probes
 
@@ -263,10 +263,4 @@ def test_attribute_the_ddp_run_with_the_plain_model(job):
     assert set(ledgers[0]["quantity"]) == set(ledgers[1]["quantity"]) and len(ledgers[0]) > 0
     assert {"integrated", "credit"} <= set(ledgers[0]["family"])
     assert set(ledgers[0]["tag/rank"].dropna()) == {0, 1}  # credit covers both ranks' samples
-    key = [c for c in ledgers[1].columns if c != "value" and ledgers[1][c].dtype == object]
-    a, b = (df.sort_values(key + ["step"]).reset_index(drop=True) for df in ledgers)
-    pd.testing.assert_frame_equal(a.drop(columns="value"), b.drop(columns="value"))
-    scale = float(b["value"].abs().max())
-    torch.testing.assert_close(torch.tensor(a["value"].to_numpy(dtype=float)),
-                               torch.tensor(b["value"].to_numpy(dtype=float)), rtol=0, atol=1e-12 * scale,
-                               equal_nan=True)
+    assert_ledgers_match(ledgers[0], ledgers[1])

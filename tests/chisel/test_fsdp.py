@@ -24,6 +24,7 @@ from chisel.errors import CorruptStepError
 from chisel.store.reader import ShardedRun
 from chisel.store.shards import reassemble
 from chisel.store.verify import verify_run
+from tests.chisel.helpers import assert_ledgers_match
 
 WORLD = 2
 
@@ -174,7 +175,6 @@ def test_credit_of_the_fsdp2_run_equals_the_unsharded_run(fsdp_job):
 def test_attribute_the_fsdp2_run_with_the_plain_model(fsdp_job):
     """`chisel.attribute` reads the FSDP2 run (joined) with the plain model; every family's
     ledger equals the unsharded run's."""
-    import pandas as pd
 
     import probes
     from tests.chisel import ddp_workers as w
@@ -190,10 +190,4 @@ def test_attribute_the_fsdp2_run_with_the_plain_model(fsdp_job):
         for name in ("fsdp-run", "plain-run")
     ]
     assert {"integrated", "credit"} <= set(ledgers[0]["family"])
-    key = [c for c in ledgers[1].columns if c != "value" and ledgers[1][c].dtype == object]
-    a, b = (df.sort_values(key + ["step"]).reset_index(drop=True) for df in ledgers)
-    pd.testing.assert_frame_equal(a.drop(columns="value"), b.drop(columns="value"))
-    scale = float(b["value"].abs().max())
-    torch.testing.assert_close(torch.tensor(a["value"].to_numpy(dtype=float)),
-                               torch.tensor(b["value"].to_numpy(dtype=float)), rtol=0, atol=1e-12 * scale,
-                               equal_nan=True)
+    assert_ledgers_match(ledgers[0], ledgers[1])
