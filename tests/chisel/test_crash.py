@@ -98,9 +98,12 @@ def main(run_dir, mode):
         for t in range(k, start):  # replay from the checkpoint to where the run stops
             train_step(model, opt, t)
         stop = start + RESUMED_STEPS
-    rec = chisel.record(
-        model, opt, run_dir, factors=True, keyframe_every=KEYFRAME_EVERY, resume=mode == "resume"
-    )
+    if mode == "compact":  # low-rank updates between exact keyframes
+        rec = chisel.record(model, opt, run_dir, compact=True, keyframe_every=KEYFRAME_EVERY)
+    else:
+        rec = chisel.record(
+            model, opt, run_dir, factors=True, keyframe_every=KEYFRAME_EVERY, resume=mode == "resume"
+        )
     with rec:
         print("recording", rec.step, os.getpid(), flush=True)
         for t in range(start, stop):
@@ -170,10 +173,12 @@ class Server:
         self.proc.stdin.write(f"{mode} {run_dir}\n")
         self.proc.stdin.flush()
 
-    def kill_while_recording(self, run_dir: Path, delay: float, min_steps: int = 0) -> None:
+    def kill_while_recording(
+        self, run_dir: Path, delay: float, min_steps: int = 0, mode: str = "crash"
+    ) -> None:
         """Start training into `run_dir`; once `min_steps` steps are on disk, let it record for
         `delay` s more, then SIGKILL it."""
-        self._send("crash", run_dir)
+        self._send(mode, run_dir)
         step, pid = map(int, self._expect("recording"))
         assert step == 0
         deadline = time.monotonic() + 60
@@ -302,6 +307,41 @@ def test_sigkill_at_random_moments_leaves_exact_steps(child, tmp_path):
         n = check_run(chisel.load(run_dir), ref)
         assert n >= min_steps
         lengths.append(n)
+    assert len(set(lengths)) > 1, lengths  # the kills landed at different moments
+
+
+def _norm(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float(sum(((a[n].double() - b[n].double()) ** 2).sum() for n in b)) ** 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sigkill_of_a_compact_recording_leaves_exact_keyframes_and_true_error_bounds(child, tmp_path):
+    """Compact mode writes through the same files: a kill at any moment leaves a readable prefix
+    whose keyframes are θ bit for bit and whose every step states an error bound that holds
+    (the last interval is left open by the kill, the earlier ones closed)."""
+    server, module = child
+    ref = Reference(module)
+    rng = random.Random(20261202)
+    lengths = []
+    for trial, min_steps in enumerate((1, 5, 2 * module.KEYFRAME_EVERY + 1)):
+        run_dir = tmp_path / f"compact{trial}"
+        server.kill_while_recording(run_dir, rng.uniform(0.0, 0.3), min_steps, mode="compact")
+        run = chisel.load(run_dir)
+        n = len(run)
+        assert n >= min_steps
+        assert run.manifest["config"]["compact"]
+        ref.extend(n)
+        for k in run.keyframes:
+            if k <= n:  # low-rank weights come back in float64, exactly θ's float32 values
+                got = run.params(k)
+                assert all(torch.equal(got[m].double(), v.double()) for m, v in ref.thetas[k].items())
+        for t in range(n):
+            true = {k: ref.thetas[t + 1][k].double() - ref.thetas[t][k].double() for k in ref.thetas[t]}
+            assert _norm(run.update(t), true) <= run.update_error(t) * (1 + 1e-9) + 1e-12, t
+            assert _norm(run.params(t), ref.thetas[t]) <= run.params_error(t) * (1 + 1e-9) + 1e-12, t
+        lengths.append(n)
+    assert max(run.keyframes) >= 2 * module.KEYFRAME_EVERY  # the last trial closed intervals too
     assert len(set(lengths)) > 1, lengths  # the kills landed at different moments
 
 
