@@ -78,3 +78,8 @@ class RankMismatchError(ChiselError, RuntimeError):
 
 class MissingShardError(CorruptStepError):
     """A rank's shard (per-sample factors and tags) of a distributed run's step is not on disk."""
+
+
+class PartialFactorsError(ChiselError, ValueError):
+    """A distributed run's factor module ran on some ranks only in a step: its rows cannot be
+    matched to the global batch's samples (and tags)."""

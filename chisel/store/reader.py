@@ -390,7 +390,7 @@ class Run:
                 _factors_of(rec, lambda arrays=arrays: arrays, path, t, meta)
                 for rec, arrays, path in self._shards(t, N.FACTORS)
             ]
-        return merge_factors(parts)
+        return merge_factors(parts, t)
 
     def _shards(self, t: int, prefix: str) -> list[tuple[StepRecord, Tensors, Path]]:
         """Ranks 1 … R−1's shards of step t of a distributed run: record, tensors, file."""

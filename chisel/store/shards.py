@@ -25,6 +25,7 @@ from chisel.errors import (
     CorruptStepError,
     ManifestError,
     MissingShardError,
+    PartialFactorsError,
     TagError,
 )
 from chisel.store.layout import RunLayout, read_meta, read_tensors
@@ -82,10 +83,24 @@ def concat_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     )
 
 
-def merge_factors(parts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """One step's factors over the ranks: each module's samples in rank order."""
+def merge_factors(
+    parts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], t: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One step's factors over the ranks: each module's samples in rank order.
+
+    A module that some ranks captured and others did not would give rows that no longer line up
+    with the global batch's samples and tags: refused (PartialFactorsError), never concatenated."""
     modules = dict.fromkeys(m for part in parts for m in part)
-    return {m: concat_pairs([part[m] for part in parts if m in part]) for m in modules}
+    for m in modules:
+        absent = [r for r, part in enumerate(parts) if m not in part]
+        if absent:
+            raise PartialFactorsError(
+                f"Step {t}: factor module {m!r} ran on some ranks but not on rank(s) {absent}, so "
+                "its per-sample rows cannot be matched to the global batch's samples and tags. "
+                "Run the same modules on every rank (or record factors of modules every rank runs, "
+                "`factors=[...]`); the step's update is unaffected."
+            )
+    return {m: concat_pairs([part[m] for part in parts]) for m in modules}
 
 
 def merge_tags(parts: list[tuple[dict[str, Any], int]], t: int) -> dict[str, Any]:

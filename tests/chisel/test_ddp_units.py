@@ -1,5 +1,5 @@
 """The pieces of DDP recording that need no processes: θ fingerprints, the disagreement message,
-unwrapping, tag merging over ranks."""
+unwrapping, tag and factor merging over ranks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from chisel.capture.distributed import RankInfo, disagreement, fingerprint, unwrap_model
-from chisel.errors import ManifestError, TagError
-from chisel.store.shards import merge_tags, samples, world_size
+from chisel.errors import ManifestError, PartialFactorsError, TagError
+from chisel.store.shards import merge_factors, merge_tags, samples, world_size
 from tests.chisel.helpers import mlp
 
 
@@ -69,3 +69,11 @@ def test_merge_tags_over_ranks():
     with pytest.raises(TagError, match="strings on some ranks and numbers on others"):
         merge_tags([({"w": ["x"]}, 1), ({"w": torch.tensor([1.0])}, 1)], t=0)
     assert samples((2, 2), {"adv": torch.zeros(7)}) == 7 and samples((2, 2), {"k": 1}) == 4
+
+
+def test_merge_factors_keeps_rank_order_and_refuses_a_module_missing_on_a_rank():
+    x0, g0, x1, g1 = torch.ones(2, 3), torch.ones(2, 4), 2 * torch.ones(3, 3), 2 * torch.ones(3, 4)
+    out = merge_factors([{"fc": (x0, g0)}, {"fc": (x1, g1)}], t=0)
+    assert out["fc"][0][:, 0].tolist() == [1, 1, 2, 2, 2] and out["fc"][1].shape == (5, 4)
+    with pytest.raises(PartialFactorsError, match="module 'head' ran on some ranks but not on rank\\(s\\) \\[0\\]"):
+        merge_factors([{"fc": (x0, g0)}, {"fc": (x1, g1), "head": (x1, g1)}], t=5)
