@@ -49,15 +49,17 @@ from chisel.attribution.credit_basis import (  # noqa: F401  (re-exported: the c
 )
 from chisel.attribution.credit_frame import PART, Columns, frame_of, ordered  # noqa: F401  (PART)
 from chisel.attribution.credit_part_rows import diagnostic_rows, part_rows
-from chisel.attribution.credit_parts import CreditError
-from chisel.attribution.credit_sample_rows import block_groups, group_rows
-from chisel.attribution.credit_split import (  # noqa: F401  (re-exported: the credit API)
+from chisel.attribution.credit_parts import (  # noqa: F401  (re-exported: the credit API)
     GRADIENT_UNRESOLVED,
     LEAVES,
     MAX_HORIZON,
     MIN_WEIGHT,
     MOMENTUM_UNRESOLVED,
     NOT_CAPTURED_SHARE,
+    CreditError,
+)
+from chisel.attribution.credit_sample_rows import block_groups, group_rows
+from chisel.attribution.credit_split import (  # noqa: F401  (re-exported: the credit API)
     CreditSession,
     CreditSplit,
     SampleBlock,

@@ -18,13 +18,11 @@ from torch import Tensor
 
 from chisel.attribution.credit_block import SampleBlock, _fits
 from chisel.attribution.credit_factors import StepFactors, read_factors
-from chisel.attribution.credit_parts import (  # noqa: F401  (re-exported: the split's vocabulary)
+from chisel.attribution.credit_parts import (
     GRADIENT_UNRESOLVED,
-    LEAVES,
     MAX_HORIZON,
     MIN_WEIGHT,
     MOMENTUM_UNRESOLVED,
-    NOT_CAPTURED_SHARE,
     CreditError,
 )
 from chisel.attribution.optim_replay import (
