@@ -34,7 +34,7 @@ from chisel.errors import (
 from chisel.store.layout import RunLayout, write_json
 from chisel.store.run_dir import open_run
 from chisel.store.shards import DISTRIBUTED, sharded_manifest
-from chisel.store.shards_open import open_rank, open_sharded, shard_packet
+from chisel.store.shards_open import open_rank, open_sharded
 from chisel.store.writer import RunWriter
 
 
@@ -125,10 +125,8 @@ class Recorder:
         shard = self._rank is not None and not self._rank.writes_run and not self._sharded
         self._writes_run = not shard
 
-        def sink(item: Any) -> None:
-            item = shard_packet(item) if shard else item  # rank ≥ 1: factors and tags only
-            if item is not None:
-                box["writer"].submit(item)
+        def sink(item: Any) -> None:  # a rank ≥ 1's packets hold only its factors and tags
+            box["writer"].submit(item)
 
         fresh = opened.fresh  # a failed start of a new run must leave nothing behind
         try:

@@ -153,12 +153,16 @@ class StepCapture:
             raise
 
     def _begin_step(self) -> dict[str, Any]:
-        t, cfg = self.step, self.config
         pending: dict[str, Any] = {"time": time.time()}
-        if self._pool is None:
-            if self.factors is not None:  # collective under DDP: every rank fits c
-                pending["grad_coef"], pending["grad_coef_residual"] = self.factors.grad_coef()
-            return pending
+        if self._pool is not None:  # None: a DDP rank ≥ 1, which writes its samples only
+            self._take_theta_and_grads(pending)
+        if self.factors is not None:  # collective under DDP: every rank fits c
+            pending["grad_coef"], pending["grad_coef_residual"] = self.factors.grad_coef()
+        return pending
+
+    def _take_theta_and_grads(self, pending: dict[str, Any]) -> None:
+        """Keyframe (if due), optimizer state (if every step), and the gradient into a buffer."""
+        t, cfg = self.step, self.config
         if self._current_versions() != self._versions:
             pending["keyframe"] = self.keyframe("external change")
         elif cfg.keyframe_every and t % cfg.keyframe_every == 0 and t != self._keyframed_at:
@@ -178,9 +182,6 @@ class StepCapture:
         elif live:  # no gradient copy for the writer to measure: measure here
             pending["grad_norm"] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(live)).double()))
         pending["grad_missing"] = [n for n, ok in zip(self.names, present) if not ok]
-        if self.factors is not None:
-            pending["grad_coef"], pending["grad_coef_residual"] = self.factors.grad_coef()
-        return pending
 
     def _post_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         self._depth -= 1

@@ -86,7 +86,7 @@ def open_run(
             manifest = check_manifest(read_manifest(root), layout.manifest)
             if check_resume is not None:
                 check_resume(manifest)
-            _sweep_temporary_files(root)
+            sweep_temporary_files(root)
             return OpenRun(layout, complete_steps(layout), manifest, existed)
         if overwrite and is_run:
             if root.is_symlink():
@@ -110,7 +110,7 @@ def open_run(
     return OpenRun(layout, 0, None, existed)
 
 
-def _sweep_temporary_files(root: Path) -> None:
+def sweep_temporary_files(root: Path) -> None:
     """What a killed writer left half-written (never through a link)."""
     for folder in (N.STEPS_DIR, N.KEYFRAMES_DIR):
         path = root / folder

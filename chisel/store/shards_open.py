@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from chisel import _names as N
 from chisel.capture.distributed import RankInfo, arrive, broadcast_json
-from chisel.capture.packet import Keyframe, StepPacket
 from chisel.errors import (
     ChiselError,
     NotARunError,
@@ -18,7 +16,7 @@ from chisel.errors import (
     RunExistsError,
     WriterError,
 )
-from chisel.store.run_dir import OpenRun, open_run
+from chisel.store.run_dir import OpenRun, open_run, sweep_temporary_files
 from chisel.store.shards import shard_layout
 
 _ERRORS: dict[str, type[ChiselError]] = {
@@ -55,17 +53,8 @@ def open_rank(
     layout = shard_layout(run_dir, info.rank)
     existed = layout.root.exists()
     (layout.root / N.STEPS_DIR).mkdir(parents=True, exist_ok=True)
-    for tmp in (layout.root / N.STEPS_DIR).glob(f"{N.TMP_PREFIX}*"):  # a killed writer's
-        tmp.unlink()
+    sweep_temporary_files(layout.root)  # what a killed writer left half-written
     return OpenRun(layout, int(answer["first_step"]), {}, existed)
-
-
-def shard_packet(item: StepPacket | Keyframe) -> StepPacket | None:
-    """What a rank ≥ 1 writes of a step: its samples' factors and tags and the record, without
-    θ, gradients, optimizer state or keyframes (rank 0 writes those once). None for a keyframe."""
-    if isinstance(item, Keyframe):
-        return None
-    return replace(item, after=None, grads=None, state=None, keyframe=None, region=None)
 
 
 def open_sharded(
