@@ -168,7 +168,8 @@ class CompactEncoder:
             new = after[e.name].reshape(e.rows, e.cols).double()
             old = before[e.name].reshape(e.rows, e.cols).double()
             recon = self._recon[e.name]
-            d = new - (recon if o.feedback else old)
+            delta = new - old
+            d = new - recon if o.feedback else delta
             self._generator.manual_seed(step * 1_000_003 + i)
             u, s, v = lowrank(
                 d.float(), e.rank, oversample=o.oversample, power_iters=o.power_iters,
@@ -179,7 +180,7 @@ class CompactEncoder:
             err_before += _norm(old - recon) ** 2
             recon += stored
             err_after += _norm(new - recon) ** 2
-            err_update[e.name] = _norm((new - old) - stored)
+            err_update[e.name] = _norm(delta - stored)
             factors += [u.reshape(-1), v.reshape(-1)]
             scales.append(s)
         tensors = {PREFIX + EXACT + d: torch.cat(v) for d, v in exact.items()}

@@ -148,6 +148,3 @@ class ShardedRunMixin:
         ranks' terms sum to the joined gradient, times `record(t).grad_coef`)."""
         t = self._check(t)
         return merge_factors([r.factors(t) for r in self.ranks], t)
-
-    def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
