@@ -26,7 +26,6 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import WORKLOADS, Trainer  # the same workloads as the overhead benchmark
+from overhead import WORKLOADS, Trainer, _cpu  # the same workloads as the overhead benchmark
 
 try:
     from zlib_ng.zlib_ng import crc32
@@ -75,7 +74,7 @@ def _child(shm_name: str, n: int, bounds, todo, done, folder: str) -> None:
     shm = shared_memory.SharedMemory(name=shm_name)
     slots = np.ndarray((SLOTS, n), dtype=np.float32, buffer=shm.buf)
     prev = slots[0].copy()
-    start = _own_cpu()
+    start = _cpu()
     done.put("ready")  # start-up (imports) is not part of the timed segment
     while (item := todo.get()) is not None:
         step, slot = item
@@ -83,12 +82,7 @@ def _child(shm_name: str, n: int, bounds, todo, done, folder: str) -> None:
         done.put(slot)
     del slots
     shm.close()
-    done.put(_own_cpu() - start)
-
-
-def _own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    done.put(_cpu() - start)
 
 
 class Writer:
