@@ -195,15 +195,20 @@ def credit_by(
 
 
 def engine(
-    run: Run, horizon: int | None, by: Sequence[str] | None = None
+    run: Run, horizon: int | None, by: Sequence[str] | None = None, *, start: tuple[int, int] | None = None
 ) -> Callable[[int, Params, dict[str, list[Kernels]]], pd.DataFrame]:
-    """For `chisel.attribute`: a callable (t, ḡ, {module: kernels}) -> credit rows."""
+    """For `chisel.attribute`: a callable (t, ḡ, {module: kernels}) -> credit rows.
+
+    start: (origin, step) brings the session's optimizer replay to its state before `step`,
+    replayed from the state stored before `origin` (the Ray engine's tasks start mid-run so)."""
     if not run.manifest.get("config", {}).get("grads"):
         raise CreditError(
             "credit needs the gradients the optimizer consumed; this run was recorded with "
             "grads=False. Record with grads=True (the default) or leave 'credit' out of families."
         )
     session = CreditSession(run, horizon=horizon)
+    if start is not None:
+        session.replay.replay_from(*start)
 
     def rows(t: int, gbar: Params, kernels: dict[str, list[Kernels]]) -> pd.DataFrame:
         return credit_rows(

@@ -326,16 +326,7 @@ def _credit(run: Run, horizon: int | None, by: Sequence[str] | None, origin: int
     `start` (replayed from `origin`; None: the serial engine seeks afresh at `start` too)."""
     from chisel.attribution import credit as C
 
-    C.engine(run, horizon, by)  # its checks (grads recorded); its session is not used
-    session = C.CreditSession(run, horizon=horizon)
-    if origin is not None:
-        session.replay.replay_from(origin, start)
-
-    def rows(t: int, gbar: Any, kernels: Any) -> pd.DataFrame:
-        return C.credit_rows(run, t, gbar, kernels_by_module=kernels, session=session,
-                             feature_rows="summed", by=by)  # as credit.engine: the same rows
-
-    return rows
+    return C.engine(run, horizon, by, start=None if origin is None else (origin, start))
 
 
 def _replay_origins(
