@@ -38,6 +38,7 @@ from torch import nn
 import chisel
 import probes
 from chisel.attribution import ledger as L
+from chisel.validation.agreement import spearman
 
 VOCAB, CTX, D, LAYERS, HEADS, BATCH = 8192, 32, 512, 8, 8, 4
 
@@ -68,16 +69,11 @@ def file_bytes(folder: Path) -> list[int]:
     return [p.stat().st_size for p in sorted(folder.glob("*.safetensors"))]
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-
-
 def compare(name: str, full: torch.Tensor, compact: torch.Tensor) -> None:
     diff = (full - compact).abs()
     print(f"  {name}: {len(full)} rows; max |diff| / max |row| = {float(diff.max() / full.abs().max()):.2e}; "
           f"‖diff‖/‖full‖ = {float((full - compact).norm() / full.norm()):.2e}; "
-          f"Spearman = {spearman(full, compact):.6f}")
+          f"Spearman = {spearman(full.numpy(), compact.numpy())[0]:.6f}")  # ties share their rank
 
 
 def main() -> None:
