@@ -147,8 +147,7 @@ class OnlineLedger:
         failed = True
         try:
             if self._pending is not None:
-                theta = {n: p.detach().to(self.dtype, copy=True) for n, p in self._params.items()}
-                self._finish(self._space.value(theta))
+                self._finish(self._space.value(self._current_theta()))
             self._flush()
             failed = False
         finally:
@@ -164,16 +163,19 @@ class OnlineLedger:
             self._means[module] = (total + flat.sum(0), count + flat.shape[0])
         return pre
 
+    def _current_theta(self) -> dict[str, Tensor]:
+        """A copy of the trained parameters in the ledger's dtype (the optimizer changes θ in place)."""
+        return {n: p.detach().to(self.dtype, copy=True) for n, p in self._params.items()}
+
     def _kept(self, t: int) -> bool:
         return t % self.every == 0
 
     def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._kept(self.step):
             if self._pending is not None:  # the kept step before this one needs m(θ_t) only
-                theta = {n: p.detach().to(self.dtype, copy=True) for n, p in self._params.items()}
-                self._finish(self._space.value(theta))
+                self._finish(self._space.value(self._current_theta()))
             return
-        self._theta = {n: p.detach().to(self.dtype, copy=True) for n, p in self._params.items()}
+        self._theta = self._current_theta()
         self._means.clear()
         self._m, self._grad_m = self._space.value_and_grad(self._theta)  # m(θ_t), ∇m(θ_t)
         if self._pending is not None:
