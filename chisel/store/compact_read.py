@@ -46,15 +46,6 @@ class Spread:
     size: float  # ‖r‖ over all params, float64
 
 
-def _field(record: Any) -> dict[str, Any]:
-    value = record.get(C.RECORD_FIELD) if isinstance(record, dict) else getattr(record, C.RECORD_FIELD, None)
-    return value or {}
-
-
-def _skipped(record: Any) -> bool:
-    return bool(record.get("skipped") if isinstance(record, dict) else record.skipped)
-
-
 class CompactReader:
     """Decodes the steps of one compact `Run` (which calls it from `params` and `update`)."""
 
@@ -97,7 +88,7 @@ class CompactReader:
             s = start
             recon = {e.name: kf[e.name].reshape(e.rows, e.cols).double() for e in self.entries if e.lowrank}
         while s < t:
-            if not _skipped(self.run.record(s)):
+            if not self.run.record(s).skipped:
                 parts = self._parts(s)
                 for n in recon:
                     recon[n] += C.product(*parts[n])
@@ -109,7 +100,7 @@ class CompactReader:
         """θ_t of the exactly stored params: the last step before t since its keyframe, or it."""
         start, names = self._start(t), [e.name for e in self.entries if not e.lowrank]
         for s in range(t - 1, start - 1, -1):
-            if not _skipped(self.run.record(s)):
+            if not self.run.record(s).skipped:
                 parts = self._parts(s)
                 return {n: parts[n] for n in names}
         return self.run._keyframe_params(start, names) if names else {}
@@ -135,7 +126,7 @@ class CompactReader:
                 shapes = {e.name: (e.rows, e.cols) for e in self.entries}
                 r = {n: kf[n].reshape(shapes[n]).double() - end[n] for n in low}
                 norms = [
-                    0.0 if _skipped(rec) else float(rec.update_norm or 0.0)
+                    0.0 if rec.skipped else float(rec.update_norm or 0.0)
                     for rec in (self.run.record(s) for s in range(k0, k1))
                 ]
                 total = sum(norms)
@@ -195,7 +186,7 @@ class CompactReader:
     def update_error(self, t: int) -> float:
         """A bound on ‖run.update(t) − Δθ_t‖ over all parameters: the writer's measured error of the
         stored product (exact, float64), plus w_t·‖r‖ in a closed interval (triangle inequality)."""
-        stored = float(_field(self.run.record(t))["update_error"])
+        stored = float((self.run.record(t).compact or {})["update_error"])
         sp = self.spread(t)
         return stored if sp is None else stored + sp.weights[t - sp.start] * sp.size
 
@@ -207,8 +198,8 @@ class CompactReader:
         start, measured = self._start(t), 0.0
         for s in range(t - 1, start - 1, -1):
             record = self.run.record(s)
-            if not _skipped(record):
-                measured = float(_field(record)["error_after"])
+            if not record.skipped:
+                measured = float((record.compact or {})["error_after"])
                 break
         sp = self.spread(t)
         return measured if sp is None else measured + sum(sp.weights[: t - sp.start]) * sp.size

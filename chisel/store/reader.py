@@ -320,7 +320,7 @@ class Run:
         whose every parameter is stored exactly; stored per step by a compact run."""
         t = self._check_step(t, allow_end=True)
         if self._compact is not None:
-            return 0.0 if t in set(self.keyframes) else self._compact.params_error(t)
+            return self._compact.params_error(t)  # 0.0 at a keyframe
         return self._exact_only("params_error")
 
     def _exact_only(self, what: str) -> float:
