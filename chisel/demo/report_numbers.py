@@ -65,7 +65,6 @@ class CausalRow:
 class DemoNumbers:
     """The demo's numbers of one run (beside the generic `Summary`)."""
 
-    concepts: dict[str, str | None] = field(default_factory=dict)  # feature → its concept
     groups: list[GroupShare] = field(default_factory=list)
     correlate: Correlate | None = None
     returns: dict[str, float] = field(default_factory=dict)
@@ -164,7 +163,6 @@ def causal_rows(causal: dict[str, Any] | None) -> tuple[float | None, list[Causa
 def demo_numbers(art: RunArtifacts, s: Summary) -> DemoNumbers:
     """The demo's numbers of a run, from its summary's feature totals and demo/causal.json."""
     n = DemoNumbers()
-    n.concepts = {f.name: concept_of(f.name, art.demo) for f in s.features}
     n.groups = group_shares(s.features, art.demo)
     n.correlate = correlate(s.features, art.demo)
     returns = (art.demo or {}).get("returns") or {}

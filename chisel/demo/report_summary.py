@@ -3,7 +3,7 @@ returns, concept groups, blue-wall correlate and causal check in it (numbers: `r
 
 from __future__ import annotations
 
-from chisel.demo.report_numbers import DemoNumbers, demo_numbers
+from chisel.demo.report_numbers import DemoNumbers, causal_rows, demo_numbers
 from chisel.report import html as H
 from chisel.report.artifacts import CAUSAL_FILE, RunArtifacts
 from chisel.report.sections import Section, absent, summary_section
@@ -76,18 +76,18 @@ def summary(art: RunArtifacts, s: Summary) -> Section:
 
 def causal_section(art: RunArtifacts, s: Summary) -> Section:
     title = "Causal check"
-    n = demo_numbers(art, s)
-    if n.causal_baseline is None:
+    baseline, causal = causal_rows(art.causal)  # all this section needs of the demo's numbers
+    if baseline is None:
         return "causal", title, absent(art, CAUSAL_FILE, "the causal check")
     c = art.causal or {}
     head = H.para(
         f"Projecting out k = {c.get('k', '?')} feature directions at site "
-        f"{c.get('site', '?')}; baseline return {H.num(n.causal_baseline)}."
+        f"{c.get('site', '?')}; baseline return {H.num(baseline)}."
     )
     rows = [
         (r.name, H.num(r.ret), H.num(r.drop), H.pct(r.drop_rel),
          "" if r.std is None else H.num(r.std), ", ".join(r.features))
-        for r in n.causal
+        for r in causal
     ]
     return "causal", title, head + H.table(
         ["condition", "return", "drop", "drop / baseline", "std", "features"],
